@@ -1,0 +1,160 @@
+// Subcommands: each reads its flags, wires library objects together, and maps the result to an
+// exit code with one clear line on failure. No logic of its own.
+#include <cstdio>
+#include <iostream>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "daemon/flags.h"
+#include "lib/common/clock.h"
+#include "lib/common/logging.h"
+#include "lib/common/process.h"
+#include "lib/common/status_macros.h"
+#include "lib/devtools/dev_broker.h"
+#include "lib/devtools/loadgen.h"
+#include "lib/ingest/ingestor.h"
+#include "lib/store/migrations.h"
+#include "lib/store/pg_flush_writer.h"
+
+namespace meterd::daemon {
+namespace {
+
+int Fail(const char* command, const absl::Status& status) {
+  std::fprintf(stderr, "meterd %s: %s\n", command, std::string(status.message()).c_str());
+  return 1;
+}
+
+absl::Status Require(const char* flag, const std::string& value) {
+  if (value.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, " is required (or set METERD_", flag, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ingest::KafkaProperties> ParseProperties(const std::vector<std::string>& raw) {
+  ingest::KafkaProperties properties;
+  for (const std::string& text : raw) {
+    ASSIGN_OR_RETURN(auto pair, ingest::ParseKafkaProperty(text));
+    properties.push_back(std::move(pair));
+  }
+  return properties;
+}
+
+absl::Status Run(const std::vector<std::string>& raw_properties) {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  RETURN_IF_ERROR(Require("brokers", absl::GetFlag(FLAGS_brokers)));
+  if (absl::GetFlag(FLAGS_flush_interval) <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--flush-interval must be positive");
+  }
+  if (absl::GetFlag(FLAGS_max_unflushed_keys) < 1) {
+    return absl::InvalidArgumentError("--max-unflushed-keys must be at least 1");
+  }
+  ingest::IngestOptions options;
+  options.brokers = absl::GetFlag(FLAGS_brokers);
+  options.topic = absl::GetFlag(FLAGS_topic);
+  options.group = absl::GetFlag(FLAGS_group);
+  options.shards = absl::GetFlag(FLAGS_shards);
+  options.flush_interval = absl::GetFlag(FLAGS_flush_interval);
+  options.max_unflushed_keys = static_cast<size_t>(absl::GetFlag(FLAGS_max_unflushed_keys));
+  options.stats_interval = absl::GetFlag(FLAGS_stats_interval);
+  options.parse_limits.late_window = absl::GetFlag(FLAGS_late_window);
+  options.parse_limits.max_future_skew = absl::GetFlag(FLAGS_max_future_skew);
+  ASSIGN_OR_RETURN(options.kafka_properties, ParseProperties(raw_properties));
+
+  RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
+  ASSIGN_OR_RETURN(event::MeterRegistry meters, store::LoadMeters(pg));
+  ASSIGN_OR_RETURN(auto writer, store::PgFlushWriter::Create(
+                                    pg, {options.group, options.topic}, &meters));
+  InstallStopSignals();
+  ASSIGN_OR_RETURN(auto ingestor, ingest::Ingestor::Create(options, std::move(writer), &meters,
+                                                           &SystemClock::Get()));
+  RETURN_IF_ERROR(ingestor->Run([] { return StopRequested(); }));
+  LOG_INFO("stopped cleanly; peak RSS {} KiB", PeakRssKib());
+  return absl::OkStatus();
+}
+
+absl::Status Migrate() {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  ASSIGN_OR_RETURN(int applied, store::ApplyMigrations(pg));
+  LOG_INFO("migrate: {} migration(s) applied, schema is current", applied);
+  return absl::OkStatus();
+}
+
+absl::Status DevBroker() {
+  InstallStopSignals();
+  ASSIGN_OR_RETURN(auto broker, devtools::DevBroker::Start(absl::GetFlag(FLAGS_topic),
+                                                           absl::GetFlag(FLAGS_partitions)));
+  std::printf("%s\n", broker->bootstrap().c_str());
+  std::fflush(stdout);
+  LOG_INFO("dev-broker: topic {} with {} partitions at {}; SIGTERM stops it",
+           absl::GetFlag(FLAGS_topic), absl::GetFlag(FLAGS_partitions), broker->bootstrap());
+  while (!StopRequested()) absl::SleepFor(absl::Milliseconds(100));
+  return absl::OkStatus();
+}
+
+absl::Status Loadgen(const std::vector<std::string>& raw_properties) {
+  devtools::LoadgenOptions options;
+  options.brokers = absl::GetFlag(FLAGS_brokers);
+  RETURN_IF_ERROR(Require("brokers", options.brokers));
+  options.topic = absl::GetFlag(FLAGS_topic);
+  options.events = absl::GetFlag(FLAGS_events);
+  options.orgs = absl::GetFlag(FLAGS_orgs);
+  options.malformed_share = absl::GetFlag(FLAGS_malformed_share);
+  options.days = absl::GetFlag(FLAGS_days);
+  options.seed = absl::GetFlag(FLAGS_seed);
+  ASSIGN_OR_RETURN(options.kafka_properties, ParseProperties(raw_properties));
+  options.progress = [](int64_t produced, int64_t total) {
+    std::fprintf(stderr, "loadgen: %lld/%lld events (%.0f%%)\n", static_cast<long long>(produced),
+                 static_cast<long long>(total), total ? 100.0 * produced / total : 100.0);
+  };
+  InstallStopSignals();
+  ASSIGN_OR_RETURN(devtools::LoadgenResult result, devtools::RunLoadgen(options));
+  const std::string out = absl::GetFlag(FLAGS_expected_out);
+  if (!out.empty()) RETURN_IF_ERROR(devtools::WriteExpectedCsv(result, out));
+  std::printf("%s\n", devtools::SummaryJson(result).c_str());
+  return absl::OkStatus();
+}
+
+
+int RunCommand(const std::vector<std::string>& p) {
+  absl::Status s = Run(p);
+  return s.ok() ? 0 : Fail("run", s);
+}
+int MigrateCommand(const std::vector<std::string>&) {
+  absl::Status s = Migrate();
+  return s.ok() ? 0 : Fail("migrate", s);
+}
+int DevBrokerCommand(const std::vector<std::string>&) {
+  absl::Status s = DevBroker();
+  return s.ok() ? 0 : Fail("dev-broker", s);
+}
+int LoadgenCommand(const std::vector<std::string>& p) {
+  absl::Status s = Loadgen(p);
+  return s.ok() ? 0 : Fail("loadgen", s);
+}
+
+}  // namespace
+
+const std::vector<Subcommand>& Subcommands() {
+  static const std::vector<Subcommand> kSubcommands = {
+      {"run", "consume usage events from Kafka into Postgres, exactly once",
+       {"pg", "brokers", "topic", "group", "shards", "flush_interval", "max_unflushed_keys",
+        "late_window", "max_future_skew", "stats_interval", "kafka_property"},
+       &RunCommand},
+      {"migrate", "apply the embedded schema migrations", {"pg"}, &MigrateCommand},
+      {"dev-broker",
+       "start an embedded Kafka (librdkafka mock cluster) on 127.0.0.1; prints its address",
+       {"topic", "partitions"}, &DevBrokerCommand},
+      {"loadgen", "produce generated usage events and print the expected totals as JSON",
+       {"brokers", "topic", "events", "orgs", "malformed_share", "expected_out", "days", "seed",
+        "kafka_property"},
+       &LoadgenCommand},
+  };
+  return kSubcommands;
+}
+
+}  // namespace meterd::daemon

@@ -1,0 +1,39 @@
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/flags/declare.h"
+#include "absl/time/time.h"
+
+ABSL_DECLARE_FLAG(std::string, pg);
+ABSL_DECLARE_FLAG(std::string, brokers);
+ABSL_DECLARE_FLAG(std::string, topic);
+ABSL_DECLARE_FLAG(std::string, group);
+ABSL_DECLARE_FLAG(int, shards);
+ABSL_DECLARE_FLAG(absl::Duration, flush_interval);
+ABSL_DECLARE_FLAG(int64_t, max_unflushed_keys);
+ABSL_DECLARE_FLAG(absl::Duration, late_window);
+ABSL_DECLARE_FLAG(absl::Duration, max_future_skew);
+ABSL_DECLARE_FLAG(absl::Duration, stats_interval);
+ABSL_DECLARE_FLAG(std::string, kafka_property);
+ABSL_DECLARE_FLAG(int, partitions);
+ABSL_DECLARE_FLAG(int64_t, events);
+ABSL_DECLARE_FLAG(int, orgs);
+ABSL_DECLARE_FLAG(double, malformed_share);
+ABSL_DECLARE_FLAG(std::string, expected_out);
+ABSL_DECLARE_FLAG(int, days);
+ABSL_DECLARE_FLAG(uint64_t, seed);
+
+namespace meterd::daemon {
+
+struct Subcommand {
+  const char* name;
+  const char* summary;
+  std::vector<const char*> flags;  // Flag names this subcommand reads.
+  int (*run)(const std::vector<std::string>& kafka_properties);
+};
+
+const std::vector<Subcommand>& Subcommands();
+
+}  // namespace meterd::daemon

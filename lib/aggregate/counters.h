@@ -1,0 +1,87 @@
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/hash/hash.h"
+#include "lib/event/usage_event.h"
+
+namespace meterd::aggregate {
+
+// One usage bucket: (org, meter, industry, UTC day). 24 bytes, hashed as raw bytes.
+struct CounterKey {
+  event::OrgId org;
+  int32_t day = 0;
+  event::MeterId meter = 0;
+  event::Industry industry = event::Industry::kHomeServices;
+  uint8_t padding = 0;  // Always zero so byte-wise hashing and equality are sound.
+
+  static CounterKey Of(const event::UsageEvent& e) {
+    return CounterKey{e.org, e.UsageDay(), e.meter, e.industry, 0};
+  }
+  friend bool operator==(const CounterKey& a, const CounterKey& b) {
+    return std::memcmp(&a, &b, sizeof(CounterKey)) == 0;
+  }
+  friend bool operator<(const CounterKey& a, const CounterKey& b) {
+    return std::memcmp(&a, &b, sizeof(CounterKey)) < 0;
+  }
+  template <typename H>
+  friend H AbslHashValue(H h, const CounterKey& key) {
+    uint64_t words[3];
+    std::memcpy(words, &key, sizeof(words));
+    return H::combine(std::move(h), words[0], words[1], words[2]);
+  }
+};
+static_assert(sizeof(CounterKey) == 24);
+
+using CounterMap = absl::flat_hash_map<CounterKey, int64_t>;
+
+// A refused event kept for shared.rejected_events. Raw bytes are capped at kMaxRawBytes.
+struct RejectedEvent {
+  static constexpr size_t kMaxRawBytes = 4096;
+  int64_t offset = 0;
+  event::RejectReason reason = event::RejectReason::kNotJson;
+  std::string detail;
+  std::string raw;
+  bool truncated = false;
+};
+
+// Unflushed state of one partition: the deltas since the last seal and the offsets they cover.
+// Owned by the shard that owns the partition; touched only on that shard's thread.
+struct PartitionCounters {
+  CounterMap counters;
+  std::vector<RejectedEvent> rejected;
+  int64_t events = 0;
+
+  void Add(const event::UsageEvent& e) {
+    counters[CounterKey::Of(e)] += e.quantity;
+    ++events;
+  }
+  void Reject(int64_t offset, event::RejectReason reason, std::string_view detail,
+              std::string_view raw);
+  bool empty() const { return counters.empty() && rejected.empty() && events == 0; }
+};
+
+// Sealed deltas of one partition, handed from a shard to the flusher. The flusher commits them
+// only if Postgres still says the partition's next offset is `expected_offset` (the CAS fence).
+struct SealedPartition {
+  static constexpr int64_t kNoStoredOffset = -1;  // No row in shared.ingest_offsets yet.
+
+  int32_t partition = 0;
+  int64_t expected_offset = kNoStoredOffset;
+  int64_t next_offset = 0;
+  PartitionCounters deltas;
+};
+
+// Folds `later` (sealed after `earlier`, same partition) into `earlier`: the deltas add up,
+// the fence stays at the earlier expected offset and the end moves to the later next offset.
+void MergeInto(SealedPartition& earlier, SealedPartition&& later);
+
+// Sums deltas per key over every partition in `batch`: the distinct rows one flush writes.
+// Sorted by key so concurrent writers lock rows in the same order.
+std::vector<std::pair<CounterKey, int64_t>> DistinctRows(const std::vector<SealedPartition>& batch);
+
+}  // namespace meterd::aggregate

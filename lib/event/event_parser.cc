@@ -1,0 +1,306 @@
+#include "lib/event/event_parser.h"
+
+#include <cstring>
+
+#include <simdjson.h>
+
+namespace meterd::event {
+namespace {
+
+namespace od = simdjson::ondemand;
+
+struct Refusal {
+  RejectReason reason;
+  std::string_view detail;
+};
+
+bool Digits(std::string_view text, size_t pos, size_t count, int* out) {
+  if (pos + count > text.size()) return false;
+  int value = 0;
+  for (size_t i = pos; i < pos + count; ++i) {
+    if (text[i] < '0' || text[i] > '9') return false;
+    value = value * 10 + (text[i] - '0');
+  }
+  *out = value;
+  return true;
+}
+
+// True when nothing but whitespace follows the value just iterated.
+bool AtEnd(od::document& doc) {
+  const char* location = nullptr;
+  return doc.current_location().get(location) == simdjson::OUT_OF_BOUNDS;
+}
+
+bool IsLeap(int year) { return (year % 4 == 0 && year % 100 != 0) || year % 400 == 0; }
+
+int DaysInMonth(int year, int month) {
+  static constexpr int kDays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+  return month == 2 && IsLeap(year) ? 29 : kDays[month - 1];
+}
+
+std::optional<int64_t> ParseQuantity(od::value value, Refusal* refusal) {
+  int64_t quantity = 0;
+  if (value.get_int64().get(quantity) != simdjson::SUCCESS) {
+    *refusal = {RejectReason::kBadQuantity, "data.quantity must be a non-negative integer"};
+    return std::nullopt;
+  }
+  // Bounded so a day's sum of int64 cannot overflow from one event.
+  if (quantity < 0 || quantity > 1'000'000'000) {
+    *refusal = {RejectReason::kBadQuantity, "data.quantity must be between 0 and 1e9"};
+    return std::nullopt;
+  }
+  return quantity;
+}
+
+// Reads the "data" object: quantity (default 1) and industry (required).
+bool ParseData(od::value value, UsageEvent* event, Refusal* refusal) {
+  od::object data;
+  if (value.get_object().get(data) != simdjson::SUCCESS) {
+    *refusal = {RejectReason::kWrongType, "data must be an object"};
+    return false;
+  }
+  bool have_industry = false;
+  for (auto field : data) {
+    std::string_view key;
+    if (field.unescaped_key().get(key) != simdjson::SUCCESS) {
+      *refusal = {RejectReason::kNotJson, "malformed key in data"};
+      return false;
+    }
+    if (key == "quantity") {
+      auto quantity = ParseQuantity(field.value(), refusal);
+      if (!quantity) return false;
+      event->quantity = *quantity;
+    } else if (key == "industry") {
+      std::string_view code;
+      if (field.value().get_string().get(code) != simdjson::SUCCESS) {
+        *refusal = {RejectReason::kWrongType, "data.industry must be a string"};
+        return false;
+      }
+      auto industry = ParseIndustry(code);
+      if (!industry) {
+        *refusal = {RejectReason::kBadIndustry,
+                    "data.industry must be one of hs, rest, auto, ret, edu, payroll"};
+        return false;
+      }
+      event->industry = *industry;
+      have_industry = true;
+    }
+  }
+  if (!have_industry) {
+    *refusal = {RejectReason::kMissingField, "data.industry"};
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::optional<int64_t> ParseRfc3339Micros(std::string_view text) {
+  int year, month, day, hour, minute, second;
+  if (text.size() < 20 || !Digits(text, 0, 4, &year) || text[4] != '-' ||
+      !Digits(text, 5, 2, &month) || text[7] != '-' || !Digits(text, 8, 2, &day) ||
+      (text[10] != 'T' && text[10] != 't' && text[10] != ' ') || !Digits(text, 11, 2, &hour) ||
+      text[13] != ':' || !Digits(text, 14, 2, &minute) || text[16] != ':' ||
+      !Digits(text, 17, 2, &second)) {
+    return std::nullopt;
+  }
+  if (month < 1 || month > 12 || day < 1 || day > DaysInMonth(year, month) || hour > 23 ||
+      minute > 59 || second > 60) {
+    return std::nullopt;
+  }
+  size_t pos = 19;
+  int64_t micros = 0;
+  if (pos < text.size() && text[pos] == '.') {
+    ++pos;
+    int digits = 0;
+    while (pos < text.size() && text[pos] >= '0' && text[pos] <= '9') {
+      if (digits < 6) micros = micros * 10 + (text[pos] - '0');
+      ++digits;
+      ++pos;
+    }
+    if (digits == 0) return std::nullopt;
+    for (int i = digits; i < 6; ++i) micros *= 10;
+  }
+  int64_t offset_seconds = 0;
+  if (pos == text.size()) return std::nullopt;
+  if (text[pos] == 'Z' || text[pos] == 'z') {
+    ++pos;
+  } else if (text[pos] == '+' || text[pos] == '-') {
+    int off_hour, off_minute;
+    if (!Digits(text, pos + 1, 2, &off_hour) || pos + 3 >= text.size() || text[pos + 3] != ':' ||
+        !Digits(text, pos + 4, 2, &off_minute) || off_hour > 23 || off_minute > 59) {
+      return std::nullopt;
+    }
+    offset_seconds = (off_hour * 3600 + off_minute * 60) * (text[pos] == '+' ? 1 : -1);
+    pos += 6;
+  } else {
+    return std::nullopt;
+  }
+  if (pos != text.size()) return std::nullopt;
+  const int64_t days = DaysFromCivil(year, static_cast<unsigned>(month), static_cast<unsigned>(day));
+  const int64_t seconds =
+      days * 86400 + hour * 3600 + minute * 60 + std::min(second, 59) - offset_seconds;
+  return seconds * 1'000'000 + micros;
+}
+
+// One parser for whole messages, one for batch elements (parsed while the batch is iterated).
+struct EventParser::SimdParsers {
+  od::parser message;
+  od::parser element;
+};
+
+EventParser::EventParser(const MeterRegistry* meters, ParseLimits limits)
+    : meters_(meters), limits_(limits), parsers_(std::make_unique<SimdParsers>()) {}
+
+EventParser::~EventParser() = default;
+
+const ParsedMessage& EventParser::Parse(std::string_view bytes, absl::Time now) {
+  result_.events.clear();
+  result_.rejections.clear();
+  const size_t needed = bytes.size() + simdjson::SIMDJSON_PADDING;
+  if (needed > buffer_capacity_) {
+    buffer_capacity_ = std::max(needed, size_t{4096});
+    buffer_ = std::make_unique<char[]>(buffer_capacity_);
+  }
+  std::memcpy(buffer_.get(), bytes.data(), bytes.size());
+  std::memset(buffer_.get() + bytes.size(), 0, simdjson::SIMDJSON_PADDING);
+  const std::string_view padded(buffer_.get(), bytes.size());
+
+  const Window window{absl::ToUnixMicros(now - limits_.late_window),
+                      absl::ToUnixMicros(now + limits_.max_future_skew)};
+  // Batch mode is recognised by its first non-space byte, before handing the bytes to simdjson.
+  size_t first = 0;
+  while (first < padded.size() && std::isspace(static_cast<unsigned char>(padded[first]))) ++first;
+  if (first < padded.size() && padded[first] == '[') {
+    ParseBatch(padded, window);
+  } else {
+    ParseOne(/*element=*/false, padded, buffer_capacity_, window);
+  }
+  return result_;
+}
+
+void EventParser::ParseBatch(std::string_view padded_bytes, const Window& window) {
+  od::document doc;
+  od::array array;
+  auto reject_all = [&](RejectReason reason, std::string_view detail) {
+    result_.events.clear();
+    result_.rejections.clear();
+    result_.rejections.push_back({reason, detail, padded_bytes});
+  };
+  if (parsers_->message.iterate(padded_bytes.data(), padded_bytes.size(), buffer_capacity_).get(doc) !=
+          simdjson::SUCCESS ||
+      doc.get_array().get(array) != simdjson::SUCCESS) {
+    return reject_all(RejectReason::kNotJson, "batch is not a JSON array");
+  }
+  size_t count = 0;
+  for (auto element : array) {
+    ++count;
+    od::value value;
+    if (element.get(value) != simdjson::SUCCESS) {
+      return reject_all(RejectReason::kNotJson, "malformed batch array");
+    }
+    od::object object;
+    if (value.get_object().get(object) != simdjson::SUCCESS) {
+      std::string_view token = value.raw_json_token();
+      result_.rejections.push_back({RejectReason::kNotObject, "batch element is not an object",
+                                    token});
+      continue;
+    }
+    std::string_view raw;
+    if (object.raw_json().get(raw) != simdjson::SUCCESS) {
+      return reject_all(RejectReason::kNotJson, "malformed batch element");
+    }
+    // The element lies inside our padded buffer, so the bytes after it are readable padding.
+    const size_t capacity = buffer_capacity_ - static_cast<size_t>(raw.data() - buffer_.get());
+    ParseOne(/*element=*/true, raw, capacity, window);
+  }
+  if (!AtEnd(doc)) return reject_all(RejectReason::kNotJson, "trailing bytes after batch");
+  if (count == 0) return reject_all(RejectReason::kEmptyBatch, "batch array is empty");
+}
+
+void EventParser::ParseOne(bool element, std::string_view bytes, size_t capacity,
+                           const Window& window) {
+  od::parser& parser = element ? parsers_->element : parsers_->message;
+  Refusal refusal{RejectReason::kNotJson, ""};
+  auto refuse = [&](RejectReason reason, std::string_view detail) {
+    result_.rejections.push_back({reason, detail, bytes});
+  };
+  od::document doc;
+  if (parser.iterate(bytes.data(), bytes.size(), capacity).get(doc) != simdjson::SUCCESS) {
+    return refuse(RejectReason::kNotJson, "not parseable as JSON");
+  }
+  od::json_type type;
+  if (doc.type().get(type) != simdjson::SUCCESS) {
+    return refuse(RejectReason::kNotJson, "not parseable as JSON");
+  }
+  od::object object;
+  if (type != od::json_type::object || doc.get_object().get(object) != simdjson::SUCCESS) {
+    return refuse(RejectReason::kNotObject, "event must be a JSON object");
+  }
+
+  UsageEvent event;
+  std::string_view spec_version, meter_name, subject, time_text;
+  bool have_spec = false, have_id = false, have_source = false, have_type = false,
+       have_subject = false, have_time = false, have_data = false;
+  for (auto field : object) {
+    std::string_view key;
+    if (field.unescaped_key().get(key) != simdjson::SUCCESS) {
+      return refuse(RejectReason::kNotJson, "malformed object key");
+    }
+    auto read_string = [&](std::string_view* out, bool* have, std::string_view detail) {
+      if (field.value().get_string().get(*out) != simdjson::SUCCESS) {
+        refusal = {RejectReason::kWrongType, detail};
+        return false;
+      }
+      *have = true;
+      return true;
+    };
+    bool ok = true;
+    if (key == "specversion") {
+      ok = read_string(&spec_version, &have_spec, "specversion must be a string");
+    } else if (key == "id") {
+      ok = read_string(&event.id, &have_id, "id must be a string");
+    } else if (key == "source") {
+      ok = read_string(&event.source, &have_source, "source must be a string");
+    } else if (key == "type") {
+      ok = read_string(&meter_name, &have_type, "type must be a string");
+    } else if (key == "subject") {
+      ok = read_string(&subject, &have_subject, "subject must be a string");
+    } else if (key == "time") {
+      ok = read_string(&time_text, &have_time, "time must be a string");
+    } else if (key == "data") {
+      ok = ParseData(field.value(), &event, &refusal);
+      have_data = true;
+    }
+    if (!ok) return refuse(refusal.reason, refusal.detail);
+  }
+  if (!AtEnd(doc)) return refuse(RejectReason::kNotJson, "trailing bytes after event");
+
+  if (!have_spec) return refuse(RejectReason::kMissingField, "specversion");
+  if (spec_version != "1.0") return refuse(RejectReason::kBadSpecVersion, "specversion must be 1.0");
+  if (!have_id || event.id.empty()) return refuse(RejectReason::kMissingField, "id");
+  if (!have_source || event.source.empty()) return refuse(RejectReason::kMissingField, "source");
+  if (!have_type) return refuse(RejectReason::kMissingField, "type");
+  if (!have_subject) return refuse(RejectReason::kMissingField, "subject");
+  if (!have_time) return refuse(RejectReason::kMissingField, "time");
+  if (!have_data) return refuse(RejectReason::kMissingField, "data");
+
+  auto meter = meters_->Find(meter_name);
+  if (!meter) return refuse(RejectReason::kUnknownMeter, "type is not a meter in shared.meters");
+  event.meter = *meter;
+  auto org = ParseOrgId(subject);
+  if (!org) return refuse(RejectReason::kBadOrgId, "subject must be an organization UUID");
+  event.org = *org;
+  auto micros = ParseRfc3339Micros(time_text);
+  if (!micros) return refuse(RejectReason::kBadTime, "time must be RFC 3339");
+  if (*micros > window.max_micros) {
+    return refuse(RejectReason::kTimeInFuture, "time is ahead of the consumer clock");
+  }
+  if (*micros < window.min_micros) {
+    return refuse(RejectReason::kTimeTooOld, "time is older than the late window");
+  }
+  event.time_micros = *micros;
+  result_.events.push_back(event);
+}
+
+}  // namespace meterd::event

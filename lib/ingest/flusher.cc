@@ -1,0 +1,184 @@
+#include "lib/ingest/flusher.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_join.h"
+#include "lib/common/logging.h"
+
+namespace meterd::ingest {
+
+using aggregate::SealedPartition;
+
+namespace {
+
+void StoreMax(std::atomic<int64_t>& target, int64_t value) {
+  if (value > target.load(std::memory_order_relaxed)) target.store(value, std::memory_order_relaxed);
+}
+
+}  // namespace
+
+Flusher::Flusher(std::vector<Shard*> shards, std::unique_ptr<store::FlushWriter> writer,
+                 FlusherOptions options)
+    : shards_(std::move(shards)), options_(options), writer_(std::move(writer)) {}
+
+Flusher::~Flusher() { Stop(); }
+
+void Flusher::Start() { thread_ = std::thread([this] { Loop(); }); }
+
+void Flusher::Stop() {
+  {
+    std::lock_guard lock(wake_mu_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Flusher::RequestFlush() {
+  {
+    std::lock_guard lock(wake_mu_);
+    wake_requested_ = true;
+  }
+  wake_.notify_all();
+}
+
+void Flusher::Loop() {
+  absl::Duration wait = options_.interval;
+  while (true) {
+    {
+      std::unique_lock lock(wake_mu_);
+      wake_.wait_for(lock, absl::ToChronoMilliseconds(wait),
+                     [this] { return stopping_ || wake_requested_; });
+      if (stopping_) return;
+      wake_requested_ = false;
+    }
+    absl::Status status;
+    {
+      std::lock_guard lock(mu_);
+      std::vector<SealedPartition> sealed;
+      for (Shard* shard : shards_) {
+        auto part = shard->Seal({}, /*release=*/false);
+        std::move(part.begin(), part.end(), std::back_inserter(sealed));
+      }
+      status = WritePendingLocked(std::move(sealed));
+    }
+    if (status.ok()) {
+      wait = options_.interval;
+    } else {
+      // Exponential backoff while Postgres is unavailable; the shards are paused meanwhile.
+      wait = std::min(options_.max_backoff, std::max(wait * 2, absl::Milliseconds(200)));
+      LOG_WARN("flush failed, retrying in {}: {}", absl::FormatDuration(wait), status.message());
+    }
+  }
+}
+
+absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
+  for (SealedPartition& s : fresh) {
+    auto it = std::find_if(pending_.begin(), pending_.end(),
+                           [&](const SealedPartition& p) { return p.partition == s.partition; });
+    if (it == pending_.end()) {
+      pending_.push_back(std::move(s));
+    } else {
+      aggregate::MergeInto(*it, std::move(s));
+    }
+  }
+  if (pending_.empty()) return absl::OkStatus();
+
+  int64_t events = 0;
+  for (const SealedPartition& p : pending_) events += p.deltas.events;
+  // A fenced partition is dropped and the rest retried; bounded by the partition count.
+  for (size_t attempt = 0; attempt <= pending_.size(); ++attempt) {
+    auto outcome = writer_->Write(pending_);
+    if (!outcome.ok()) {
+      stats_.failures.fetch_add(1, std::memory_order_relaxed);
+      if (!shards_paused_) {
+        for (Shard* shard : shards_) shard->Pause();
+        shards_paused_ = true;
+      }
+      return outcome.status();
+    }
+    if (outcome->fenced.empty()) {
+      const auto rows = static_cast<int64_t>(outcome->rows_upserted);
+      stats_.flushes.fetch_add(1, std::memory_order_relaxed);
+      stats_.rows.fetch_add(rows, std::memory_order_relaxed);
+      stats_.events.fetch_add(events, std::memory_order_relaxed);
+      stats_.last_rows.store(rows, std::memory_order_relaxed);
+      stats_.last_events.store(events, std::memory_order_relaxed);
+      StoreMax(stats_.max_rows, rows);
+      StoreMax(stats_.max_events, events);
+      LOG_DEBUG("flushed {} events as {} rows over {} partitions", events, rows, pending_.size());
+      pending_.clear();
+      for (Shard* shard : shards_) shard->Resume();
+      shards_paused_ = false;
+      return absl::OkStatus();
+    }
+    for (const store::FencedPartition& f : outcome->fenced) {
+      LOG_WARN("partition {}: offset fence failed (Postgres holds {}); another writer owns it",
+               f.partition, f.stored_offset);
+      stats_.fenced.fetch_add(1, std::memory_order_relaxed);
+      std::erase_if(pending_, [&](const SealedPartition& p) {
+        if (p.partition != f.partition) return false;
+        events -= p.deltas.events;
+        return true;
+      });
+      ShardFor(f.partition)->ResetPartition(f.partition, f.stored_offset);
+    }
+    if (pending_.empty()) return absl::OkStatus();
+  }
+  return absl::AbortedError("offset fence kept failing");
+}
+
+absl::Status Flusher::FlushAndRelease(const std::vector<int32_t>& partitions,
+                                      absl::Duration deadline) {
+  const absl::Time give_up = absl::Now() + deadline;
+  std::unique_lock lock(mu_);
+  std::vector<SealedPartition> sealed;
+  for (Shard* shard : shards_) {
+    std::vector<int32_t> mine;
+    for (int32_t p : partitions) {
+      if (ShardFor(p) == shard) mine.push_back(p);
+    }
+    if (mine.empty()) continue;
+    auto part = shard->Seal(mine, /*release=*/true);
+    std::move(part.begin(), part.end(), std::back_inserter(sealed));
+  }
+  absl::Duration backoff = absl::Milliseconds(100);
+  absl::Status status = WritePendingLocked(std::move(sealed));
+  while (!status.ok() && absl::Now() + backoff < give_up) {
+    lock.unlock();
+    absl::SleepFor(backoff);
+    lock.lock();
+    backoff = std::min(backoff * 2, absl::Seconds(5));
+    status = WritePendingLocked({});
+  }
+  if (!status.ok()) {
+    std::erase_if(pending_, [&](const SealedPartition& p) {
+      return std::find(partitions.begin(), partitions.end(), p.partition) != partitions.end();
+    });
+    LOG_ERROR(
+        "could not flush revoked partitions [{}]: {}; their unflushed deltas are dropped and "
+        "will be counted again from the offset stored in Postgres",
+        absl::StrJoin(partitions, ","), status.message());
+  }
+  return status;
+}
+
+absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> Flusher::LoadOffsets(
+    absl::Duration deadline) {
+  const absl::Time give_up = absl::Now() + deadline;
+  absl::Duration backoff = absl::Milliseconds(100);
+  while (true) {
+    absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> offsets;
+    {
+      std::lock_guard lock(mu_);
+      offsets = writer_->LoadOffsets();
+    }
+    if (offsets.ok() || absl::Now() + backoff > give_up) return offsets;
+    LOG_WARN("loading offsets failed, retrying in {}: {}", absl::FormatDuration(backoff),
+             offsets.status().message());
+    absl::SleepFor(backoff);
+    backoff = std::min(backoff * 2, absl::Seconds(5));
+  }
+}
+
+}  // namespace meterd::ingest

@@ -1,0 +1,83 @@
+#pragma once
+
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "lib/aggregate/counters.h"
+#include "lib/ingest/shard.h"
+#include "lib/store/flush_writer.h"
+
+namespace meterd::ingest {
+
+struct FlusherOptions {
+  absl::Duration interval = absl::Seconds(1);
+  absl::Duration max_backoff = absl::Seconds(30);
+};
+
+// Published after every flush attempt; read by the stats logger and tests.
+struct FlushStats {
+  std::atomic<int64_t> flushes{0};
+  std::atomic<int64_t> failures{0};
+  std::atomic<int64_t> fenced{0};
+  std::atomic<int64_t> rows{0};
+  std::atomic<int64_t> events{0};
+  std::atomic<int64_t> last_rows{0};
+  std::atomic<int64_t> last_events{0};
+  std::atomic<int64_t> max_rows{0};
+  std::atomic<int64_t> max_events{0};
+};
+
+// Every interval (or when a shard hits its key cap) seals every shard's counters by message
+// passing and writes them in ONE Postgres transaction through the FlushWriter. Sealed deltas
+// that could not be written stay pending and are merged with the next seal; while Postgres is
+// down the shards are paused. Owned by the Ingestor; runs its own thread. `mu_` serialises the
+// writer between that thread and the rebalance callback.
+class Flusher {
+ public:
+  Flusher(std::vector<Shard*> shards, std::unique_ptr<store::FlushWriter> writer,
+          FlusherOptions options);
+  ~Flusher();
+
+  void Start();
+  // Stops the thread; does not flush (the Ingestor's revoke path does the final flush).
+  void Stop();
+  // Wakes the flusher early. Thread-safe; cheap.
+  void RequestFlush();
+
+  // Revoke path: seals `partitions` out of their shards, writes them with everything pending,
+  // retrying until `deadline`. Deltas still unwritten then are dropped (their offsets were not
+  // advanced, so the partition's next owner counts them).
+  absl::Status FlushAndRelease(const std::vector<int32_t>& partitions, absl::Duration deadline);
+  // Stored offsets, retrying while Postgres is unavailable until `deadline`.
+  absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> LoadOffsets(absl::Duration deadline);
+
+  const FlushStats& stats() const { return stats_; }
+
+ private:
+  void Loop();
+  // With mu_ held: merge `fresh` into pending_, write, handle fenced partitions.
+  absl::Status WritePendingLocked(std::vector<aggregate::SealedPartition> fresh);
+  Shard* ShardFor(int32_t partition) const { return shards_[partition % shards_.size()]; }
+
+  const std::vector<Shard*> shards_;
+  const FlusherOptions options_;
+
+  std::mutex mu_;
+  std::unique_ptr<store::FlushWriter> writer_;             // Guarded by mu_.
+  std::vector<aggregate::SealedPartition> pending_;        // Guarded by mu_.
+  bool shards_paused_ = false;                             // Guarded by mu_.
+
+  std::mutex wake_mu_;
+  std::condition_variable wake_;
+  bool wake_requested_ = false;  // Guarded by wake_mu_.
+  bool stopping_ = false;        // Guarded by wake_mu_.
+  std::thread thread_;
+  FlushStats stats_;
+};
+
+}  // namespace meterd::ingest

@@ -1,0 +1,231 @@
+#include "lib/ingest/ingestor.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "lib/common/logging.h"
+#include "lib/common/process.h"
+#include "lib/common/status_macros.h"
+
+namespace meterd::ingest {
+
+using aggregate::SealedPartition;
+
+namespace {
+
+std::vector<int32_t> PartitionsOf(const rd_kafka_topic_partition_list_t* list) {
+  std::vector<int32_t> partitions;
+  for (int i = 0; i < list->cnt; ++i) partitions.push_back(list->elems[i].partition);
+  return partitions;
+}
+
+// Bounds the rebalance callback's Postgres work so a dead database cannot wedge the group.
+constexpr absl::Duration kRebalanceDeadline = absl::Seconds(20);
+
+absl::Status CheckTopic(rd_kafka_t* rk, const std::string& brokers, const std::string& topic,
+                        absl::Duration timeout) {
+  rd_kafka_topic_t* handle = rd_kafka_topic_new(rk, topic.c_str(), nullptr);
+  const rd_kafka_metadata_t* metadata = nullptr;
+  rd_kafka_resp_err_t err = rd_kafka_metadata(rk, 0, handle, &metadata,
+                                              static_cast<int>(absl::ToInt64Milliseconds(timeout)));
+  rd_kafka_topic_destroy(handle);
+  if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot reach Kafka at ", brokers, ": ", rd_kafka_err2str(err)));
+  }
+  absl::Status status;
+  if (metadata->topic_cnt != 1 || metadata->topics[0].err != RD_KAFKA_RESP_ERR_NO_ERROR ||
+      metadata->topics[0].partition_cnt == 0) {
+    status = absl::NotFoundError(absl::StrCat(
+        "Kafka topic '", topic, "' not found at ", brokers, ": ",
+        metadata->topic_cnt == 1 ? rd_kafka_err2str(metadata->topics[0].err) : "no metadata"));
+  }
+  rd_kafka_metadata_destroy(metadata);
+  return status;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::Create(
+    IngestOptions options, std::unique_ptr<store::FlushWriter> writer,
+    const event::MeterRegistry* meters, const Clock* clock) {
+  if (options.shards < 1) return absl::InvalidArgumentError("--shards must be at least 1");
+  std::unique_ptr<Ingestor> ingestor(new Ingestor(std::move(options)));
+  const IngestOptions& o = ingestor->options_;
+
+  KafkaProperties properties = {
+      {"bootstrap.servers", o.brokers},
+      {"group.id", o.group},
+      {"partition.assignment.strategy", "cooperative-sticky"},
+      {"enable.auto.commit", "false"},
+      {"enable.auto.offset.store", "false"},
+      {"auto.offset.reset", "earliest"},
+      {"enable.partition.eof", "false"},
+      {"queued.max.messages.kbytes", "65536"},
+      {"fetch.max.bytes", "16777216"},
+  };
+  properties.insert(properties.end(), o.kafka_properties.begin(), o.kafka_properties.end());
+  ASSIGN_OR_RETURN(rd_kafka_conf_t * conf, BuildKafkaConf(properties));
+  rd_kafka_conf_set_opaque(conf, ingestor.get());
+  rd_kafka_conf_set_rebalance_cb(conf, &Ingestor::OnRebalance);
+  char error[512];
+  ingestor->consumer_ = rd_kafka_new(RD_KAFKA_CONSUMER, conf, error, sizeof(error));
+  if (ingestor->consumer_ == nullptr) {
+    rd_kafka_conf_destroy(conf);
+    return absl::InvalidArgumentError(absl::StrCat("cannot create Kafka consumer: ", error));
+  }
+  rd_kafka_poll_set_consumer(ingestor->consumer_);
+  RETURN_IF_ERROR(CheckTopic(ingestor->consumer_, o.brokers, o.topic, o.startup_timeout));
+
+  std::vector<Shard*> shard_pointers;
+  ShardOptions shard_options;
+  shard_options.topic = o.topic;
+  shard_options.parse_limits = o.parse_limits;
+  shard_options.max_unflushed_keys = std::max<size_t>(1, o.max_unflushed_keys / o.shards);
+  Ingestor* self = ingestor.get();
+  for (int i = 0; i < o.shards; ++i) {
+    ASSIGN_OR_RETURN(auto shard, Shard::Create(i, ingestor->consumer_, meters, clock, shard_options,
+                                               [self] { self->flusher_->RequestFlush(); }));
+    shard_pointers.push_back(shard.get());
+    ingestor->shards_.push_back(std::move(shard));
+  }
+  ingestor->flusher_ = std::make_unique<Flusher>(
+      std::move(shard_pointers), std::move(writer), FlusherOptions{.interval = o.flush_interval});
+  return ingestor;
+}
+
+Ingestor::~Ingestor() {
+  if (flusher_) flusher_->Stop();
+  for (auto& shard : shards_) shard->Stop();
+  shards_.clear();
+  if (consumer_ != nullptr) rd_kafka_destroy(consumer_);
+}
+
+void Ingestor::OnRebalance(rd_kafka_t* rk, rd_kafka_resp_err_t err,
+                           rd_kafka_topic_partition_list_t* partitions, void* opaque) {
+  auto* self = static_cast<Ingestor*>(opaque);
+  if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+    self->Assign(partitions);
+  } else if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) {
+    self->Revoke(partitions);
+  } else {
+    LOG_ERROR("rebalance error: {}", rd_kafka_err2str(err));
+    rd_kafka_assign(rk, nullptr);
+  }
+}
+
+void Ingestor::Assign(rd_kafka_topic_partition_list_t* partitions) {
+  auto offsets = flusher_->LoadOffsets(kRebalanceDeadline);
+  if (!offsets.ok()) {
+    // Without the stored offsets no safe start exists; take nothing and let the group
+    // reassign (the session times out and another member, or we later, get them).
+    LOG_ERROR("cannot load offsets for assigned partitions [{}]: {}",
+              absl::StrJoin(PartitionsOf(partitions), ","), offsets.status().message());
+    return;
+  }
+  for (int i = 0; i < partitions->cnt; ++i) {
+    rd_kafka_topic_partition_t& tp = partitions->elems[i];
+    auto it = offsets->find(tp.partition);
+    const int64_t stored = it == offsets->end() ? SealedPartition::kNoStoredOffset : it->second;
+    Shard* shard = ShardFor(tp.partition);
+    shard->AddPartition(tp.partition, stored);
+    // Forward before assigning, on every assignment (librdkafka clears it on revoke).
+    rd_kafka_queue_t* partition_queue =
+        rd_kafka_queue_get_partition(consumer_, tp.topic, tp.partition);
+    rd_kafka_queue_forward(partition_queue, shard->queue());
+    rd_kafka_queue_destroy(partition_queue);
+    tp.offset = stored == SealedPartition::kNoStoredOffset ? RD_KAFKA_OFFSET_BEGINNING : stored;
+    LOG_INFO("assigned partition {} to shard {} at offset {}", tp.partition, shard->index(),
+             stored == SealedPartition::kNoStoredOffset ? std::string("beginning")
+                                                        : std::to_string(stored));
+  }
+  if (rd_kafka_error_t* error = rd_kafka_incremental_assign(consumer_, partitions)) {
+    LOG_ERROR("incremental assign failed: {}", rd_kafka_error_string(error));
+    rd_kafka_error_destroy(error);
+  }
+}
+
+void Ingestor::Revoke(rd_kafka_topic_partition_list_t* partitions) {
+  const std::vector<int32_t> revoked = PartitionsOf(partitions);
+  LOG_INFO("revoking partitions [{}]{}", absl::StrJoin(revoked, ","),
+           rd_kafka_assignment_lost(consumer_) ? " (assignment lost)" : "");
+  // Flush before acknowledging, so the next owner starts exactly where we stopped. Even for a
+  // lost assignment this is safe: the offset CAS refuses if someone else already advanced it.
+  (void)flusher_->FlushAndRelease(revoked, kRebalanceDeadline);
+  if (rd_kafka_error_t* error = rd_kafka_incremental_unassign(consumer_, partitions)) {
+    LOG_ERROR("incremental unassign failed: {}", rd_kafka_error_string(error));
+    rd_kafka_error_destroy(error);
+  }
+}
+
+void Ingestor::LogStats(absl::Duration elapsed) {
+  int64_t events = 0, rejected = 0, live = 0, paused = 0;
+  for (const auto& shard : shards_) {
+    events += shard->stats().events.load(std::memory_order_relaxed);
+    rejected += shard->stats().rejected.load(std::memory_order_relaxed);
+    live += shard->stats().live_keys.load(std::memory_order_relaxed);
+    paused += shard->stats().paused.load(std::memory_order_relaxed) ? 1 : 0;
+  }
+  const FlushStats& f = flusher_->stats();
+  LOG_INFO(
+      "stats: {:.0f} events/s, {} events, {} rejected, {} unflushed keys, {} paused shards, "
+      "{} flushes ({} failed, {} fenced), last flush {} events as {} rows",
+      static_cast<double>(events - last_logged_events_) / absl::ToDoubleSeconds(elapsed), events,
+      rejected, live, paused, f.flushes.load(), f.failures.load(), f.fenced.load(),
+      f.last_events.load(), f.last_rows.load());
+  last_logged_events_ = events;
+}
+
+absl::Status Ingestor::Run(const std::function<bool()>& stop) {
+  rd_kafka_topic_partition_list_t* topics = rd_kafka_topic_partition_list_new(1);
+  rd_kafka_topic_partition_list_add(topics, options_.topic.c_str(), RD_KAFKA_PARTITION_UA);
+  rd_kafka_resp_err_t err = rd_kafka_subscribe(consumer_, topics);
+  rd_kafka_topic_partition_list_destroy(topics);
+  if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+    return absl::UnavailableError(absl::StrCat("subscribe failed: ", rd_kafka_err2str(err)));
+  }
+  LOG_INFO("consuming topic {} as group {} with {} shards, flush every {}", options_.topic,
+           options_.group, shards_.size(), absl::FormatDuration(options_.flush_interval));
+  flusher_->Start();
+
+  absl::Status result;
+  absl::Time last_stats = absl::Now();
+  absl::Time last_error_log = absl::InfinitePast();
+  while (!stop()) {
+    // Messages go to the shard queues; this queue carries rebalances and errors only.
+    rd_kafka_message_t* message = rd_kafka_consumer_poll(consumer_, 100);
+    if (message != nullptr) {
+      if (message->err == RD_KAFKA_RESP_ERR__FATAL) {
+        char reason[512];
+        rd_kafka_fatal_error(consumer_, reason, sizeof(reason));
+        result = absl::InternalError(absl::StrCat("fatal Kafka error: ", reason));
+        rd_kafka_message_destroy(message);
+        break;
+      }
+      if (message->err != RD_KAFKA_RESP_ERR_NO_ERROR &&
+          absl::Now() - last_error_log > absl::Seconds(5)) {
+        // librdkafka retries on its own; we keep waiting and say so at most every 5 s.
+        LOG_WARN("Kafka: {} (retrying)", rd_kafka_message_errstr(message));
+        last_error_log = absl::Now();
+      }
+      rd_kafka_message_destroy(message);
+    }
+    const absl::Time now = absl::Now();
+    if (now - last_stats >= options_.stats_interval) {
+      LogStats(now - last_stats);
+      last_stats = now;
+    }
+  }
+
+  LOG_INFO("stopping: flushing and leaving the group");
+  // Close revokes every partition through OnRebalance, which flushes each before unassigning.
+  err = rd_kafka_consumer_close(consumer_);
+  if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+    LOG_WARN("consumer close: {}", rd_kafka_err2str(err));
+  }
+  flusher_->Stop();
+  // Anything still pending (a failed final flush) was already logged and left unadvanced.
+  LogStats(absl::Now() - last_stats);
+  return result;
+}
+
+}  // namespace meterd::ingest

@@ -1,0 +1,228 @@
+#include "lib/ingest/shard.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <boost/asio/read.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "lib/common/logging.h"
+
+namespace meterd::ingest {
+
+using aggregate::SealedPartition;
+
+absl::StatusOr<std::unique_ptr<Shard>> Shard::Create(int index, rd_kafka_t* consumer,
+                                                     const event::MeterRegistry* meters,
+                                                     const Clock* clock, ShardOptions options,
+                                                     FlushRequest request_flush) {
+  std::unique_ptr<Shard> shard(
+      new Shard(index, consumer, meters, clock, options, std::move(request_flush)));
+  if (absl::Status status = shard->Open(); !status.ok()) return status;
+  return shard;
+}
+
+Shard::Shard(int index, rd_kafka_t* consumer, const event::MeterRegistry* meters,
+             const Clock* clock, ShardOptions options, FlushRequest request_flush)
+    : index_(index),
+      consumer_(consumer),
+      clock_(clock),
+      options_(options),
+      request_flush_(std::move(request_flush)),
+      wakeup_(io_),
+      parser_(meters, options.parse_limits) {
+  batch_.resize(options_.consume_batch);
+}
+
+absl::Status Shard::Open() {
+  int fds[2];
+  if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) {
+    return absl::InternalError(absl::StrCat("shard ", index_, ": pipe2 failed"));
+  }
+  wakeup_.assign(fds[0]);
+  wakeup_write_fd_ = fds[1];
+  queue_ = rd_kafka_queue_new(consumer_);
+  // librdkafka writes one byte when the queue goes from empty to non-empty.
+  rd_kafka_queue_io_event_enable(queue_, wakeup_write_fd_, "1", 1);
+  ArmWakeup();
+  thread_ = std::thread([this] {
+    auto guard = boost::asio::make_work_guard(io_);
+    io_.run();
+  });
+  return absl::OkStatus();
+}
+
+Shard::~Shard() {
+  Stop();
+  if (queue_ != nullptr) {
+    rd_kafka_queue_io_event_enable(queue_, -1, nullptr, 0);
+    rd_kafka_queue_destroy(queue_);
+  }
+  if (wakeup_write_fd_ >= 0) close(wakeup_write_fd_);
+}
+
+void Shard::Stop() {
+  if (!thread_.joinable()) return;
+  boost::asio::post(io_, [this] {
+    boost::system::error_code ignored;
+    wakeup_.cancel(ignored);
+    io_.stop();
+  });
+  thread_.join();
+}
+
+void Shard::ArmWakeup() {
+  wakeup_.async_read_some(boost::asio::buffer(wakeup_buffer_),
+                          [this](const boost::system::error_code& error, size_t) {
+                            if (error == boost::asio::error::operation_aborted) return;
+                            Drain();
+                            ArmWakeup();
+                          });
+}
+
+void Shard::Drain() {
+  while (!paused_) {
+    const ssize_t count =
+        rd_kafka_consume_batch_queue(queue_, 0, batch_.data(), batch_.size());
+    if (count <= 0) break;
+    const absl::Time now = clock_->Now();  // Once per batch, not per event.
+    for (ssize_t i = 0; i < count; ++i) {
+      Process(*batch_[i], now);
+      rd_kafka_message_destroy(batch_[i]);
+    }
+    stats_.messages.store(stats_.messages.load(std::memory_order_relaxed) + count,
+                          std::memory_order_relaxed);
+    const size_t live = LiveKeys();
+    stats_.live_keys.store(static_cast<int64_t>(live), std::memory_order_relaxed);
+    if (live >= options_.max_unflushed_keys) {
+      // Backpressure: stop draining; librdkafka stops fetching once its own buffer is full.
+      paused_ = true;
+      stats_.paused.store(true, std::memory_order_relaxed);
+      if (!flush_requested_) {
+        flush_requested_ = true;
+        request_flush_();
+      }
+    }
+  }
+}
+
+void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
+  if (message.err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+    if (message.err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+      LOG_WARN("shard {}: consume error on partition {}: {}", index_, message.partition,
+               rd_kafka_message_errstr(&message));
+    }
+    return;
+  }
+  auto it = partitions_.find(message.partition);
+  if (it == partitions_.end()) return;  // Revoked meanwhile: its new owner counts it.
+  OwnedPartition& owned = it->second;
+  // After a seek back, messages already counted may be delivered again.
+  if (owned.next_offset != SealedPartition::kNoStoredOffset && message.offset < owned.next_offset) {
+    return;
+  }
+  const std::string_view bytes(static_cast<const char*>(message.payload), message.len);
+  const event::ParsedMessage& parsed = parser_.Parse(bytes, now);
+  for (const event::UsageEvent& e : parsed.events) owned.deltas.Add(e);
+  for (const event::Rejection& r : parsed.rejections) {
+    owned.deltas.Reject(message.offset, r.reason, r.detail, r.raw);
+  }
+  if (message.payload == nullptr) {
+    owned.deltas.Reject(message.offset, event::RejectReason::kNotJson, "empty message", "");
+  }
+  owned.next_offset = message.offset + 1;
+  stats_.events.store(stats_.events.load(std::memory_order_relaxed) + parsed.events.size(),
+                      std::memory_order_relaxed);
+  if (!parsed.rejections.empty()) {
+    stats_.rejected.store(
+        stats_.rejected.load(std::memory_order_relaxed) + parsed.rejections.size(),
+        std::memory_order_relaxed);
+  }
+}
+
+size_t Shard::LiveKeys() const {
+  size_t live = 0;
+  for (const auto& [partition, owned] : partitions_) live += owned.deltas.counters.size();
+  return live;
+}
+
+void Shard::AddPartition(int32_t partition, int64_t stored_offset) {
+  RunOnShard([&] {
+    partitions_[partition] = OwnedPartition{stored_offset, stored_offset, {}};
+  });
+}
+
+std::vector<SealedPartition> Shard::Seal(const std::vector<int32_t>& partitions, bool release) {
+  return RunOnShard([&] {
+    std::vector<SealedPartition> sealed;
+    auto seal_one = [&](int32_t partition, OwnedPartition& owned) {
+      if (owned.next_offset == SealedPartition::kNoStoredOffset ||
+          owned.next_offset == owned.expected_offset) {
+        return;  // Nothing consumed since the last seal.
+      }
+      SealedPartition& s = sealed.emplace_back();
+      s.partition = partition;
+      s.expected_offset = owned.expected_offset;
+      s.next_offset = owned.next_offset;
+      const size_t previous_size = owned.deltas.counters.size();
+      s.deltas = std::move(owned.deltas);
+      owned.deltas = {};
+      owned.deltas.counters.reserve(previous_size);  // The next interval touches similar keys.
+      owned.expected_offset = owned.next_offset;
+    };
+    if (partitions.empty()) {
+      for (auto& [partition, owned] : partitions_) seal_one(partition, owned);
+    } else {
+      for (int32_t partition : partitions) {
+        auto it = partitions_.find(partition);
+        if (it == partitions_.end()) continue;
+        seal_one(partition, it->second);
+        if (release) partitions_.erase(it);
+      }
+    }
+    if (release && partitions.empty()) partitions_.clear();
+    stats_.live_keys.store(static_cast<int64_t>(LiveKeys()), std::memory_order_relaxed);
+    return sealed;
+  });
+}
+
+void Shard::ResetPartition(int32_t partition, int64_t stored_offset) {
+  RunOnShard([&] {
+    auto it = partitions_.find(partition);
+    if (it == partitions_.end()) return;
+    // Seek on this thread, the queue's only consumer: nothing of the partition can be counted
+    // between the seek and the reset. librdkafka drops messages fetched before the seek.
+    rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(list, options_.topic.c_str(), partition)->offset =
+        stored_offset == SealedPartition::kNoStoredOffset ? RD_KAFKA_OFFSET_BEGINNING
+                                                           : stored_offset;
+    if (rd_kafka_error_t* error = rd_kafka_seek_partitions(consumer_, list, 10'000)) {
+      LOG_ERROR("shard {}: seek of partition {} failed: {}", index_, partition,
+                rd_kafka_error_string(error));
+      rd_kafka_error_destroy(error);
+    }
+    rd_kafka_topic_partition_list_destroy(list);
+    it->second = OwnedPartition{stored_offset, stored_offset, {}};
+    LOG_WARN("shard {}: partition {} fenced; dropped unflushed deltas, resuming at offset {}",
+             index_, partition, stored_offset);
+  });
+}
+
+void Shard::Pause() {
+  boost::asio::post(io_, [this] {
+    paused_ = true;
+    stats_.paused.store(true, std::memory_order_relaxed);
+  });
+}
+
+void Shard::Resume() {
+  boost::asio::post(io_, [this] {
+    flush_requested_ = false;
+    if (!paused_) return;
+    paused_ = false;
+    stats_.paused.store(false, std::memory_order_relaxed);
+    Drain();  // The wake-up byte came while paused; it will not come again for queued data.
+  });
+}
+
+}  // namespace meterd::ingest

@@ -1,0 +1,122 @@
+#pragma once
+
+// Boost 1.74's Asio needs <utility> before it under C++20.
+#include <utility>
+
+#include <atomic>
+#include <functional>
+#include <future>
+#include <memory>
+#include <thread>
+#include <string>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
+#include <librdkafka/rdkafka.h>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "lib/aggregate/counters.h"
+#include "lib/common/clock.h"
+#include "lib/event/event_parser.h"
+
+namespace meterd::ingest {
+
+struct ShardOptions {
+  std::string topic;
+  // Unflushed keys above which the shard stops draining its queue and asks for a flush.
+  size_t max_unflushed_keys = 1'000'000;
+  size_t consume_batch = 1000;
+  event::ParseLimits parse_limits;
+};
+
+// Counters published by the shard thread once per batch (single writer, relaxed).
+struct ShardStats {
+  std::atomic<int64_t> messages{0};
+  std::atomic<int64_t> events{0};
+  std::atomic<int64_t> rejected{0};
+  std::atomic<int64_t> live_keys{0};
+  std::atomic<bool> paused{false};
+};
+
+// One consumer shard: a thread running an io_context, woken by its librdkafka queue through a
+// pipe, that parses and aggregates the messages of the partitions it owns.
+// Owned by the Ingestor. All partition state is touched only on the shard thread; other
+// threads call the public methods, which post to the shard and (where a result is needed) wait.
+class Shard {
+ public:
+  using FlushRequest = std::function<void()>;
+
+  static absl::StatusOr<std::unique_ptr<Shard>> Create(int index, rd_kafka_t* consumer,
+                                                       const event::MeterRegistry* meters,
+                                                       const Clock* clock, ShardOptions options,
+                                                       FlushRequest request_flush);
+  ~Shard();
+
+  rd_kafka_queue_t* queue() const { return queue_; }
+  const ShardStats& stats() const { return stats_; }
+  int index() const { return index_; }
+
+  // Takes ownership of a partition whose next offset in Postgres is `stored_offset`
+  // (SealedPartition::kNoStoredOffset when none). Call before forwarding its queue here.
+  void AddPartition(int32_t partition, int64_t stored_offset);
+  // Seals the deltas of `partitions` (all owned ones when empty) and returns them; with
+  // `release`, also gives the partitions up (revoke).
+  std::vector<aggregate::SealedPartition> Seal(const std::vector<int32_t>& partitions, bool release);
+  // After a CAS miss: seek the partition to what Postgres holds and drop its unflushed deltas.
+  void ResetPartition(int32_t partition, int64_t stored_offset);
+  // Stop draining (Postgres down) / resume draining (after a successful flush). Asynchronous.
+  void Pause();
+  void Resume();
+  // Stops the thread. Pending work posted before is run first.
+  void Stop();
+
+ private:
+  struct OwnedPartition {
+    int64_t expected_offset;  // What Postgres holds for the deltas not yet sealed.
+    int64_t next_offset;      // After the last message counted; kNoStoredOffset before any.
+    aggregate::PartitionCounters deltas;
+  };
+
+  Shard(int index, rd_kafka_t* consumer, const event::MeterRegistry* meters, const Clock* clock,
+        ShardOptions options, FlushRequest request_flush);
+  absl::Status Open();
+  void ArmWakeup();
+  void Drain();
+  void Process(const rd_kafka_message_t& message, absl::Time now);
+  size_t LiveKeys() const;
+
+  template <typename F>
+  auto RunOnShard(F&& body) -> decltype(body()) {
+    using Result = decltype(body());
+    auto task = std::make_shared<std::packaged_task<Result()>>(std::forward<F>(body));
+    auto result = task->get_future();
+    boost::asio::post(io_, [task] { (*task)(); });
+    return result.get();
+  }
+
+  const int index_;
+  rd_kafka_t* const consumer_;
+  const Clock* const clock_;
+  const ShardOptions options_;
+  const FlushRequest request_flush_;
+
+  boost::asio::io_context io_;
+  boost::asio::posix::stream_descriptor wakeup_;
+  int wakeup_write_fd_ = -1;
+  char wakeup_buffer_[64];
+  rd_kafka_queue_t* queue_ = nullptr;
+  std::thread thread_;
+
+  // Shard-thread state.
+  event::EventParser parser_;
+  absl::flat_hash_map<int32_t, OwnedPartition> partitions_;
+  std::vector<rd_kafka_message_t*> batch_;
+  bool paused_ = false;
+  bool flush_requested_ = false;
+  ShardStats stats_;
+};
+
+}  // namespace meterd::ingest
