@@ -60,6 +60,7 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   options.flush_interval = absl::GetFlag(FLAGS_flush_interval);
   options.max_unflushed_keys = static_cast<size_t>(absl::GetFlag(FLAGS_max_unflushed_keys));
   options.stats_interval = absl::GetFlag(FLAGS_stats_interval);
+  options.startup_timeout = absl::GetFlag(FLAGS_startup_timeout);
   options.parse_limits.late_window = absl::GetFlag(FLAGS_late_window);
   options.parse_limits.max_future_skew = absl::GetFlag(FLAGS_max_future_skew);
   ASSIGN_OR_RETURN(options.kafka_properties, ParseProperties(raw_properties));
@@ -106,6 +107,7 @@ absl::Status Loadgen(const std::vector<std::string>& raw_properties) {
   options.malformed_share = absl::GetFlag(FLAGS_malformed_share);
   options.days = absl::GetFlag(FLAGS_days);
   options.seed = absl::GetFlag(FLAGS_seed);
+  options.rate = absl::GetFlag(FLAGS_rate);
   ASSIGN_OR_RETURN(options.kafka_properties, ParseProperties(raw_properties));
   options.progress = [](int64_t produced, int64_t total) {
     std::fprintf(stderr, "loadgen: %lld/%lld events (%.0f%%)\n", static_cast<long long>(produced),
@@ -143,7 +145,7 @@ const std::vector<Subcommand>& Subcommands() {
   static const std::vector<Subcommand> kSubcommands = {
       {"run", "consume usage events from Kafka into Postgres, exactly once",
        {"pg", "brokers", "topic", "group", "shards", "flush_interval", "max_unflushed_keys",
-        "late_window", "max_future_skew", "stats_interval", "kafka_property"},
+        "late_window", "max_future_skew", "stats_interval", "startup_timeout", "kafka_property"},
        &RunCommand},
       {"migrate", "apply the embedded schema migrations", {"pg"}, &MigrateCommand},
       {"dev-broker",
@@ -151,7 +153,7 @@ const std::vector<Subcommand>& Subcommands() {
        {"topic", "partitions"}, &DevBrokerCommand},
       {"loadgen", "produce generated usage events and print the expected totals as JSON",
        {"brokers", "topic", "events", "orgs", "malformed_share", "expected_out", "days", "seed",
-        "kafka_property"},
+        "rate", "kafka_property"},
        &LoadgenCommand},
   };
   return kSubcommands;

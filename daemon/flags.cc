@@ -28,4 +28,7 @@ ABSL_FLAG(double, malformed_share, 0.0, "Share (0..1) of malformed events mixed 
 ABSL_FLAG(std::string, expected_out, "",
           "Write the expected per-(org, meter, industry, day) totals to this CSV file");
 ABSL_FLAG(int, days, 3, "Spread event times over the last N days");
+ABSL_FLAG(int64_t, rate, 0, "Events per second to produce at; 0 = as fast as possible");
+ABSL_FLAG(absl::Duration, startup_timeout, absl::Seconds(15),
+          "How long to wait for Kafka metadata at start before failing");
 ABSL_FLAG(uint64_t, seed, 1, "Seed for organization ids and event mix (same seed, same events)");

@@ -23,7 +23,7 @@ case "$cmd" in
       "${as_owner[@]}" "$bindir/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 \
         || { echo "dev-postgres: initdb failed, see $dir/initdb.log" >&2; exit 1; }
     fi
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    if [[ -f "$dir/port" ]]; then port=$(cat "$dir/port"); else port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); fi
     # fsync off: this cluster is disposable; meterd's guarantees are tested against its
     # transactions, not against power loss.
     "${as_owner[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start \

@@ -75,6 +75,7 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
     return absl::InvalidArgumentError("--malformed-share must be between 0 and 1");
   }
   if (options.days < 1) return absl::InvalidArgumentError("--days must be at least 1");
+  if (options.rate < 0) return absl::InvalidArgumentError("--rate must be >= 0");
 
   DeliveryCounts counts;
   ingest::KafkaProperties properties = {{"bootstrap.servers", options.brokers},
@@ -176,6 +177,11 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
       const int32_t day = static_cast<int32_t>(micros / 86'400'000'000LL);
       result.totals[{subject, kMeters[meter], std::string(industry), event::DayToIsoDate(day)}] +=
           quantity;
+    }
+    if (options.rate > 0 && result.produced % 500 == 0) {
+      // Pace to the requested rate: sleep until this many events are due.
+      const absl::Time due = start + absl::Seconds(static_cast<double>(result.produced) / options.rate);
+      if (due > absl::Now()) absl::SleepFor(due - absl::Now());
     }
     if (options.progress && absl::Now() - last_progress >= absl::Seconds(1)) {
       options.progress(result.produced, options.events);

@@ -21,6 +21,7 @@ struct LoadgenOptions {
   double malformed_share = 0;
   int days = 3;          // Event times spread over the last `days` days.
   uint64_t seed = 1;
+  int64_t rate = 0;      // Events per second; 0 = as fast as possible.
   ingest::KafkaProperties kafka_properties;
   std::function<void(int64_t produced, int64_t total)> progress;  // Called about once a second.
 };

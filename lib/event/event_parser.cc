@@ -234,8 +234,21 @@ void EventParser::ParseOne(bool element, std::string_view bytes, size_t capacity
     return refuse(RejectReason::kNotJson, "not parseable as JSON");
   }
   od::object object;
-  if (type != od::json_type::object || doc.get_object().get(object) != simdjson::SUCCESS) {
+  if (type != od::json_type::object) {
+    // Valid JSON of another shape is not_object; anything else is not_json.
+    bool valid = false;
+    switch (type) {
+      case od::json_type::string: valid = doc.get_string().error() == simdjson::SUCCESS; break;
+      case od::json_type::number: valid = doc.get_number().error() == simdjson::SUCCESS; break;
+      case od::json_type::boolean: valid = doc.get_bool().error() == simdjson::SUCCESS; break;
+      case od::json_type::null: valid = doc.is_null().value_unsafe(); break;
+      default: break;
+    }
+    if (!valid || !AtEnd(doc)) return refuse(RejectReason::kNotJson, "not parseable as JSON");
     return refuse(RejectReason::kNotObject, "event must be a JSON object");
+  }
+  if (doc.get_object().get(object) != simdjson::SUCCESS) {
+    return refuse(RejectReason::kNotJson, "not parseable as JSON");
   }
 
   UsageEvent event;

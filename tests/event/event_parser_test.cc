@@ -1,0 +1,141 @@
+#include "lib/event/event_parser.h"
+
+#include <filesystem>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "absl/time/time.h"
+#include "tests/support/harness.h"
+
+namespace meterd::event {
+namespace {
+
+namespace fs = std::filesystem;
+
+// The clock proto/examples/README.md promises.
+const absl::Time kNow = absl::FromUnixSeconds(DaysFromCivil(2026, 11, 26) * 86400 + 10 * 3600);
+
+class EventParserTest : public ::testing::Test {
+ protected:
+  MeterRegistry meters_ = MeterRegistry::Defaults();
+  EventParser parser_{&meters_, ParseLimits{}};
+};
+
+fs::path Examples() { return fs::path(METERD_SOURCE_DIR) / "proto" / "examples"; }
+
+TEST_F(EventParserTest, EveryValidExampleIsAccepted) {
+  int files = 0;
+  for (const auto& entry : fs::directory_iterator(Examples() / "valid")) {
+    const std::string bytes = testing::ReadFile(entry.path());
+    const ParsedMessage& parsed = parser_.Parse(bytes, kNow);
+    EXPECT_TRUE(parsed.rejections.empty())
+        << entry.path() << ": " << RejectReasonCode(parsed.rejections[0].reason) << " "
+        << parsed.rejections[0].detail;
+    const size_t expected = bytes[0] == '[' ? 2 : 1;
+    EXPECT_EQ(parsed.events.size(), expected) << entry.path();
+    ++files;
+  }
+  EXPECT_GE(files, 5);
+}
+
+TEST_F(EventParserTest, EveryInvalidExampleGetsItsLabelledReason) {
+  int files = 0;
+  for (const auto& reason_dir : fs::directory_iterator(Examples() / "invalid")) {
+    const std::string label = reason_dir.path().filename();
+    ASSERT_TRUE(ParseRejectReason(label).has_value()) << "unknown reason directory " << label;
+    for (const auto& entry : fs::directory_iterator(reason_dir.path())) {
+      const std::string bytes = testing::ReadFile(entry.path());
+      const ParsedMessage& parsed = parser_.Parse(bytes, kNow);
+      EXPECT_TRUE(parsed.events.empty()) << entry.path();
+      ASSERT_EQ(parsed.rejections.size(), 1u) << entry.path();
+      EXPECT_EQ(RejectReasonCode(parsed.rejections[0].reason), label)
+          << entry.path() << ": " << parsed.rejections[0].detail;
+      EXPECT_EQ(parsed.rejections[0].raw, bytes) << entry.path();
+      ++files;
+    }
+  }
+  EXPECT_GE(files, 20);
+}
+
+TEST_F(EventParserTest, ReadsEveryField) {
+  const std::string bytes =
+      R"({"specversion":"1.0","id":"e1","source":"hs/work-orders","type":"ai_requests",)"
+      R"("subject":"5F0D2C1E-8A4B-4C3D-9E2F-1A2B3C4D5E6F","time":"2026-11-26T09:30:00.5+01:00",)"
+      R"("data":{"quantity":3,"industry":"payroll"}})";
+  const ParsedMessage& parsed = parser_.Parse(bytes, kNow);
+  ASSERT_EQ(parsed.events.size(), 1u);
+  const UsageEvent& e = parsed.events[0];
+  EXPECT_EQ(OrgIdToString(e.org), "5f0d2c1e-8a4b-4c3d-9e2f-1a2b3c4d5e6f");
+  EXPECT_EQ(e.meter, 3);
+  EXPECT_EQ(e.industry, Industry::kPayroll);
+  EXPECT_EQ(e.quantity, 3);
+  EXPECT_EQ(e.id, "e1");
+  EXPECT_EQ(e.source, "hs/work-orders");
+  EXPECT_EQ(e.time_micros, (DaysFromCivil(2026, 11, 26) * 86400 + 8 * 3600 + 30 * 60) * 1'000'000 +
+                               500'000);
+  EXPECT_EQ(DayToIsoDate(e.UsageDay()), "2026-11-26");
+}
+
+TEST_F(EventParserTest, BatchRejectsOnlyTheBadElement) {
+  const std::string good =
+      R"({"specversion":"1.0","id":"a","source":"s","type":"api_calls",)"
+      R"("subject":"5f0d2c1e-8a4b-4c3d-9e2f-1a2b3c4d5e6f","time":"2026-11-26T08:00:00Z",)"
+      R"("data":{"industry":"hs"}})";
+  const std::string bad = R"({"specversion":"1.0","id":"b","source":"s","type":"nope",)"
+                          R"("subject":"5f0d2c1e-8a4b-4c3d-9e2f-1a2b3c4d5e6f",)"
+                          R"("time":"2026-11-26T08:00:00Z","data":{"industry":"hs"}})";
+  const std::string batch = "[" + good + ", " + bad + ", 42, " + good + "]";
+  const ParsedMessage& parsed = parser_.Parse(batch, kNow);
+  EXPECT_EQ(parsed.events.size(), 2u);
+  ASSERT_EQ(parsed.rejections.size(), 2u);
+  EXPECT_EQ(parsed.rejections[0].reason, RejectReason::kUnknownMeter);
+  EXPECT_EQ(parsed.rejections[0].raw, bad);
+  EXPECT_EQ(parsed.rejections[1].reason, RejectReason::kNotObject);
+}
+
+TEST_F(EventParserTest, BrokenBatchIsRejectedWhole) {
+  const ParsedMessage& parsed = parser_.Parse(R"([{"specversion":"1.0"} {"a":1}])", kNow);
+  EXPECT_TRUE(parsed.events.empty());
+  ASSERT_EQ(parsed.rejections.size(), 1u);
+  EXPECT_EQ(parsed.rejections[0].reason, RejectReason::kNotJson);
+}
+
+TEST_F(EventParserTest, LateWindowAndSkewFollowTheClock) {
+  const std::string bytes =
+      R"({"specversion":"1.0","id":"a","source":"s","type":"api_calls",)"
+      R"("subject":"5f0d2c1e-8a4b-4c3d-9e2f-1a2b3c4d5e6f","time":"2026-11-26T10:04:00Z",)"
+      R"("data":{"industry":"hs"}})";
+  EXPECT_EQ(parser_.Parse(bytes, kNow).events.size(), 1u);
+  EXPECT_EQ(parser_.Parse(bytes, kNow - absl::Minutes(5)).rejections.at(0).reason,
+            RejectReason::kTimeInFuture);
+  EXPECT_EQ(parser_.Parse(bytes, kNow + absl::Hours(24 * 63)).rejections.at(0).reason,
+            RejectReason::kTimeTooOld);
+}
+
+TEST(OrgIdTest, RoundTripsAndRefusesMalformed) {
+  auto id = ParseOrgId("00112233-4455-6677-8899-aabbccddeeff");
+  ASSERT_TRUE(id.has_value());
+  EXPECT_EQ(id->bytes[0], 0x00);
+  EXPECT_EQ(id->bytes[15], 0xff);
+  EXPECT_EQ(OrgIdToString(*id), "00112233-4455-6677-8899-aabbccddeeff");
+  EXPECT_FALSE(ParseOrgId("00112233-4455-6677-8899-aabbccddeef").has_value());
+  EXPECT_FALSE(ParseOrgId("00112233-4455-6677-8899_aabbccddeeff").has_value());
+  EXPECT_FALSE(ParseOrgId("0011223g-4455-6677-8899-aabbccddeeff").has_value());
+}
+
+TEST(Rfc3339Test, ParsesZonesAndFractions) {
+  EXPECT_EQ(ParseRfc3339Micros("1970-01-01T00:00:00Z"), 0);
+  EXPECT_EQ(ParseRfc3339Micros("1970-01-01T01:00:00+01:00"), 0);
+  EXPECT_EQ(ParseRfc3339Micros("1970-01-01T00:00:00.000001Z"), 1);
+  EXPECT_EQ(ParseRfc3339Micros("1969-12-31T23:59:59Z"), -1'000'000);
+  EXPECT_EQ(ParseRfc3339Micros("2024-02-29T00:00:00Z"),
+            DaysFromCivil(2024, 2, 29) * 86400 * 1'000'000);
+  EXPECT_FALSE(ParseRfc3339Micros("2023-02-29T00:00:00Z").has_value());
+  EXPECT_FALSE(ParseRfc3339Micros("2026-11-26T08:00:00").has_value());
+  EXPECT_FALSE(ParseRfc3339Micros("2026-11-26T08:00:00Zjunk").has_value());
+  EXPECT_EQ(DayToIsoDate(static_cast<int32_t>(DaysFromCivil(2026, 11, 26))), "2026-11-26");
+}
+
+}  // namespace
+}  // namespace meterd::event

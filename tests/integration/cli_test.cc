@@ -1,0 +1,93 @@
+// What an SRE sees at the command line: bad flags and unreachable dependencies fail at start
+// with one clear line and a non-zero exit.
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "tests/support/harness.h"
+
+namespace meterd::testing {
+namespace {
+
+struct Outcome {
+  int exit_code;
+  std::string stdout_text;
+  std::string stderr_text;
+};
+
+Outcome RunMeterd(std::vector<std::string> args, absl::Duration timeout = absl::Seconds(30)) {
+  static int counter = 0;
+  const std::string log = absl::StrCat(TempDir("meterd-cli"), "/stderr-", counter++);
+  args.insert(args.begin(), MeterdBinary());
+  ChildProcess child(args, log);
+  std::string out = child.ReadAll();
+  const int code = child.Wait(timeout);
+  return {code, out, ReadFile(log)};
+}
+
+TEST(CliTest, HelpListsCommandsAndFlags) {
+  Outcome top = RunMeterd({"--help"});
+  EXPECT_EQ(top.exit_code, 0);
+  for (const char* command : {"run", "migrate", "dev-broker", "loadgen"}) {
+    EXPECT_NE(top.stdout_text.find(command), std::string::npos) << command;
+  }
+  Outcome run = RunMeterd({"run", "--help"});
+  EXPECT_EQ(run.exit_code, 0);
+  for (const char* flag : {"--pg", "--brokers", "--flush-interval", "--max-unflushed-keys",
+                           "--shards", "--kafka-property", "METERD_PG"}) {
+    EXPECT_NE(run.stdout_text.find(flag), std::string::npos) << flag;
+  }
+  EXPECT_EQ(run.stdout_text.find("--partitions"), std::string::npos);
+}
+
+TEST(CliTest, BadFlagsFailWithOneClearLine) {
+  Outcome unknown = RunMeterd({"run", "--no-such-flag", "1"});
+  EXPECT_EQ(unknown.exit_code, 2);
+  EXPECT_NE(unknown.stderr_text.find("unknown flag --no-such-flag"), std::string::npos)
+      << unknown.stderr_text;
+  Outcome wrong_command = RunMeterd({"migrate", "--brokers", "x"});
+  EXPECT_EQ(wrong_command.exit_code, 2);
+  EXPECT_NE(wrong_command.stderr_text.find("unknown flag --brokers"), std::string::npos);
+  Outcome missing = RunMeterd({"run", "--brokers", "127.0.0.1:1"});
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_NE(missing.stderr_text.find("--pg is required"), std::string::npos) << missing.stderr_text;
+  Outcome bad_duration = RunMeterd({"run", "--flush-interval", "soon"});
+  EXPECT_NE(bad_duration.exit_code, 0);
+  EXPECT_NE(bad_duration.stderr_text.find("flush_interval"), std::string::npos)
+      << bad_duration.stderr_text;
+  Outcome bad_property = RunMeterd({"loadgen", "--brokers", "127.0.0.1:1", "--kafka-property",
+                                    "no.such.property=1", "--events", "1"});
+  EXPECT_EQ(bad_property.exit_code, 1);
+  EXPECT_NE(bad_property.stderr_text.find("no.such.property"), std::string::npos);
+}
+
+TEST(CliTest, UnreachablePostgresFailsAtStart) {
+  Outcome o = RunMeterd({"run", "--pg", "postgresql://postgres@127.0.0.1:1/x?connect_timeout=2",
+                         "--brokers", "127.0.0.1:1"});
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.stderr_text.find("meterd run: cannot connect to Postgres"), std::string::npos)
+      << o.stderr_text;
+}
+
+TEST(CliTest, UnmigratedDatabaseAndUnreachableKafkaFailAtStart) {
+  const std::string empty = SharedPostgres().CreateDatabase("cli_empty");
+  Outcome unmigrated = RunMeterd({"run", "--pg", empty, "--brokers", "127.0.0.1:1"});
+  EXPECT_EQ(unmigrated.exit_code, 1);
+  EXPECT_NE(unmigrated.stderr_text.find("meterd migrate"), std::string::npos)
+      << unmigrated.stderr_text;
+
+  // Migrate through the environment variable, as a container would.
+  setenv("METERD_PG", empty.c_str(), 1);
+  Outcome migrate = RunMeterd({"migrate"});
+  unsetenv("METERD_PG");
+  EXPECT_EQ(migrate.exit_code, 0) << migrate.stderr_text;
+
+  Outcome no_kafka = RunMeterd(
+      {"run", "--pg", empty, "--brokers", "127.0.0.1:1", "--startup-timeout", "2s"});
+  EXPECT_EQ(no_kafka.exit_code, 1);
+  EXPECT_NE(no_kafka.stderr_text.find("meterd run: cannot reach Kafka at 127.0.0.1:1"),
+            std::string::npos)
+      << no_kafka.stderr_text;
+}
+
+}  // namespace
+}  // namespace meterd::testing

@@ -1,0 +1,196 @@
+// End-to-end tests: the real meterd binary as child processes, a real Postgres, and the
+// embedded Kafka (librdkafka's mock cluster, real protocol) from `meterd dev-broker`.
+#include <signal.h>
+
+#include <random>
+
+#include <gtest/gtest.h>
+#include <pqxx/pqxx>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "tests/support/harness.h"
+
+namespace meterd::testing {
+namespace {
+
+constexpr char kTopic[] = "usage-events";
+
+class PipelineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    dir_ = TempDir("meterd-it");
+    url_ = SharedPostgres().CreateMigratedDatabase("it_" + absl::AsciiStrToLower(name));
+    broker_ = std::make_unique<DevBrokerProcess>(kTopic, 32, dir_);
+  }
+
+  std::unique_ptr<ChildProcess> StartMeterd(const std::string& label) {
+    return std::make_unique<ChildProcess>(
+        std::vector<std::string>{MeterdBinary(), "run", "--pg", url_, "--brokers",
+                                 broker_->bootstrap(), "--topic", kTopic, "--group", "it",
+                                 "--shards", "2", "--flush-interval", "300ms", "--stats-interval",
+                                 "2s", "--kafka-property", "session.timeout.ms=6000",
+                                 "--kafka-property", "heartbeat.interval.ms=500"},
+        absl::StrCat(dir_, "/meterd-", label, ".log"));
+  }
+
+  std::unique_ptr<ChildProcess> StartLoadgen(int64_t events, int orgs, double malformed,
+                                             int64_t rate) {
+    return std::make_unique<ChildProcess>(
+        std::vector<std::string>{MeterdBinary(), "loadgen", "--brokers", broker_->bootstrap(),
+                                 "--topic", kTopic, "--events", std::to_string(events), "--orgs",
+                                 std::to_string(orgs), "--malformed-share",
+                                 std::to_string(malformed), "--rate", std::to_string(rate),
+                                 "--expected-out", dir_ + "/expected.csv"},
+        dir_ + "/loadgen.log");
+  }
+
+  // Waits for loadgen to finish and returns what it says Postgres must hold.
+  devtools::ExpectedTotals FinishLoadgen(ChildProcess& loadgen) {
+    summary_ = loadgen.ReadAll();
+    EXPECT_EQ(loadgen.Wait(absl::Minutes(3)), 0) << ReadFile(loadgen.log_path());
+    auto expected = devtools::ReadExpectedCsv(dir_ + "/expected.csv");
+    EXPECT_TRUE(expected.ok()) << expected.status();
+    return expected.ok() ? *expected : devtools::ExpectedTotals{};
+  }
+
+  int64_t StoredOffsetSum() {
+    return QueryInt(url_, "SELECT coalesce(sum(next_offset), 0) FROM shared.ingest_offsets");
+  }
+
+  // Waits until some flush advanced the stored offsets beyond `than`.
+  bool WaitForProgress(int64_t than, absl::Duration timeout) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (absl::Now() < deadline) {
+      if (StoredOffsetSum() > than) return true;
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+    return false;
+  }
+
+  void ExpectExact(const devtools::ExpectedTotals& expected) {
+    const int64_t want = SumOf(expected);
+    const int64_t got = WaitForSum(url_, want, absl::Minutes(2));
+    EXPECT_EQ(got, want);
+    // Give a would-be double count time to show up before comparing key by key.
+    absl::SleepFor(absl::Seconds(1));
+    const std::string diff = DiffTotals(expected, StoredTotals(url_));
+    EXPECT_TRUE(diff.empty()) << diff;
+  }
+
+  std::string dir_;
+  std::string url_;
+  std::string summary_;
+  std::unique_ptr<DevBrokerProcess> broker_;
+};
+
+TEST_F(PipelineTest, TotalsAreExactOverManyOrgsAndPartitions) {
+  auto loadgen = StartLoadgen(200'000, 1'000, 0.0, 0);
+  const auto expected = FinishLoadgen(*loadgen);
+  ASSERT_GE(expected.size(), 1'000u);
+  auto meterd = StartMeterd("a");
+  ExpectExact(expected);
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+  // Offsets stored for every partition the events went to.
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.ingest_offsets"), 32);
+  EXPECT_EQ(QueryInt(url_, "SELECT sum(next_offset) FROM shared.ingest_offsets"), 200'000);
+}
+
+TEST_F(PipelineTest, MalformedEventsAreRejectedWithTheirReason) {
+  auto meterd = StartMeterd("a");
+  auto loadgen = StartLoadgen(60'000, 500, 0.05, 0);
+  const auto expected = FinishLoadgen(*loadgen);
+  ExpectExact(expected);
+  // Loadgen's summary names how many of each kind it mixed in.
+  const std::vector<std::string> reasons = {"not_json",     "unknown_meter", "bad_org_id",
+                                            "bad_quantity", "bad_industry",  "missing_field",
+                                            "time_in_future", "bad_time"};
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  for (const std::string& reason : reasons) {
+    const std::string key = absl::StrCat("\"", reason, "\":");
+    const size_t at = summary_.find(key);
+    ASSERT_NE(at, std::string::npos) << summary_;
+    const int64_t want = std::stoll(summary_.substr(at + key.size()));
+    EXPECT_GT(want, 0);
+    int64_t got = 0;
+    do {
+      got = QueryInt(url_, "SELECT count(*) FROM shared.rejected_events WHERE reason = '" +
+                               reason + "'");
+    } while (got < want && absl::Now() < deadline && (absl::SleepFor(absl::Milliseconds(100)), true));
+    EXPECT_EQ(got, want) << reason;
+  }
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.rejected_events WHERE length(raw) = 0 "
+                           "OR partition < 0 OR kafka_offset < 0"),
+            0);
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
+TEST_F(PipelineTest, RepeatedSigkillLosesAndDoublesNothing) {
+  const unsigned seed = static_cast<unsigned>(absl::ToUnixMicros(absl::Now()));
+  std::mt19937 random(seed);
+  SCOPED_TRACE(absl::StrCat("kill timing seed ", seed));
+  auto loadgen = StartLoadgen(200'000, 1'000, 0.01, 5'000);
+  int kills_during_ingest = 0;
+  for (int i = 0; i < 5; ++i) {
+    auto meterd = StartMeterd(absl::StrCat("kill", i));
+    const int64_t before = StoredOffsetSum();
+    const bool progressed = WaitForProgress(before, absl::Seconds(45));
+    // A random moment after the first flush of this life: mid-batch, mid-flush, anywhere.
+    absl::SleepFor(absl::Milliseconds(std::uniform_int_distribution<int>(0, 1500)(random)));
+    meterd->Signal(SIGKILL);
+    EXPECT_EQ(meterd->Wait(absl::Seconds(10)), 128 + SIGKILL);
+    if (progressed) ++kills_during_ingest;
+  }
+  EXPECT_GE(kills_during_ingest, 5);
+  auto meterd = StartMeterd("final");
+  const auto expected = FinishLoadgen(*loadgen);
+  ExpectExact(expected);
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
+TEST_F(PipelineTest, SecondInstanceJoiningAndLeavingKeepsTotalsExact) {
+  auto loadgen = StartLoadgen(200'000, 1'000, 0.0, 8'000);
+  auto first = StartMeterd("first");
+  ASSERT_TRUE(WaitForProgress(0, absl::Seconds(45))) << ReadFile(first->log_path());
+  auto second = StartMeterd("second");
+  // Wait until the group gave the second instance partitions and it flushed.
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (ReadFile(second->log_path()).find("assigned partition") == std::string::npos &&
+         absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  ASSERT_NE(ReadFile(second->log_path()).find("assigned partition"), std::string::npos)
+      << ReadFile(second->log_path());
+  absl::SleepFor(absl::Seconds(3));
+  second->Signal(SIGTERM);
+  EXPECT_EQ(second->Wait(absl::Seconds(60)), 0) << ReadFile(second->log_path());
+  EXPECT_NE(ReadFile(second->log_path()).find("revoking partitions"), std::string::npos);
+  const auto expected = FinishLoadgen(*loadgen);
+  ExpectExact(expected);
+  first->Signal(SIGTERM);
+  EXPECT_EQ(first->Wait(absl::Seconds(60)), 0) << ReadFile(first->log_path());
+  // The first instance gave partitions away and took them back.
+  EXPECT_NE(ReadFile(first->log_path()).find("revoking partitions"), std::string::npos);
+}
+
+TEST_F(PipelineTest, PostgresOutagePausesAndLosesNothing) {
+  auto meterd = StartMeterd("a");
+  auto loadgen = StartLoadgen(100'000, 500, 0.0, 10'000);
+  ASSERT_TRUE(WaitForProgress(0, absl::Seconds(45))) << ReadFile(meterd->log_path());
+  SharedPostgres().Stop();
+  absl::SleepFor(absl::Seconds(3));
+  SharedPostgres().Start();
+  const auto expected = FinishLoadgen(*loadgen);
+  ExpectExact(expected);
+  EXPECT_NE(ReadFile(meterd->log_path()).find("flush failed, retrying"), std::string::npos);
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
+}  // namespace
+}  // namespace meterd::testing

@@ -1,0 +1,159 @@
+#include "lib/store/pg_flush_writer.h"
+
+#include <gtest/gtest.h>
+#include <pqxx/pqxx>
+
+#include "lib/store/migrations.h"
+#include "tests/support/harness.h"
+
+namespace meterd::store {
+namespace {
+
+using aggregate::SealedPartition;
+
+event::UsageEvent Event(uint8_t org, int64_t quantity) {
+  event::UsageEvent e;
+  e.org.bytes[0] = org;
+  e.meter = 1;
+  e.industry = event::Industry::kRetail;
+  e.quantity = quantity;
+  e.time_micros = event::DaysFromCivil(2026, 11, 26) * 86'400'000'000LL;
+  return e;
+}
+
+SealedPartition Sealed(int32_t partition, int64_t expected, int64_t next, int64_t quantity) {
+  SealedPartition s;
+  s.partition = partition;
+  s.expected_offset = expected;
+  s.next_offset = next;
+  s.deltas.Add(Event(1, quantity));
+  return s;
+}
+
+class FlushWriterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    url_ = testing::SharedPostgres().CreateMigratedDatabase(
+        std::string("fw_") + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    meters_ = event::MeterRegistry::Defaults();
+  }
+  std::unique_ptr<PgFlushWriter> Writer() {
+    auto writer = PgFlushWriter::Create(url_, {"g", "t"}, &meters_);
+    EXPECT_TRUE(writer.ok()) << writer.status();
+    return std::move(writer).value();
+  }
+  int64_t Total() { return testing::QueryInt(url_, "SELECT sum(quantity) FROM shared.api_usage_meters"); }
+  int64_t Offset(int partition) {
+    return testing::QueryInt(url_, "SELECT next_offset FROM shared.ingest_offsets WHERE partition = " +
+                                       std::to_string(partition));
+  }
+
+  std::string url_;
+  event::MeterRegistry meters_;
+};
+
+TEST_F(FlushWriterTest, WritesCountersAndAdvancesOffsets) {
+  auto writer = Writer();
+  auto outcome = writer->Write({Sealed(0, SealedPartition::kNoStoredOffset, 100, 7)});
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  EXPECT_TRUE(outcome->fenced.empty());
+  EXPECT_EQ(outcome->rows_upserted, 1u);
+  outcome = writer->Write({Sealed(0, 100, 150, 5)});
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  EXPECT_EQ(Total(), 12);
+  EXPECT_EQ(Offset(0), 150);
+  EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) FROM shared.api_usage_meters WHERE "
+                                    "industry = 'ret' AND usage_date = '2026-11-26'"),
+            1);
+}
+
+TEST_F(FlushWriterTest, StaleWriterIsFencedAndWritesNothing) {
+  auto owner = Writer();
+  auto zombie = Writer();
+  ASSERT_TRUE(owner->Write({Sealed(0, SealedPartition::kNoStoredOffset, 100, 7),
+                            Sealed(1, SealedPartition::kNoStoredOffset, 40, 1)})
+                  .ok());
+  // The zombie still believes partition 0 starts at 50 (it lost the partition long ago);
+  // its batch also carries a valid-looking partition 1 advance.
+  SealedPartition rejected_carrier = Sealed(1, 40, 60, 1000);
+  rejected_carrier.deltas.Reject(41, event::RejectReason::kNotJson, "x", "{");
+  auto outcome = zombie->Write({Sealed(0, 50, 120, 1000), rejected_carrier});
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  ASSERT_EQ(outcome->fenced.size(), 1u);
+  EXPECT_EQ(outcome->fenced[0].partition, 0);
+  EXPECT_EQ(outcome->fenced[0].stored_offset, 100);
+  // The whole transaction rolled back: no counter, offset or rejected event of the zombie.
+  EXPECT_EQ(Total(), 8);
+  EXPECT_EQ(Offset(0), 100);
+  EXPECT_EQ(Offset(1), 40);
+  EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) FROM shared.rejected_events"), 0);
+
+  // A second claim of a partition that already has a row is fenced too.
+  outcome = zombie->Write({Sealed(0, SealedPartition::kNoStoredOffset, 10, 1000)});
+  ASSERT_TRUE(outcome.ok());
+  EXPECT_EQ(outcome->fenced.size(), 1u);
+  EXPECT_EQ(Total(), 8);
+}
+
+TEST_F(FlushWriterTest, RetryOfCommittedBatchIsFencedNotDoubleCounted) {
+  auto writer = Writer();
+  const std::vector<SealedPartition> batch = {Sealed(0, SealedPartition::kNoStoredOffset, 10, 3)};
+  ASSERT_TRUE(writer->Write(batch).ok());
+  // As after an ambiguous commit: the same batch again.
+  auto outcome = writer->Write(batch);
+  ASSERT_TRUE(outcome.ok());
+  EXPECT_EQ(outcome->fenced.size(), 1u);
+  EXPECT_EQ(Total(), 3);
+}
+
+TEST_F(FlushWriterTest, RejectedEventsKeepRawBytesAndReason) {
+  auto writer = Writer();
+  SealedPartition s = Sealed(2, SealedPartition::kNoStoredOffset, 5, 1);
+  const std::string raw("{\"a\":\x01\xff\0", 9);
+  s.deltas.Reject(4, event::RejectReason::kBadIndustry, "data.industry", raw);
+  ASSERT_TRUE(writer->Write({s}).ok());
+  pqxx::connection conn(url_);
+  pqxx::read_transaction tx(conn);
+  auto row = tx.exec1("SELECT topic, partition, kafka_offset, reason, detail, raw, raw_truncated "
+                      "FROM shared.rejected_events");
+  EXPECT_EQ(row[0].as<std::string>(), "t");
+  EXPECT_EQ(row[1].as<int>(), 2);
+  EXPECT_EQ(row[2].as<int64_t>(), 4);
+  EXPECT_EQ(row[3].as<std::string>(), "bad_industry");
+  EXPECT_EQ(row[4].as<std::string>(), "data.industry");
+  EXPECT_EQ(pqxx::binarystring(row[5]).str(), raw);
+  EXPECT_FALSE(row[6].as<bool>());
+}
+
+TEST_F(FlushWriterTest, LoadOffsetsReturnsOnlyThisGroupAndTopic) {
+  auto writer = Writer();
+  ASSERT_TRUE(writer->Write({Sealed(3, SealedPartition::kNoStoredOffset, 77, 1)}).ok());
+  auto other = PgFlushWriter::Create(url_, {"other", "t"}, &meters_);
+  ASSERT_TRUE(other.ok());
+  ASSERT_TRUE((*other)->Write({Sealed(3, SealedPartition::kNoStoredOffset, 5, 1)}).ok());
+  auto offsets = writer->LoadOffsets();
+  ASSERT_TRUE(offsets.ok());
+  ASSERT_EQ(offsets->size(), 1u);
+  EXPECT_EQ(offsets->at(3), 77);
+}
+
+TEST_F(FlushWriterTest, MigrationsAreIdempotentAndSchemaCheckPasses) {
+  auto again = ApplyMigrations(url_);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(*again, 0);
+  EXPECT_TRUE(CheckSchemaCurrent(url_).ok());
+  const std::string empty = testing::SharedPostgres().CreateDatabase("fw_empty");
+  absl::Status status = CheckSchemaCurrent(empty);
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(status.message().find("meterd migrate"), absl::string_view::npos);
+}
+
+TEST_F(FlushWriterTest, UnreachablePostgresIsUnavailable) {
+  auto writer = PgFlushWriter::Create("postgresql://postgres@127.0.0.1:1/x?connect_timeout=2",
+                                      {"g", "t"}, &meters_);
+  ASSERT_FALSE(writer.ok());
+  EXPECT_EQ(writer.status().code(), absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace meterd::store
