@@ -18,7 +18,11 @@ case "$cmd" in
   start)
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
-    [[ $(id -u) -eq 0 ]] && chown postgres:postgres "$dir"
+    if [[ $(id -u) -eq 0 ]]; then
+      chown postgres:postgres "$dir"
+      runuser -u postgres -- test -w "$dir" \
+        || { echo "dev-postgres: user postgres cannot reach $dir (check its parent directories' permissions)" >&2; exit 1; }
+    fi
     if [[ ! -f "$dir/data/PG_VERSION" ]]; then
       "${as_owner[@]}" "$bindir/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 \
         || { echo "dev-postgres: initdb failed, see $dir/initdb.log" >&2; exit 1; }

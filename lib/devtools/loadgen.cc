@@ -193,7 +193,7 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
   const int outstanding = rd_kafka_outq_len(producer);
   rd_kafka_destroy(producer);
   result.seconds = absl::ToDoubleSeconds(absl::Now() - start);
-  if (StopRequested()) return absl::CancelledError("interrupted");
+  result.interrupted = StopRequested();
   if (outstanding > 0 || counts.failed > 0) {
     return absl::UnavailableError(absl::StrCat(counts.failed, " deliveries failed, ", outstanding,
                                                " not confirmed: ", counts.first_error));
@@ -208,8 +208,8 @@ std::string SummaryJson(const LoadgenResult& result) {
     return out + "}";
   };
   return absl::StrFormat(
-      R"({"produced":%d,"valid":%d,"malformed":%d,"distinct_keys":%d,"seconds":%.3f,"events_per_second":%.0f,"quantity_by_meter":%s,"malformed_by_reason":%s})",
-      result.produced, result.valid, result.malformed, result.totals.size(), result.seconds,
+      R"({"interrupted":%s,"produced":%d,"valid":%d,"malformed":%d,"distinct_keys":%d,"seconds":%.3f,"events_per_second":%.0f,"quantity_by_meter":%s,"malformed_by_reason":%s})",
+      result.interrupted ? "true" : "false", result.produced, result.valid, result.malformed, result.totals.size(), result.seconds,
       result.seconds > 0 ? result.produced / result.seconds : 0.0,
       object(result.quantity_by_meter), object(result.malformed_by_reason));
 }

@@ -38,6 +38,7 @@ struct LoadgenResult {
   std::map<std::string, int64_t> malformed_by_reason;
   ExpectedTotals totals;
   double seconds = 0;
+  bool interrupted = false;  // SIGTERM/SIGINT: stopped early; totals cover what was produced.
 };
 
 // Deterministic organization id for index `i` under `seed` (a version-4 shaped UUID).

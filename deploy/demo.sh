@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The demo: installs dependencies, builds, starts the embedded Kafka and a private Postgres,
+# produces generated usage events, runs meterd on them, and prints the billing result.
+#   DEMO_EVENTS (default 1000000), DEMO_ORGS (10000), DEMO_PARTITIONS (128) tune it.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+events=${DEMO_EVENTS:-1000000}
+orgs=${DEMO_ORGS:-10000}
+partitions=${DEMO_PARTITIONS:-128}
+topic=usage-events
+
+"$root/deploy/install-deps.sh"
+echo "== building meterd" >&2
+"$root/deploy/build.sh" --target meterd >/dev/null
+meterd="$root/build/daemon/meterd"
+
+work=$(mktemp -d /tmp/meterd-demo-XXXXXX)
+chmod 755 "$work"  # The private Postgres runs as user postgres when we are root.
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  "$root/deploy/dev-postgres.sh" stop "$work/pg" || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== starting a private Postgres and the embedded Kafka (${partitions} partitions)" >&2
+pg=$("$root/deploy/dev-postgres.sh" start "$work/pg")
+"$meterd" dev-broker --topic "$topic" --partitions "$partitions" >"$work/broker.addr" 2>"$work/broker.log" &
+pids+=($!)
+for _ in $(seq 100); do [[ -s "$work/broker.addr" ]] && break; sleep 0.1; done
+brokers=$(head -n 1 "$work/broker.addr")
+"$meterd" migrate --pg "$pg" 2>&1 | sed 's/^/   /' >&2
+
+echo "== producing ${events} events for ${orgs} organizations" >&2
+"$meterd" loadgen --brokers "$brokers" --topic "$topic" --events "$events" --orgs "$orgs" \
+  --malformed-share 0.001 --expected-out "$work/expected.csv" >"$work/loadgen.json"
+
+echo "== running meterd until Postgres holds every event" >&2
+start=$(date +%s.%N)
+"$meterd" run --pg "$pg" --brokers "$brokers" --topic "$topic" --group demo \
+  --kafka-property session.timeout.ms=6000 --stats-interval 5s 2>"$work/meterd.log" &
+meterd_pid=$!
+pids+=($meterd_pid)
+
+expected_sum=$(python3 -c 'import json,sys; print(sum(json.load(open(sys.argv[1]))["quantity_by_meter"].values()))' "$work/loadgen.json")
+for _ in $(seq 1200); do
+  stored=$(psql "$pg" -qAt -c "SELECT coalesce(sum(quantity), 0) FROM shared.api_usage_meters")
+  [[ "$stored" == "$expected_sum" ]] && break
+  sleep 0.1
+done
+done_at=$(date +%s.%N)
+kill -TERM "$meterd_pid"
+wait "$meterd_pid" || { echo "meterd exited with an error; log:" >&2; tail -20 "$work/meterd.log" >&2; exit 1; }
+
+python3 - "$work" "$pg" "$start" "$start" "$done_at" "$events" <<'PY'
+import csv, json, re, subprocess, sys
+work, pg, start, first, done, events = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+def q(sql):
+    out = subprocess.run(["psql", pg, "-qAtF", "\t", "-c", sql], check=True, capture_output=True, text=True).stdout
+    return [line.split("\t") for line in out.splitlines() if line]
+gen = json.load(open(f"{work}/loadgen.json"))
+stored = {m: int(s) for m, s in q("SELECT meter, sum(quantity) FROM shared.api_usage_meters GROUP BY 1")}
+rejected = {r: int(c) for r, c in q("SELECT reason, count(*) FROM shared.rejected_events GROUP BY 1")}
+expected_rows = {}
+with open(f"{work}/expected.csv") as f:
+    for row in csv.DictReader(f):
+        expected_rows[(row["org_id"], row["meter"], row["industry"], row["usage_date"])] = int(row["quantity"])
+stored_rows = {tuple(r[:4]): int(r[4]) for r in q("SELECT org_id::text, meter, industry, usage_date::text, quantity FROM shared.api_usage_meters")}
+log = open(f"{work}/meterd.log").read()
+flushes = re.findall(r"(\d+) flushes .*?last flush (\d+) events as (\d+) rows", log)
+rss = re.findall(r"peak RSS (\d+) KiB", log)
+# Ingest time runs from the first partition assignment (the group join is not meterd's speed).
+import datetime
+assigned = re.search(r"^(\S+)Z info assigned partition", log, re.M)
+if assigned:
+    first = datetime.datetime.fromisoformat(assigned.group(1)).replace(tzinfo=datetime.timezone.utc).timestamp()
+print()
+print("meterd demo: %d events, %d organizations, %d distinct (org, meter, industry, day) keys" % (events, len(set(k[0] for k in expected_rows)), len(expected_rows)))
+print()
+print("%-14s %15s %15s  %s" % ("meter", "produced", "in Postgres", ""))
+ok = True
+for m in sorted(set(gen["quantity_by_meter"]) | set(stored)):
+    e, s = gen["quantity_by_meter"].get(m, 0), stored.get(m, 0)
+    ok &= e == s
+    print("%-14s %15d %15d  %s" % (m, e, s, "match" if e == s else "MISMATCH"))
+keys_ok = expected_rows == stored_rows
+print()
+print("per-key totals (org, meter, industry, day): %s" % ("all %d match exactly" % len(expected_rows) if keys_ok else "MISMATCH"))
+print("malformed events produced %d, in shared.rejected_events %d (%s)" % (gen["malformed"], sum(rejected.values()), ", ".join("%s %d" % kv for kv in sorted(rejected.items()))))
+ingest = done - first
+print()
+print("ingest: %.2f s from partition assignment to exact totals = %.0f events/s (wall %.2f s incl. group join)" % (ingest, events / ingest if ingest > 0 else 0, done - start))
+if flushes:
+    print("flushes: %s; last periodic flush wrote %s events as %s rows" % (flushes[-1][0], flushes[-1][1], flushes[-1][2]))
+if rss:
+    print("meterd peak RSS: %.1f MiB" % (int(rss[-1]) / 1024))
+print()
+print("RESULT: %s" % ("totals match exactly" if ok and keys_ok and sum(rejected.values()) == gen["malformed"] else "MISMATCH"))
+sys.exit(0 if ok and keys_ok else 1)
+PY

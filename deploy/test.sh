@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: installs dependencies, builds, runs every test (unit, Postgres,
+# end-to-end with the embedded Kafka). Each test starts its own private Postgres.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+"$root/deploy/install-deps.sh"
+"$root/deploy/build.sh"
+cd "$root/build"
+# Unit and Postgres tests in parallel; whole-process tests one at a time (they time rebalances).
+ctest --output-on-failure -j"$(nproc)" -L 'unit|postgres'
+ctest --output-on-failure -L integration
