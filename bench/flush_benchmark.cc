@@ -1,0 +1,151 @@
+// Postgres flush: rows/s for the ways one flush can write its distinct keys, against a private
+// PostgreSQL started in this run. Baselines: one statement per row in one transaction, and one
+// autocommitted statement per event (the seed's increment-per-event approach).
+#include <string>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+#include <pqxx/pqxx>
+
+#include "absl/strings/str_cat.h"
+#include "bench/ratio_reporter.h"
+#include "lib/devtools/loadgen.h"
+#include "lib/store/pg_flush_writer.h"
+#include "tests/support/harness.h"
+
+namespace meterd::bench {
+namespace {
+
+using aggregate::SealedPartition;
+
+const std::string& Url() {
+  static const std::string url = testing::SharedPostgres().CreateMigratedDatabase("flush_bench");
+  return url;
+}
+
+const event::MeterRegistry& Meters() {
+  static const auto meters = event::MeterRegistry::Defaults();
+  return meters;
+}
+
+// `rows` distinct keys, the shape of a flush at 10,000 orgs (3 meters).
+SealedPartition Batch(int rows, int64_t expected, int64_t next) {
+  SealedPartition s;
+  s.partition = 0;
+  s.expected_offset = expected;
+  s.next_offset = next;
+  for (int i = 0; i < rows; ++i) {
+    event::UsageEvent e;
+    e.org = devtools::LoadgenOrgId(7, i / 3);
+    e.meter = static_cast<event::MeterId>(1 + i % 3);
+    e.industry = devtools::LoadgenIndustry(i / 3);
+    e.time_micros = event::DaysFromCivil(2026, 11, 26) * 86'400'000'000LL;
+    e.quantity = 1 + i % 5;
+    s.deltas.Add(e);
+  }
+  return s;
+}
+
+void BM_FlushUnnest(benchmark::State& state) {
+  auto writer = store::PgFlushWriter::Create(Url(), {"bench", "unnest"}, &Meters());
+  if (!writer.ok()) return state.SkipWithError(std::string(writer.status().message()).c_str());
+  int64_t offset = SealedPartition::kNoStoredOffset;
+  int64_t rows = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    const int64_t next = offset < 0 ? 1000 : offset + 1000;
+    std::vector<SealedPartition> batch;
+    batch.push_back(Batch(static_cast<int>(state.range(0)), offset, next));
+    state.ResumeTiming();
+    auto outcome = (*writer)->Write(batch);
+    if (!outcome.ok() || !outcome->fenced.empty()) return state.SkipWithError("write failed");
+    offset = next;
+    rows += static_cast<int64_t>(outcome->rows_upserted);
+  }
+  state.SetItemsProcessed(rows);
+}
+BENCHMARK(BM_FlushUnnest)->Arg(30'000)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+void BM_FlushCopy(benchmark::State& state) {
+  pqxx::connection conn(Url());
+  const auto rows_in = aggregate::DistinctRows({Batch(static_cast<int>(state.range(0)), 0, 0)});
+  int64_t rows = 0;
+  for (auto _ : state) {
+    pqxx::work tx(conn);
+    tx.exec0("CREATE TEMP TABLE flush_rows (org_id uuid, meter text, industry text, day int, "
+             "quantity bigint) ON COMMIT DROP");
+    {
+      pqxx::stream_to stream(tx, "flush_rows");
+      for (const auto& [key, quantity] : rows_in) {
+        stream << std::make_tuple(event::OrgIdToString(key.org),
+                                  std::string(Meters().Name(key.meter)),
+                                  std::string(event::IndustryCode(key.industry)), key.day,
+                                  quantity);
+      }
+      stream.complete();
+    }
+    tx.exec0("INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, "
+             "quantity) SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity "
+             "FROM flush_rows ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
+             "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()");
+    tx.commit();
+    rows += static_cast<int64_t>(rows_in.size());
+  }
+  state.SetItemsProcessed(rows);
+}
+BENCHMARK(BM_FlushCopy)->Arg(30'000)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+constexpr char kUpsertOne[] =
+    "INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, quantity) "
+    "VALUES ($1, $2, $3, DATE '1970-01-01' + $4::int, $5) ON CONFLICT (org_id, meter, industry, "
+    "usage_date) DO UPDATE SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()";
+
+void BM_FlushPerRowOneTransaction(benchmark::State& state) {
+  pqxx::connection conn(Url());
+  conn.prepare("upsert_one", kUpsertOne);
+  const auto rows_in = aggregate::DistinctRows({Batch(static_cast<int>(state.range(0)), 0, 0)});
+  int64_t rows = 0;
+  for (auto _ : state) {
+    pqxx::work tx(conn);
+    for (const auto& [key, quantity] : rows_in) {
+      tx.exec_prepared0("upsert_one", event::OrgIdToString(key.org),
+                        std::string(Meters().Name(key.meter)),
+                        std::string(event::IndustryCode(key.industry)), key.day, quantity);
+    }
+    tx.commit();
+    rows += static_cast<int64_t>(rows_in.size());
+  }
+  state.SetItemsProcessed(rows);
+}
+BENCHMARK(BM_FlushPerRowOneTransaction)->Arg(3'000)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// The seed's approach: every event is its own autocommitted statement.
+void BM_PerEventAutocommit(benchmark::State& state) {
+  pqxx::connection conn(Url());
+  conn.prepare("upsert_one", kUpsertOne);
+  const auto rows_in = aggregate::DistinctRows({Batch(static_cast<int>(state.range(0)), 0, 0)});
+  int64_t rows = 0;
+  for (auto _ : state) {
+    for (const auto& [key, quantity] : rows_in) {
+      pqxx::nontransaction tx(conn);
+      tx.exec_prepared0("upsert_one", event::OrgIdToString(key.org),
+                        std::string(Meters().Name(key.meter)),
+                        std::string(event::IndustryCode(key.industry)), key.day, quantity);
+    }
+    rows += static_cast<int64_t>(rows_in.size());
+  }
+  state.SetItemsProcessed(rows);
+}
+BENCHMARK(BM_PerEventAutocommit)->Arg(1'000)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+}  // namespace
+}  // namespace meterd::bench
+
+int main(int argc, char** argv) {
+  return meterd::bench::RunWithRatios(
+      argc, argv,
+      {{"BM_FlushUnnest/30000/real_time", "BM_FlushPerRowOneTransaction/3000/real_time"},
+       {"BM_FlushCopy/30000/real_time", "BM_FlushPerRowOneTransaction/3000/real_time"},
+       {"BM_FlushUnnest/30000/real_time", "BM_PerEventAutocommit/1000/real_time"},
+       {"BM_FlushUnnest/30000/real_time", "BM_FlushCopy/30000/real_time"}});
+}
