@@ -73,10 +73,10 @@ void BM_ParseBaselineDom(benchmark::State& state) {
   for (auto _ : state) {
     for (const std::string& bytes : corpus) {
       simdjson::dom::element doc = parser.parse(bytes);
-      std::string subject(std::string_view(doc["subject"]));
-      std::string type(std::string_view(doc["type"]));
-      std::string time(std::string_view(doc["time"]));
-      std::string industry(std::string_view(doc["data"]["industry"]));
+      std::string subject{std::string_view(doc["subject"])};
+      std::string type{std::string_view(doc["type"])};
+      std::string time{std::string_view(doc["time"])};
+      std::string industry{std::string_view(doc["data"]["industry"])};
       int64_t quantity = doc["data"]["quantity"];
       benchmark::DoNotOptimize(subject.data());
       benchmark::DoNotOptimize(type.data());
@@ -126,8 +126,14 @@ void BM_AggregateBaselineStringMap(benchmark::State& state) {
   const auto events = EventsOverKeys(state.range(0));
   std::unordered_map<std::string, int64_t> counters;
   auto key_of = [](const event::UsageEvent& e) {
-    return absl::StrCat(event::OrgIdToString(e.org), "|", e.meter, "|",
-                        event::IndustryCode(e.industry), "|", e.UsageDay());
+    std::string key = event::OrgIdToString(e.org);
+    key += '|';
+    key += std::to_string(e.meter);
+    key += '|';
+    key += event::IndustryCode(e.industry);
+    key += '|';
+    key += std::to_string(e.UsageDay());
+    return key;
   };
   for (const auto& e : events) counters[key_of(e)] += e.quantity;
   for (auto _ : state) {
@@ -164,10 +170,13 @@ void BM_ParseAggregateBaseline(benchmark::State& state) {
   for (auto _ : state) {
     for (const std::string& bytes : corpus) {
       simdjson::dom::element doc = parser.parse(bytes);
-      std::string key = absl::StrCat(std::string_view(doc["subject"]), "|",
-                                     std::string_view(doc["type"]), "|",
-                                     std::string_view(doc["data"]["industry"]), "|",
-                                     std::string_view(doc["time"]).substr(0, 10));
+      std::string key{std::string_view(doc["subject"])};
+      key += '|';
+      key += std::string_view(doc["type"]);
+      key += '|';
+      key += std::string_view(doc["data"]["industry"]);
+      key += '|';
+      key += std::string_view(doc["time"]).substr(0, 10);
       counters[key] += int64_t(doc["data"]["quantity"]);
     }
     events += static_cast<int64_t>(corpus.size());

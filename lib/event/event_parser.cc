@@ -38,6 +38,58 @@ int DaysInMonth(int year, int month) {
   return month == 2 && IsLeap(year) ? 29 : kDays[month - 1];
 }
 
+// The attributes meterd reads. Keys are matched on their raw bytes (CloudEvents attribute
+// names never need escaping); reading past a short key is safe inside simdjson's padding.
+enum class Attribute { kOther, kSpecVersion, kId, kSource, kType, kSubject, kTime, kData };
+
+Attribute Classify(const char* raw) {
+  auto is = [raw](const char* quoted, size_t n) { return std::memcmp(raw, quoted, n) == 0; };
+  switch (raw[0]) {
+    case 's':
+      if (is("specversion\"", 12)) return Attribute::kSpecVersion;
+      if (is("source\"", 7)) return Attribute::kSource;
+      if (is("subject\"", 8)) return Attribute::kSubject;
+      return Attribute::kOther;
+    case 'i': return is("id\"", 3) ? Attribute::kId : Attribute::kOther;
+    case 't':
+      if (is("type\"", 5)) return Attribute::kType;
+      if (is("time\"", 5)) return Attribute::kTime;
+      return Attribute::kOther;
+    case 'd': return is("data\"", 5) ? Attribute::kData : Attribute::kOther;
+    default: return Attribute::kOther;
+  }
+}
+
+// Reads a string value. Fast path: the raw token when it has no escapes (all real producers'
+// UUIDs, meter names, industry codes and timestamps), with no copy; otherwise simdjson unescapes.
+bool ReadString(od::value value, std::string_view* out) {
+  std::string_view token = value.raw_json_token();
+  while (!token.empty() && (token.back() == ' ' || token.back() == '\n' || token.back() == '\r' ||
+                            token.back() == '\t')) {
+    token.remove_suffix(1);
+  }
+  if (token.size() >= 2 && token.front() == '"' && token.back() == '"') {
+    bool escaped = false;
+    for (size_t i = 1; i + 1 < token.size(); ++i) escaped |= token[i] == '\\';
+    if (!escaped) {
+      *out = token.substr(1, token.size() - 2);
+      return true;
+    }
+  }
+  return value.get_string().get(*out) == simdjson::SUCCESS;
+}
+
+// Reads a string value as its raw JSON text, escapes and all, without scanning it: for
+// attributes meterd only carries (id, source), never interprets.
+bool ReadRawString(od::value value, std::string_view* out) {
+  std::string_view token = value.raw_json_token();
+  if (token.empty() || token.front() != '"') return false;
+  const size_t close = token.rfind('"');
+  if (close == 0) return false;
+  *out = token.substr(1, close - 1);
+  return true;
+}
+
 std::optional<int64_t> ParseQuantity(od::value value, Refusal* refusal) {
   int64_t quantity = 0;
   if (value.get_int64().get(quantity) != simdjson::SUCCESS) {
@@ -61,8 +113,8 @@ bool ParseData(od::value value, UsageEvent* event, Refusal* refusal) {
   }
   bool have_industry = false;
   for (auto field : data) {
-    std::string_view key;
-    if (field.unescaped_key().get(key) != simdjson::SUCCESS) {
+    od::raw_json_string key;
+    if (field.key().get(key) != simdjson::SUCCESS) {
       *refusal = {RejectReason::kNotJson, "malformed key in data"};
       return false;
     }
@@ -72,7 +124,7 @@ bool ParseData(od::value value, UsageEvent* event, Refusal* refusal) {
       event->quantity = *quantity;
     } else if (key == "industry") {
       std::string_view code;
-      if (field.value().get_string().get(code) != simdjson::SUCCESS) {
+      if (!ReadString(field.value(), &code)) {
         *refusal = {RejectReason::kWrongType, "data.industry must be a string"};
         return false;
       }
@@ -256,12 +308,14 @@ void EventParser::ParseOne(bool element, std::string_view bytes, size_t capacity
   bool have_spec = false, have_id = false, have_source = false, have_type = false,
        have_subject = false, have_time = false, have_data = false;
   for (auto field : object) {
-    std::string_view key;
-    if (field.unescaped_key().get(key) != simdjson::SUCCESS) {
+    // Keys compared raw: CloudEvents attribute names never need escaping.
+    od::raw_json_string key;
+    if (field.key().get(key) != simdjson::SUCCESS) {
       return refuse(RejectReason::kNotJson, "malformed object key");
     }
-    auto read_string = [&](std::string_view* out, bool* have, std::string_view detail) {
-      if (field.value().get_string().get(*out) != simdjson::SUCCESS) {
+    auto read_string = [&](std::string_view* out, bool* have, std::string_view detail,
+                           bool (*read)(od::value, std::string_view*) = &ReadString) {
+      if (!read(field.value(), out)) {
         refusal = {RejectReason::kWrongType, detail};
         return false;
       }
@@ -269,21 +323,26 @@ void EventParser::ParseOne(bool element, std::string_view bytes, size_t capacity
       return true;
     };
     bool ok = true;
-    if (key == "specversion") {
-      ok = read_string(&spec_version, &have_spec, "specversion must be a string");
-    } else if (key == "id") {
-      ok = read_string(&event.id, &have_id, "id must be a string");
-    } else if (key == "source") {
-      ok = read_string(&event.source, &have_source, "source must be a string");
-    } else if (key == "type") {
-      ok = read_string(&meter_name, &have_type, "type must be a string");
-    } else if (key == "subject") {
-      ok = read_string(&subject, &have_subject, "subject must be a string");
-    } else if (key == "time") {
-      ok = read_string(&time_text, &have_time, "time must be a string");
-    } else if (key == "data") {
-      ok = ParseData(field.value(), &event, &refusal);
-      have_data = true;
+    switch (Classify(key.raw())) {
+      case Attribute::kSpecVersion:
+        ok = read_string(&spec_version, &have_spec, "specversion must be a string");
+        break;
+      case Attribute::kId:
+        ok = read_string(&event.id, &have_id, "id must be a string", &ReadRawString);
+        break;
+      case Attribute::kSource:
+        ok = read_string(&event.source, &have_source, "source must be a string", &ReadRawString);
+        break;
+      case Attribute::kType: ok = read_string(&meter_name, &have_type, "type must be a string"); break;
+      case Attribute::kSubject:
+        ok = read_string(&subject, &have_subject, "subject must be a string");
+        break;
+      case Attribute::kTime: ok = read_string(&time_text, &have_time, "time must be a string"); break;
+      case Attribute::kData:
+        ok = ParseData(field.value(), &event, &refusal);
+        have_data = true;
+        break;
+      case Attribute::kOther: break;
     }
     if (!ok) return refuse(refusal.reason, refusal.detail);
   }

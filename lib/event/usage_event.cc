@@ -7,12 +7,18 @@
 namespace meterd::event {
 namespace {
 
-int HexValue(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
+// Hex digit value by byte; 0xff for anything else. A table keeps ParseOrgId branch-free.
+constexpr std::array<uint8_t, 256> kHexValue = [] {
+  std::array<uint8_t, 256> table{};
+  table.fill(0xff);
+  for (int c = '0'; c <= '9'; ++c) table[c] = static_cast<uint8_t>(c - '0');
+  for (int c = 'a'; c <= 'f'; ++c) table[c] = static_cast<uint8_t>(c - 'a' + 10);
+  for (int c = 'A'; c <= 'F'; ++c) table[c] = static_cast<uint8_t>(c - 'A' + 10);
+  return table;
+}();
+
+// Where each of the 16 bytes' two hex digits start in the 8-4-4-4-12 form.
+constexpr int kHexPairAt[16] = {0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34};
 
 constexpr std::string_view kIndustryCodes[kIndustryCount] = {"hs",  "rest", "auto",
                                                              "ret", "edu",  "payroll"};
@@ -25,21 +31,19 @@ constexpr std::string_view kReasonCodes[] = {
 }  // namespace
 
 std::optional<OrgId> ParseOrgId(std::string_view text) {
-  if (text.size() != 36) return std::nullopt;
-  OrgId id;
-  size_t out = 0;
-  for (size_t i = 0; i < 36;) {
-    if (i == 8 || i == 13 || i == 18 || i == 23) {
-      if (text[i] != '-') return std::nullopt;
-      ++i;
-      continue;
-    }
-    const int hi = HexValue(text[i]);
-    const int lo = HexValue(text[i + 1]);
-    if (hi < 0 || lo < 0) return std::nullopt;
-    id.bytes[out++] = static_cast<uint8_t>(hi << 4 | lo);
-    i += 2;
+  if (text.size() != 36 || text[8] != '-' || text[13] != '-' || text[18] != '-' ||
+      text[23] != '-') {
+    return std::nullopt;
   }
+  OrgId id;
+  uint8_t invalid = 0;
+  for (int i = 0; i < 16; ++i) {
+    const uint8_t hi = kHexValue[static_cast<uint8_t>(text[kHexPairAt[i]])];
+    const uint8_t lo = kHexValue[static_cast<uint8_t>(text[kHexPairAt[i] + 1])];
+    invalid |= hi | lo;
+    id.bytes[i] = static_cast<uint8_t>(hi << 4 | lo);
+  }
+  if (invalid & 0xf0) return std::nullopt;
   return id;
 }
 
@@ -79,19 +83,28 @@ MeterRegistry MeterRegistry::Defaults() {
 }
 
 void MeterRegistry::Add(MeterId id, std::string name) {
-  by_name_[name] = id;
-  by_id_[id] = std::move(name);
+  for (auto& [known_name, known_id] : meters_) {
+    if (known_name == name || known_id == id) {
+      known_name = std::move(name);
+      known_id = id;
+      return;
+    }
+  }
+  meters_.emplace_back(std::move(name), id);
 }
 
 std::optional<MeterId> MeterRegistry::Find(std::string_view name) const {
-  auto it = by_name_.find(absl::string_view(name.data(), name.size()));
-  if (it == by_name_.end()) return std::nullopt;
-  return it->second;
+  for (const auto& [known_name, id] : meters_) {
+    if (known_name == name) return id;
+  }
+  return std::nullopt;
 }
 
 std::string_view MeterRegistry::Name(MeterId id) const {
-  auto it = by_id_.find(id);
-  return it == by_id_.end() ? std::string_view() : std::string_view(it->second);
+  for (const auto& [name, known_id] : meters_) {
+    if (known_id == id) return name;
+  }
+  return {};
 }
 
 int32_t UsageEvent::UsageDay() const {

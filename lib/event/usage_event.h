@@ -5,6 +5,8 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 
@@ -32,6 +34,7 @@ std::string_view IndustryCode(Industry industry);
 using MeterId = uint16_t;
 
 // Meter names known to this process (from shared.meters). Immutable after load; shared by shards.
+// A handful of meters: a linear scan of short strings is faster than hashing the name.
 class MeterRegistry {
  public:
   // The three meters seeded by the first migration; what the loader starts from.
@@ -39,11 +42,10 @@ class MeterRegistry {
   void Add(MeterId id, std::string name);
   std::optional<MeterId> Find(std::string_view name) const;
   std::string_view Name(MeterId id) const;
-  size_t size() const { return by_name_.size(); }
+  size_t size() const { return meters_.size(); }
 
  private:
-  absl::flat_hash_map<std::string, MeterId> by_name_;
-  absl::flat_hash_map<MeterId, std::string> by_id_;
+  std::vector<std::pair<std::string, MeterId>> meters_;
 };
 
 // One billable action, as read from a CloudEvent. String views point into the parser's buffer
@@ -54,6 +56,7 @@ struct UsageEvent {
   Industry industry = Industry::kHomeServices;
   int64_t quantity = 1;
   int64_t time_micros = 0;  // Unix epoch, UTC.
+  // As written in the JSON string, escapes not decoded (meterd never interprets them).
   std::string_view id;
   std::string_view source;
 
