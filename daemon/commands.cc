@@ -10,6 +10,8 @@
 #include "lib/common/clock.h"
 #include "lib/common/logging.h"
 #include "lib/common/process.h"
+#include "lib/billing/close_period.h"
+#include "lib/billing/overage_worker.h"
 #include "lib/common/status_macros.h"
 #include "lib/devtools/dev_broker.h"
 #include "lib/devtools/loadgen.h"
@@ -69,10 +71,24 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   ASSIGN_OR_RETURN(event::MeterRegistry meters, store::LoadMeters(pg));
   ASSIGN_OR_RETURN(auto writer, store::PgFlushWriter::Create(
                                     pg, {options.group, options.topic}, &meters));
+  std::unique_ptr<billing::OverageWorker> overage;
+  if (absl::GetFlag(FLAGS_billing)) {
+    ASSIGN_OR_RETURN(overage, billing::OverageWorker::Create(pg, {}));
+    options.on_committed = [worker = overage.get()](const std::vector<event::OrgId>& orgs) {
+      worker->OrgsTouched(orgs);
+    };
+    overage->Start();
+  }
   InstallStopSignals();
   ASSIGN_OR_RETURN(auto ingestor, ingest::Ingestor::Create(options, std::move(writer), &meters,
                                                            &SystemClock::Get()));
   RETURN_IF_ERROR(ingestor->Run([] { return StopRequested(); }));
+  if (overage) {
+    overage->Stop();
+    LOG_INFO("overage worker: {} refreshes, {} orgs refreshed, {} alerts, {} failures",
+             overage->stats().refreshes.load(), overage->stats().orgs_refreshed.load(),
+             overage->stats().alerts_raised.load(), overage->stats().failures.load());
+  }
   LOG_INFO("stopped cleanly; peak RSS {} KiB", PeakRssKib());
   return absl::OkStatus();
 }
@@ -82,6 +98,24 @@ absl::Status Migrate() {
   RETURN_IF_ERROR(Require("pg", pg));
   ASSIGN_OR_RETURN(int applied, store::ApplyMigrations(pg));
   LOG_INFO("migrate: {} migration(s) applied, schema is current", applied);
+  return absl::OkStatus();
+}
+
+absl::Status ClosePeriod() {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  absl::Time as_of = absl::Now();
+  const std::string text = absl::GetFlag(FLAGS_as_of);
+  std::string error;
+  if (!text.empty() && !absl::ParseTime(absl::RFC3339_full, text, &as_of, &error)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--as-of must be RFC 3339 (e.g. 2026-12-01T00:00:00Z): ", error));
+  }
+  RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
+  ASSIGN_OR_RETURN(billing::CloseSummary summary, billing::ClosePeriods(pg, as_of));
+  LOG_INFO("close-period: {} invoice(s) created for periods ended by {}", summary.invoices_created,
+           absl::FormatTime(absl::RFC3339_sec, as_of, absl::UTCTimeZone()));
+  std::printf("%s\n", billing::CloseSummaryJson(summary).c_str());
   return absl::OkStatus();
 }
 
@@ -130,6 +164,10 @@ int MigrateCommand(const std::vector<std::string>&) {
   absl::Status s = Migrate();
   return s.ok() ? 0 : Fail("migrate", s);
 }
+int ClosePeriodCommand(const std::vector<std::string>&) {
+  absl::Status s = ClosePeriod();
+  return s.ok() ? 0 : Fail("close-period", s);
+}
 int DevBrokerCommand(const std::vector<std::string>&) {
   absl::Status s = DevBroker();
   return s.ok() ? 0 : Fail("dev-broker", s);
@@ -145,9 +183,13 @@ const std::vector<Subcommand>& Subcommands() {
   static const std::vector<Subcommand> kSubcommands = {
       {"run", "consume usage events from Kafka into Postgres, exactly once",
        {"pg", "brokers", "topic", "group", "shards", "flush_interval", "max_unflushed_keys",
-        "late_window", "max_future_skew", "stats_interval", "startup_timeout", "kafka_property"},
+        "late_window", "max_future_skew", "stats_interval", "startup_timeout", "billing",
+        "kafka_property"},
        &RunCommand},
       {"migrate", "apply the embedded schema migrations", {"pg"}, &MigrateCommand},
+      {"close-period",
+       "invoice every subscription period that has ended (the monthly cron); idempotent",
+       {"pg", "as_of"}, &ClosePeriodCommand},
       {"dev-broker",
        "start an embedded Kafka (librdkafka mock cluster) on 127.0.0.1; prints its address",
        {"topic", "partitions"}, &DevBrokerCommand},

@@ -31,4 +31,8 @@ ABSL_FLAG(int, days, 3, "Spread event times over the last N days");
 ABSL_FLAG(int64_t, rate, 0, "Events per second to produce at; 0 = as fast as possible");
 ABSL_FLAG(absl::Duration, startup_timeout, absl::Seconds(15),
           "How long to wait for Kafka metadata at start before failing");
+ABSL_FLAG(bool, billing, true,
+          "Run the overage worker: keep shared.usage_charges and quota alerts current");
+ABSL_FLAG(std::string, as_of, "",
+          "Close periods that ended by this RFC 3339 time (default: now)");
 ABSL_FLAG(uint64_t, seed, 1, "Seed for organization ids and event mix (same seed, same events)");

@@ -17,6 +17,10 @@ struct OrgId {
   std::array<uint8_t, 16> bytes{};
   friend bool operator==(const OrgId&, const OrgId&) = default;
   friend auto operator<=>(const OrgId&, const OrgId&) = default;
+  template <typename H>
+  friend H AbslHashValue(H h, const OrgId& id) {
+    return H::combine_contiguous(std::move(h), id.bytes.data(), id.bytes.size());
+  }
 };
 
 // Parses the canonical 8-4-4-4-12 hex form (either case). nullopt if malformed.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_join.h"
 #include "lib/common/logging.h"
 
@@ -13,6 +14,14 @@ namespace {
 
 void StoreMax(std::atomic<int64_t>& target, int64_t value) {
   if (value > target.load(std::memory_order_relaxed)) target.store(value, std::memory_order_relaxed);
+}
+
+std::vector<event::OrgId> TouchedOrgs(const std::vector<SealedPartition>& batch) {
+  absl::flat_hash_set<event::OrgId> orgs;
+  for (const SealedPartition& p : batch) {
+    for (const auto& [key, quantity] : p.deltas.counters) orgs.insert(key.org);
+  }
+  return {orgs.begin(), orgs.end()};
 }
 
 }  // namespace
@@ -107,6 +116,7 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
       StoreMax(stats_.max_rows, rows);
       StoreMax(stats_.max_events, events);
       LOG_DEBUG("flushed {} events as {} rows over {} partitions", events, rows, pending_.size());
+      if (options_.on_committed) options_.on_committed(TouchedOrgs(pending_));
       pending_.clear();
       for (Shard* shard : shards_) shard->Resume();
       shards_paused_ = false;

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -14,9 +15,13 @@
 
 namespace meterd::ingest {
 
+// Told, after each commit, which orgs it touched (the overage worker listens). Must not block.
+using CommitListener = std::function<void(const std::vector<event::OrgId>&)>;
+
 struct FlusherOptions {
   absl::Duration interval = absl::Seconds(1);
   absl::Duration max_backoff = absl::Seconds(30);
+  CommitListener on_committed;
 };
 
 // Published after every flush attempt; read by the stats logger and tests.

@@ -89,7 +89,7 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::Create(
     ingestor->shards_.push_back(std::move(shard));
   }
   ingestor->flusher_ = std::make_unique<Flusher>(
-      std::move(shard_pointers), std::move(writer), FlusherOptions{.interval = o.flush_interval});
+      std::move(shard_pointers), std::move(writer), FlusherOptions{.interval = o.flush_interval, .on_committed = o.on_committed});
   return ingestor;
 }
 

@@ -28,6 +28,7 @@ struct IngestOptions {
   absl::Duration startup_timeout = absl::Seconds(15);
   event::ParseLimits parse_limits;
   KafkaProperties kafka_properties;  // Passed through to librdkafka, after our defaults.
+  CommitListener on_committed;       // Told which orgs each committed flush touched.
 };
 
 // The consumer: one librdkafka consumer in a group, its partitions spread over shard threads,

@@ -1,0 +1,75 @@
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <pqxx/pqxx>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "lib/event/usage_event.h"
+
+namespace meterd::billing {
+
+struct OverageWorkerOptions {
+  // Orgs per refresh statement.
+  size_t batch_orgs = 5'000;
+  // Touched orgs held while Postgres is slow; beyond this the worker falls back to refreshing
+  // every subscribed org once (the only full scan, and only after an overflow).
+  size_t max_pending_orgs = 1'000'000;
+  absl::Duration max_backoff = absl::Seconds(30);
+};
+
+struct OverageStats {
+  std::atomic<int64_t> refreshes{0};
+  std::atomic<int64_t> orgs_refreshed{0};
+  std::atomic<int64_t> alerts_raised{0};
+  std::atomic<int64_t> failures{0};
+  std::atomic<int64_t> pending_orgs{0};
+};
+
+// Keeps shared.usage_charges and shared.usage_alerts current for the orgs each flush touched,
+// on its own thread with its own connection. The flusher only hands over org ids (a short
+// lock, no I/O), so a slow or failing worker never delays a flush; failed refreshes are
+// retried with backoff and lose nothing (charges are recomputed from usage, not accumulated).
+class OverageWorker {
+ public:
+  static absl::StatusOr<std::unique_ptr<OverageWorker>> Create(std::string conninfo,
+                                                               OverageWorkerOptions options);
+  ~OverageWorker();
+
+  void Start();
+  // Finishes what is pending (bounded by `deadline`), then stops.
+  void Stop(absl::Duration deadline = absl::Seconds(5));
+  // Thread-safe; called by the flusher after each commit.
+  void OrgsTouched(const std::vector<event::OrgId>& orgs);
+  const OverageStats& stats() const { return stats_; }
+
+ private:
+  OverageWorker(std::string conninfo, OverageWorkerOptions options)
+      : conninfo_(std::move(conninfo)), options_(options) {}
+  void Loop();
+  absl::Status Refresh(const std::vector<event::OrgId>& orgs, bool all_subscribed);
+
+  const std::string conninfo_;
+  const OverageWorkerOptions options_;
+  std::unique_ptr<pqxx::connection> conn_;  // Worker thread only.
+
+  std::mutex mu_;
+  std::condition_variable wake_;
+  absl::flat_hash_set<event::OrgId> pending_;  // Guarded by mu_.
+  bool overflowed_ = false;                    // Guarded by mu_.
+  bool stopping_ = false;                      // Guarded by mu_.
+  absl::Time stop_deadline_;                   // Guarded by mu_.
+  std::thread thread_;
+  OverageStats stats_;
+};
+
+}  // namespace meterd::billing
+
