@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The demo: installs dependencies, builds, starts the embedded Kafka and a private Postgres,
 # produces generated usage events, runs meterd on them, and prints the billing result.
-#   DEMO_EVENTS (default 1000000), DEMO_ORGS (10000), DEMO_PARTITIONS (128) tune it.
+#   DEMO_EVENTS (default 1000000), DEMO_ORGS (500), DEMO_PARTITIONS (128) tune it.
+# Each org gets a subscription (basic, pro or enterprise by a hash of its id) for the month the
+# events fall in; after ingestion the month is closed and the invoices are summarised per plan.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 events=${DEMO_EVENTS:-1000000}
-orgs=${DEMO_ORGS:-10000}
+orgs=${DEMO_ORGS:-500}
 partitions=${DEMO_PARTITIONS:-128}
 topic=usage-events
 
@@ -37,6 +39,25 @@ echo "== producing ${events} events for ${orgs} organizations" >&2
 "$meterd" loadgen --brokers "$brokers" --topic "$topic" --events "$events" --orgs "$orgs" \
   --malformed-share 0.001 --expected-out "$work/expected.csv" >"$work/loadgen.json"
 
+echo "== subscribing the ${orgs} organizations to basic, pro or enterprise" >&2
+python3 - "$work/expected.csv" >"$work/orgs.sql" <<'PY'
+import csv, sys
+orgs = {}
+for row in csv.DictReader(open(sys.argv[1])):
+    orgs[row["org_id"]] = row["industry"]
+print("INSERT INTO shared.organizations (org_id, name, industry) VALUES")
+print(",\n".join("('%s', 'Demo org %s', '%s')" % (o, o[:8], i) for o, i in sorted(orgs.items())) + ";")
+PY
+cat >>"$work/orgs.sql" <<'SQL'
+INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, current_period_end)
+SELECT org_id, (ARRAY['basic', 'basic', 'pro', 'enterprise'])[1 + abs(hashtext(org_id::text)) % 4],
+       date_trunc('month', now() - interval '3 days'),
+       date_trunc('month', now() - interval '3 days') + interval '1 month'
+FROM shared.organizations;
+SQL
+psql "$pg" -q -v ON_ERROR_STOP=1 -f "$work/orgs.sql"
+period_end=$(psql "$pg" -qAt -c "SELECT to_char(date_trunc('month', now() - interval '3 days') + interval '1 month', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')")
+
 echo "== running meterd until Postgres holds every event" >&2
 start=$(date +%s.%N)
 "$meterd" run --pg "$pg" --brokers "$brokers" --topic "$topic" --group demo \
@@ -54,7 +75,11 @@ done_at=$(date +%s.%N)
 kill -TERM "$meterd_pid"
 wait "$meterd_pid" || { echo "meterd exited with an error; log:" >&2; tail -20 "$work/meterd.log" >&2; exit 1; }
 
-python3 - "$work" "$pg" "$start" "$start" "$done_at" "$events" <<'PY'
+echo "== closing the billing period ending ${period_end} (meterd close-period)" >&2
+alerts=$(psql "$pg" -qAt -c "SELECT count(*) FROM shared.usage_alerts")
+"$meterd" close-period --pg "$pg" --as-of "$period_end" >"$work/close.json" 2>>"$work/meterd.log"
+
+python3 - "$work" "$pg" "$start" "$start" "$done_at" "$events" "$alerts" <<'PY'
 import csv, json, re, subprocess, sys
 work, pg, start, first, done, events = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
 def q(sql):
@@ -96,6 +121,16 @@ if flushes:
     print("flushes: %s; last periodic flush wrote %s events as %s rows" % (flushes[-1][0], flushes[-1][1], flushes[-1][2]))
 if rss:
     print("meterd peak RSS: %.1f MiB" % (int(rss[-1]) / 1024))
+close = json.load(open(f"{work}/close.json"))
+def dollars(micros):
+    return "${:,.2f}".format(micros / 1e6)
+print()
+print("invoices for the period (meterd close-period): %d; quota alerts raised while ingesting: %s" % (close["invoices_created"], sys.argv[7]))
+print("%-11s %9s %15s %15s %15s" % ("plan", "invoices", "base fees", "usage charges", "total"))
+for plan in ("basic", "pro", "enterprise"):
+    p = close["by_plan"].get(plan)
+    if p:
+        print("%-11s %9d %15s %15s %15s" % (plan, p["invoices"], dollars(p["base_micros"]), dollars(p["usage_micros"] + p["adjustment_micros"]), dollars(p["total_micros"])))
 print()
 print("RESULT: %s" % ("totals match exactly" if ok and keys_ok and sum(rejected.values()) == gen["malformed"] else "MISMATCH"))
 sys.exit(0 if ok and keys_ok else 1)

@@ -95,6 +95,25 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
     return absl::InvalidArgumentError(absl::StrCat("cannot create Kafka producer: ", error));
   }
 
+  // Org i always goes to partition i % partitions: one org stays on one partition (as keying by
+  // org guarantees), and orgs spread evenly, so no partition outgrows the embedded broker's
+  // per-partition retention before the others.
+  int partitions = 0;
+  {
+    rd_kafka_topic_t* handle = rd_kafka_topic_new(producer, options.topic.c_str(), nullptr);
+    const rd_kafka_metadata_t* metadata = nullptr;
+    if (rd_kafka_metadata(producer, 0, handle, &metadata, 15'000) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+      if (metadata->topic_cnt == 1) partitions = metadata->topics[0].partition_cnt;
+      rd_kafka_metadata_destroy(metadata);
+    }
+    rd_kafka_topic_destroy(handle);
+  }
+  if (partitions <= 0) {
+    rd_kafka_destroy(producer);
+    return absl::UnavailableError(absl::StrCat("cannot read partitions of topic '", options.topic,
+                                               "' at ", options.brokers));
+  }
+
   std::vector<std::string> org_text(options.orgs);
   for (int i = 0; i < options.orgs; ++i) {
     org_text[i] = event::OrgIdToString(LoadgenOrgId(options.seed, i));
@@ -156,7 +175,7 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
     while (true) {
       rd_kafka_resp_err_t err = rd_kafka_producev(
           producer, RD_KAFKA_V_TOPIC(options.topic.c_str()),
-          RD_KAFKA_V_KEY(subject.data(), subject.size()),
+          RD_KAFKA_V_PARTITION(org % partitions), RD_KAFKA_V_KEY(subject.data(), subject.size()),
           RD_KAFKA_V_VALUE(payload.data(), payload.size()), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
           RD_KAFKA_V_END);
       if (err == RD_KAFKA_RESP_ERR_NO_ERROR) break;

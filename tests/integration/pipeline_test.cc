@@ -27,11 +27,12 @@ class PipelineTest : public ::testing::Test {
     broker_ = std::make_unique<DevBrokerProcess>(kTopic, 64, dir_);
   }
 
-  std::unique_ptr<ChildProcess> StartMeterd(const std::string& label) {
+  std::unique_ptr<ChildProcess> StartMeterd(const std::string& label,
+                                           const std::string& flush_interval = "300ms") {
     return std::make_unique<ChildProcess>(
         std::vector<std::string>{MeterdBinary(), "run", "--pg", url_, "--brokers",
                                  broker_->bootstrap(), "--topic", kTopic, "--group", "it",
-                                 "--shards", "2", "--flush-interval", "300ms", "--stats-interval",
+                                 "--shards", "2", "--flush-interval", flush_interval, "--stats-interval",
                                  "2s", "--kafka-property", "session.timeout.ms=6000",
                                  "--kafka-property", "heartbeat.interval.ms=500"},
         absl::StrCat(dir_, "/meterd-", label, ".log"));
@@ -193,6 +194,69 @@ TEST_F(PipelineTest, PostgresOutagePausesAndLosesNothing) {
   const auto expected = FinishLoadgen(*loadgen);
   ExpectExact(expected);
   EXPECT_NE(ReadFile(meterd->log_path()).find("flush failed, retrying"), std::string::npos);
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
+// The Kafka path and the direct SQL path (increment_api_usage) give the same billing status,
+// and the overage worker shows the charges and alerts within two flush intervals.
+TEST_F(PipelineTest, KafkaPathBillsLikeTheDirectPathWithinTwoFlushes) {
+  const std::string org = "00000000-0000-4000-8000-0000000000aa";
+  const std::string subscribe =
+      "INSERT INTO shared.organizations VALUES ('" + org + "', 'Acme', 'hs'); "
+      "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
+      "current_period_end) VALUES ('" + org + "', 'basic', date_trunc('month', now()), "
+      "date_trunc('month', now()) + interval '1 month')";
+  const std::string direct_url = SharedPostgres().CreateMigratedDatabase("it_direct_path");
+  for (const std::string& url : {url_, direct_url}) {
+    pqxx::connection conn(url);
+    pqxx::work tx(conn);
+    tx.exec(subscribe);
+    tx.commit();
+  }
+  const absl::Duration flush = absl::Seconds(2);
+  auto meterd = StartMeterd("a", "2s");
+  // Warm up: wait until the group has assigned partitions and a flush went through.
+  ProduceOrDie(broker_->bootstrap(), kTopic, "warmup",
+               {UsageEventJson("00000000-0000-4000-8000-0000000000bb", "api_calls", 1, "rest")});
+  ASSERT_TRUE(WaitForProgress(0, absl::Seconds(60))) << ReadFile(meterd->log_path());
+
+  const std::vector<std::tuple<std::string, int64_t>> usage = {
+      {"api_calls", 500}, {"api_calls", 500}, {"api_calls", 150}, {"data_exports", 4},
+      {"ai_requests", 3}};
+  std::vector<std::string> events;
+  for (const auto& [meter, quantity] : usage) events.push_back(UsageEventJson(org, meter, quantity, "hs"));
+  ProduceOrDie(broker_->bootstrap(), kTopic, org, events);
+  const absl::Time produced = absl::Now();
+  const int64_t want_micros = 150 * 10'000 + 4 * 100'000 + 3 * 50'000;  // $2.05
+  const std::string charges_sql = "SELECT coalesce(sum(amount_micros), 0) FROM "
+                                  "shared.usage_charges WHERE org_id = '" + org + "'";
+  while (QueryInt(url_, charges_sql) != want_micros && absl::Now() - produced < 4 * flush) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  const absl::Duration visible_after = absl::Now() - produced;
+  EXPECT_EQ(QueryInt(url_, charges_sql), want_micros) << ReadFile(meterd->log_path());
+  EXPECT_LE(visible_after, 2 * flush) << "charges visible after " << visible_after;
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.usage_alerts WHERE org_id = '" + org + "'"), 2);
+
+  for (const auto& [meter, quantity] : usage) {
+    pqxx::connection conn(direct_url);
+    pqxx::work tx(conn);
+    tx.exec_params("SELECT shared.increment_api_usage($1, $2, $3)", org, meter, quantity);
+    tx.commit();
+  }
+  // Identical status, but for when each alert was raised and the quantity at that moment.
+  const std::string status_sql =
+      "SELECT (s - 'alerts')::text || (SELECT jsonb_agg(a - 'raised_at' - 'quantity')::text "
+      "FROM jsonb_array_elements(s->'alerts') a) FROM shared.get_billing_status('" + org + "') s";
+  auto status_of = [&](const std::string& url) {
+    pqxx::connection conn(url);
+    pqxx::read_transaction tx(conn);
+    return tx.exec1(status_sql)[0].as<std::string>();
+  };
+  EXPECT_EQ(status_of(url_), status_of(direct_url));
+  EXPECT_NE(status_of(url_).find("\"usage_charges_micros\": 2050000"), std::string::npos)
+      << status_of(url_);
   meterd->Signal(SIGTERM);
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
 }

@@ -11,6 +11,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include <librdkafka/rdkafka.h>
 #include <pqxx/pqxx>
 
 #include "absl/strings/ascii.h"
@@ -240,6 +241,36 @@ int64_t WaitForSum(const std::string& url, int64_t expected_sum, absl::Duration 
     absl::SleepFor(absl::Milliseconds(200));
   }
   return sum;
+}
+
+void ProduceOrDie(const std::string& brokers, const std::string& topic, const std::string& key,
+                  const std::vector<std::string>& payloads) {
+  char error[512];
+  rd_kafka_conf_t* conf = rd_kafka_conf_new();
+  rd_kafka_conf_set(conf, "bootstrap.servers", brokers.c_str(), error, sizeof(error));
+  rd_kafka_conf_set(conf, "linger.ms", "0", error, sizeof(error));
+  rd_kafka_t* producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, error, sizeof(error));
+  if (producer == nullptr) throw std::runtime_error(error);
+  for (const std::string& payload : payloads) {
+    rd_kafka_resp_err_t err = rd_kafka_producev(
+        producer, RD_KAFKA_V_TOPIC(topic.c_str()), RD_KAFKA_V_KEY(key.data(), key.size()),
+        RD_KAFKA_V_VALUE(const_cast<char*>(payload.data()), payload.size()),
+        RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) throw std::runtime_error(rd_kafka_err2str(err));
+  }
+  const rd_kafka_resp_err_t err = rd_kafka_flush(producer, 30'000);
+  rd_kafka_destroy(producer);
+  if (err != RD_KAFKA_RESP_ERR_NO_ERROR) throw std::runtime_error(rd_kafka_err2str(err));
+}
+
+std::string UsageEventJson(const std::string& org, const std::string& meter, int64_t quantity,
+                           const std::string& industry) {
+  static int counter = 0;
+  return absl::StrCat(R"({"specversion":"1.0","id":"test-)", counter++,
+                      R"(","source":"tests","type":")", meter, R"(","subject":")", org,
+                      R"(","time":")", absl::FormatTime(absl::RFC3339_full, absl::Now(),
+                                                        absl::UTCTimeZone()),
+                      R"(","data":{"quantity":)", quantity, R"(,"industry":")", industry, R"("}})");
 }
 
 }  // namespace meterd::testing

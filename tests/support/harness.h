@@ -81,5 +81,11 @@ int64_t QueryInt(const std::string& url, const std::string& sql);
 // Polls until `SUM(quantity)` equals `expected_sum` or the timeout passes; returns the sum seen.
 int64_t WaitForSum(const std::string& url, int64_t expected_sum, absl::Duration timeout);
 int64_t SumOf(const devtools::ExpectedTotals& totals);
+// Produces `payloads` with message key `key` and waits until every one is acknowledged.
+void ProduceOrDie(const std::string& brokers, const std::string& topic, const std::string& key,
+                  const std::vector<std::string>& payloads);
+// A CloudEvent for `org` stamped now.
+std::string UsageEventJson(const std::string& org, const std::string& meter, int64_t quantity,
+                           const std::string& industry);
 
 }  // namespace meterd::testing
