@@ -225,6 +225,11 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
   flusher_->Stop();
   // Anything still pending (a failed final flush) was already logged and left unadvanced.
   LogStats(absl::Now() - last_stats);
+  const FlushStats& f = flusher_->stats();
+  LOG_INFO("flush summary: {} flushes wrote {} events as {} rows; largest flush {} events, "
+           "{} rows",
+           f.flushes.load(), f.events.load(), f.rows.load(), f.max_events.load(),
+           f.max_rows.load());
   return result;
 }
 

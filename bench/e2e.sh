@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# End-to-end benchmark, one command: bench/e2e.sh [--json FILE]
+# Starts the embedded Kafka and a private Postgres, produces BENCH_EVENTS (5,000,000) events
+# over BENCH_ORGS (10,000) orgs, then measures in this one run:
+#   (a) raw:    a plain librdkafka consumer reading and discarding the same topic
+#   (b) meterd: the full pipeline until Postgres totals equal what was produced (checked exactly)
+#   (c) naive:  the seed's approach, one increment_api_usage call per event, on BENCH_NAIVE_EVENTS
+#   (d) latency: meterd caught up, background load, probe events -> visible in Postgres
+# and prints events/s, ratios b/a and b/c, rows vs events per flush, peak RSS, bytes per key.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+json_out=""
+if [[ "${1:-}" == "--json" ]]; then json_out=${2:?--json needs a file}; fi
+events=${BENCH_EVENTS:-5000000}
+orgs=${BENCH_ORGS:-10000}
+partitions=${BENCH_PARTITIONS:-512}
+naive_events=${BENCH_NAIVE_EVENTS:-10000}
+topic=usage-events
+
+"$root/deploy/install-deps.sh"
+echo "== building" >&2
+"$root/deploy/build.sh" --target meterd e2e_bench parse_aggregate_benchmark >/dev/null
+meterd="$root/build/daemon/meterd"
+e2e="$root/build/bench/e2e_bench"
+
+work=$(mktemp -d /tmp/meterd-bench-XXXXXX)
+chmod 755 "$work"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  "$root/deploy/dev-postgres.sh" stop "$work/pg" || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+pg=$("$root/deploy/dev-postgres.sh" start "$work/pg")
+naive_pg=${pg%/*}/naive
+psql "$pg" -qc "CREATE DATABASE naive" >/dev/null
+"$meterd" dev-broker --topic "$topic" --partitions "$partitions" >"$work/broker.addr" 2>"$work/broker.log" &
+pids+=($!)
+for _ in $(seq 100); do [[ -s "$work/broker.addr" ]] && break; sleep 0.1; done
+brokers=$(head -n 1 "$work/broker.addr")
+"$meterd" migrate --pg "$pg" 2>/dev/null
+"$meterd" migrate --pg "$naive_pg" 2>/dev/null
+
+echo "== producing $events events over $orgs orgs into $partitions partitions" >&2
+"$meterd" loadgen --brokers "$brokers" --topic "$topic" --events "$events" --orgs "$orgs" \
+  --expected-out "$work/expected.csv" >"$work/loadgen.json"
+
+echo "== (a) raw librdkafka consumption" >&2
+"$e2e" raw --brokers "$brokers" --topic "$topic" --events "$events" >"$work/raw.json"
+
+echo "== (b) meterd, until Postgres totals equal what was produced" >&2
+expected_sum=$(python3 -c 'import json,sys; print(sum(json.load(open(sys.argv[1]))["quantity_by_meter"].values()))' "$work/loadgen.json")
+"$meterd" run --pg "$pg" --brokers "$brokers" --topic "$topic" --group bench \
+  --kafka-property session.timeout.ms=6000 --stats-interval 2s --billing=false 2>"$work/meterd.log" &
+meterd_pid=$!
+pids+=($meterd_pid)
+done_at=""
+for _ in $(seq 6000); do
+  stored=$(psql "$pg" -qAt -c "SELECT coalesce(sum(quantity), 0) FROM shared.api_usage_meters")
+  if [[ "$stored" == "$expected_sum" ]]; then done_at=$(date +%s.%N); break; fi
+  sleep 0.1
+done
+[[ -n "$done_at" ]] || { echo "meterd did not reach the expected totals" >&2; tail "$work/meterd.log" >&2; exit 1; }
+keys_exact=$(python3 - "$work/expected.csv" "$pg" <<'PY'
+import csv, subprocess, sys
+want = {}
+for r in csv.DictReader(open(sys.argv[1])):
+    want[(r["org_id"], r["meter"], r["industry"], r["usage_date"])] = int(r["quantity"])
+out = subprocess.run(["psql", sys.argv[2], "-qAtF", "\t", "-c", "SELECT org_id, meter, industry, usage_date, quantity FROM shared.api_usage_meters"], capture_output=True, text=True, check=True).stdout
+got = {tuple(l.split("\t")[:4]): int(l.split("\t")[4]) for l in out.splitlines()}
+print("true" if got == want else "false")
+PY
+)
+
+echo "== (d) event -> visible latency with meterd caught up" >&2
+"$e2e" latency --brokers "$brokers" --topic "$topic" --pg "$pg" --seconds 10 --rate 20000 >"$work/latency.json"
+kill -TERM "$meterd_pid"; wait "$meterd_pid"
+
+echo "== (c) the seed's approach: one increment_api_usage per event, $naive_events events" >&2
+"$e2e" naive --brokers "$brokers" --topic "$topic" --events "$naive_events" --pg "$naive_pg" >"$work/naive.json"
+
+"$root/build/bench/parse_aggregate_benchmark" --benchmark_filter='BM_Aggregate/1000000$' \
+  --benchmark_format=json 2>/dev/null >"$work/aggregate.json"
+
+python3 - "$work" "$done_at" "$events" "$keys_exact" "$json_out" <<'PY'
+import datetime, json, re, sys
+work, done_at, events, keys_exact, json_out = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "true", sys.argv[5]
+load = lambda n: json.load(open(f"{work}/{n}.json"))
+raw, naive, latency, gen = load("raw"), load("naive"), load("latency"), load("loadgen")
+log = open(f"{work}/meterd.log").read()
+first = re.search(r"^(\S+)Z info assigned partition", log, re.M).group(1)
+start = datetime.datetime.fromisoformat(first).replace(tzinfo=datetime.timezone.utc).timestamp()
+meterd_eps = events / (done_at - start)
+summary = re.search(r"flush summary: (\d+) flushes wrote (\d+) events as (\d+) rows; largest flush (\d+) events, (\d+) rows", log)
+flushes, f_events, f_rows, max_events, max_rows = map(int, summary.groups())
+rss_kib = int(re.findall(r"peak RSS (\d+) KiB", log)[-1])
+agg = [b for b in load("aggregate")["benchmarks"] if b["name"].startswith("BM_Aggregate/1000000")][0]
+cpu = open("/proc/cpuinfo").read()
+model = re.search(r"model name\s*:\s*(.*)", cpu).group(1)
+result = {
+  "machine": {"cpu": model, "cores": cpu.count("processor\t:")},
+  "events": events, "orgs": gen["distinct_keys"] and None, "distinct_keys": gen["distinct_keys"],
+  "raw_events_per_second": raw["events_per_second"],
+  "meterd_events_per_second": meterd_eps,
+  "naive_events_per_second": naive["events_per_second"],
+  "ratio_meterd_vs_raw": meterd_eps / raw["events_per_second"],
+  "ratio_meterd_vs_naive": meterd_eps / naive["events_per_second"],
+  "totals_exact": keys_exact,
+  "flushes": flushes, "avg_events_per_flush": f_events / max(flushes, 1), "avg_rows_per_flush": f_rows / max(flushes, 1),
+  "largest_flush_events": max_events, "largest_flush_rows": max_rows,
+  "meterd_peak_rss_mib": rss_kib / 1024, "bytes_per_live_key": agg["bytes_per_key"],
+  "latency_p50_ms": latency["p50_ms"], "latency_p99_ms": latency["p99_ms"], "latency_probes": latency["probes"],
+}
+del result["orgs"]
+print()
+print("meterd end-to-end benchmark: %d events, %d distinct keys, on %s (%d cores)" % (events, gen["distinct_keys"], model, result["machine"]["cores"]))
+print()
+print("%-52s %14s %10s" % ("", "events/s", "meterd is"))
+print("%-52s %14.0f %9.2fx" % ("(a) raw librdkafka consume + discard", raw["events_per_second"], result["ratio_meterd_vs_raw"]))
+print("%-52s %14.0f %10s" % ("(b) meterd: parse, aggregate, exactly-once to Postgres", meterd_eps, ""))
+print("%-52s %14.1f %9.0fx" % ("(c) seed: one increment_api_usage per event", naive["events_per_second"], result["ratio_meterd_vs_naive"]))
+print()
+print("totals in Postgres equal produced, per key: %s" % ("yes" if keys_exact else "NO"))
+print("flushes: %d; per flush on average %.0f events -> %.0f rows; largest %d events -> %d rows" % (flushes, result["avg_events_per_flush"], result["avg_rows_per_flush"], max_events, max_rows))
+print("meterd peak RSS: %.1f MiB; counter map at 1M live keys: %.1f bytes/key" % (result["meterd_peak_rss_mib"], result["bytes_per_live_key"]))
+print("event -> visible in Postgres (flush interval 1 s, %d probes under load): p50 %.0f ms, p99 %.0f ms" % (latency["probes"], latency["p50_ms"], latency["p99_ms"]))
+if json_out:
+    json.dump(result, open(json_out, "w"), indent=2)
+    print("JSON written to %s" % json_out)
+sys.exit(0 if keys_exact else 1)
+PY

@@ -1,0 +1,264 @@
+// Helpers for bench/e2e.sh, each measuring one side of the end-to-end comparison:
+//   e2e_bench raw     --brokers B --topic T --events N        plain librdkafka consume + discard
+//   e2e_bench naive   --brokers B --topic T --events N --pg U  the seed's approach: parse, then one
+//                                                             increment_api_usage call per event
+//   e2e_bench latency --brokers B --topic T --pg U --seconds S --rate R
+//                     produce at R events/s for S s with probe events; report when each probe
+//                     became visible in Postgres (event -> visible latency, p50/p99)
+// Each prints one JSON line on stdout.
+#include <algorithm>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <librdkafka/rdkafka.h>
+#include <pqxx/pqxx>
+#include <simdjson.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "lib/devtools/loadgen.h"
+#include "lib/event/usage_event.h"
+
+ABSL_FLAG(std::string, brokers, "", "Kafka bootstrap servers");
+ABSL_FLAG(std::string, topic, "usage-events", "Topic");
+ABSL_FLAG(std::string, pg, "", "Postgres URL");
+ABSL_FLAG(int64_t, events, 1'000'000, "Events to consume");
+ABSL_FLAG(int, seconds, 10, "Latency phase length");
+ABSL_FLAG(int, rate, 20'000, "Latency phase background rate, events/s");
+
+namespace {
+
+[[noreturn]] void Die(const std::string& message) {
+  std::fprintf(stderr, "e2e_bench: %s\n", message.c_str());
+  std::exit(1);
+}
+
+rd_kafka_t* NewClient(rd_kafka_type_t type, std::vector<std::pair<std::string, std::string>> props) {
+  char error[512];
+  rd_kafka_conf_t* conf = rd_kafka_conf_new();
+  props.emplace_back("bootstrap.servers", absl::GetFlag(FLAGS_brokers));
+  for (const auto& [k, v] : props) {
+    if (rd_kafka_conf_set(conf, k.c_str(), v.c_str(), error, sizeof(error)) != RD_KAFKA_CONF_OK) {
+      Die(error);
+    }
+  }
+  rd_kafka_t* rk = rd_kafka_new(type, conf, error, sizeof(error));
+  if (rk == nullptr) Die(error);
+  return rk;
+}
+
+// A consumer assigned every partition of the topic from the beginning (no group join, so the
+// measurement is consumption alone).
+rd_kafka_t* AssignedConsumer() {
+  rd_kafka_t* rk = NewClient(RD_KAFKA_CONSUMER, {{"group.id", "e2e-bench-raw"},
+                                                  {"enable.auto.commit", "false"},
+                                                  {"fetch.max.bytes", "16777216"}});
+  rd_kafka_poll_set_consumer(rk);
+  rd_kafka_topic_t* handle = rd_kafka_topic_new(rk, absl::GetFlag(FLAGS_topic).c_str(), nullptr);
+  const rd_kafka_metadata_t* md = nullptr;
+  if (rd_kafka_metadata(rk, 0, handle, &md, 15'000) != RD_KAFKA_RESP_ERR_NO_ERROR) Die("metadata");
+  rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(md->topics[0].partition_cnt);
+  for (int p = 0; p < md->topics[0].partition_cnt; ++p) {
+    rd_kafka_topic_partition_list_add(list, absl::GetFlag(FLAGS_topic).c_str(), p)->offset =
+        RD_KAFKA_OFFSET_BEGINNING;
+  }
+  rd_kafka_metadata_destroy(md);
+  rd_kafka_topic_destroy(handle);
+  rd_kafka_assign(rk, list);
+  rd_kafka_topic_partition_list_destroy(list);
+  return rk;
+}
+
+template <typename OnMessage>
+double ConsumeN(rd_kafka_t* rk, int64_t n, OnMessage&& on_message) {
+  rd_kafka_queue_t* queue = rd_kafka_queue_get_consumer(rk);
+  std::vector<rd_kafka_message_t*> batch(1000);
+  int64_t seen = 0;
+  absl::Time start, last_progress = absl::Now();
+  bool started = false;
+  const absl::Time give_up = absl::Now() + absl::Minutes(10);
+  while (seen < n && absl::Now() < give_up) {
+    const ssize_t got = rd_kafka_consume_batch_queue(queue, 100, batch.data(), batch.size());
+    for (ssize_t i = 0; i < got; ++i) {
+      if (batch[i]->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        if (!started) {
+          start = absl::Now();
+          started = true;
+        }
+        on_message(*batch[i]);
+        ++seen;
+      }
+      rd_kafka_message_destroy(batch[i]);
+    }
+    if (absl::Now() - last_progress > absl::Seconds(2)) {
+      std::fprintf(stderr, "e2e_bench: %lld/%lld messages\n", static_cast<long long>(seen),
+                   static_cast<long long>(n));
+      last_progress = absl::Now();
+    }
+  }
+  rd_kafka_queue_destroy(queue);
+  if (seen < n) Die(absl::StrCat("only ", seen, " of ", n, " messages arrived"));
+  return absl::ToDoubleSeconds(absl::Now() - start);
+}
+
+int Raw() {
+  rd_kafka_t* rk = AssignedConsumer();
+  int64_t bytes = 0;
+  const double seconds = ConsumeN(rk, absl::GetFlag(FLAGS_events),
+                                  [&](const rd_kafka_message_t& m) { bytes += m.len; });
+  rd_kafka_consumer_close(rk);
+  rd_kafka_destroy(rk);
+  std::printf(R"({"events":%lld,"bytes":%lld,"seconds":%.3f,"events_per_second":%.0f})" "\n",
+              static_cast<long long>(absl::GetFlag(FLAGS_events)), static_cast<long long>(bytes),
+              seconds, absl::GetFlag(FLAGS_events) / seconds);
+  return 0;
+}
+
+int Naive() {
+  pqxx::connection conn(absl::GetFlag(FLAGS_pg));
+  conn.prepare("increment", "SELECT shared.increment_api_usage($1::uuid, $2, $3, $4)");
+  rd_kafka_t* rk = AssignedConsumer();
+  simdjson::dom::parser parser;
+  int64_t failed = 0;
+  const double seconds = ConsumeN(rk, absl::GetFlag(FLAGS_events), [&](const rd_kafka_message_t& m) {
+    simdjson::dom::element doc;
+    if (parser.parse(static_cast<const char*>(m.payload), m.len).get(doc) != simdjson::SUCCESS) {
+      ++failed;
+      return;
+    }
+    std::string_view subject, type, industry;
+    int64_t quantity = 1;
+    if (doc["subject"].get(subject) || doc["type"].get(type) ||
+        doc["data"]["industry"].get(industry)) {
+      ++failed;
+      return;
+    }
+    (void)doc["data"]["quantity"].get(quantity);
+    try {
+      pqxx::nontransaction tx(conn);
+      tx.exec_prepared("increment", std::string(subject), std::string(type), quantity,
+                       std::string(industry));
+    } catch (const std::exception&) {
+      ++failed;  // Malformed events the seed would have refused.
+    }
+  });
+  rd_kafka_consumer_close(rk);
+  rd_kafka_destroy(rk);
+  std::printf(R"({"events":%lld,"refused":%lld,"seconds":%.3f,"events_per_second":%.1f})" "\n",
+              static_cast<long long>(absl::GetFlag(FLAGS_events)), static_cast<long long>(failed),
+              seconds, absl::GetFlag(FLAGS_events) / seconds);
+  return 0;
+}
+
+std::string EventJson(const std::string& org, std::string_view industry) {
+  return absl::StrCat(R"({"specversion":"1.0","id":"lat-)", absl::ToUnixNanos(absl::Now()),
+                      R"(","source":"bench","type":"api_calls","subject":")", org,
+                      R"(","time":")",
+                      absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()),
+                      R"(","data":{"quantity":1,"industry":")", industry, R"("}})");
+}
+
+int Latency() {
+  rd_kafka_t* producer = NewClient(RD_KAFKA_PRODUCER, {{"linger.ms", "1"}});
+  pqxx::connection conn(absl::GetFlag(FLAGS_pg));
+  const int rate = absl::GetFlag(FLAGS_rate);
+  const absl::Duration length = absl::Seconds(absl::GetFlag(FLAGS_seconds));
+  struct Probe {
+    std::string org;
+    absl::Time sent;
+    absl::Duration latency = absl::InfiniteDuration();
+  };
+  std::vector<Probe> probes;
+  std::vector<std::string> orgs;
+  for (int i = 0; i < 10'000; ++i) {
+    orgs.push_back(meterd::event::OrgIdToString(meterd::devtools::LoadgenOrgId(1, i)));
+  }
+  auto produce = [&](const std::string& org, const std::string& payload) {
+    while (rd_kafka_producev(producer, RD_KAFKA_V_TOPIC(absl::GetFlag(FLAGS_topic).c_str()),
+                             RD_KAFKA_V_KEY(org.data(), org.size()),
+                             RD_KAFKA_V_VALUE(const_cast<char*>(payload.data()), payload.size()),
+                             RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END) ==
+           RD_KAFKA_RESP_ERR__QUEUE_FULL) {
+      rd_kafka_poll(producer, 10);
+    }
+  };
+  const absl::Time start = absl::Now();
+  int64_t sent = 0;
+  absl::Time next_probe = start;
+  absl::Time last_check = start;
+  while (absl::Now() - start < length + absl::Seconds(10)) {
+    const absl::Time now = absl::Now();
+    if (now - start < length) {
+      // Background load at `rate`, in 1 ms steps.
+      const int64_t due = static_cast<int64_t>(absl::ToDoubleSeconds(now - start) * rate);
+      for (; sent < due; ++sent) {
+        const std::string& org = orgs[sent % orgs.size()];
+        produce(org, EventJson(org, meterd::event::IndustryCode(
+                                        meterd::devtools::LoadgenIndustry(sent % orgs.size()))));
+      }
+      if (now >= next_probe) {
+        Probe probe{absl::StrFormat("%08x-0000-4000-8000-%012x", probes.size(),
+                                    absl::ToUnixMicros(now) & 0xffffffffffff),
+                    absl::Now()};
+        produce(probe.org, EventJson(probe.org, "hs"));
+        probes.push_back(probe);
+        next_probe = now + absl::Milliseconds(100);
+      }
+    }
+    rd_kafka_poll(producer, 0);
+    if (now - last_check >= absl::Milliseconds(10)) {
+      last_check = now;
+      std::string pending = "{";
+      for (const Probe& p : probes) {
+        if (p.latency == absl::InfiniteDuration()) absl::StrAppend(&pending, pending.size() > 1 ? "," : "", p.org);
+      }
+      pending += "}";
+      if (pending == "{}" && now - start >= length) break;
+      if (pending != "{}") {
+        pqxx::read_transaction tx(conn);
+        const absl::Time seen = absl::Now();
+        for (const auto& row : tx.exec_params(
+                 "SELECT org_id::text FROM shared.api_usage_meters WHERE org_id = ANY($1::uuid[])",
+                 pending)) {
+          for (Probe& p : probes) {
+            if (p.org == row[0].as<std::string>()) p.latency = seen - p.sent;
+          }
+        }
+      }
+    }
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  rd_kafka_flush(producer, 10'000);
+  rd_kafka_destroy(producer);
+  std::vector<double> ms;
+  int64_t lost = 0;
+  for (const Probe& p : probes) {
+    if (p.latency == absl::InfiniteDuration()) {
+      ++lost;
+    } else {
+      ms.push_back(absl::ToDoubleMilliseconds(p.latency));
+    }
+  }
+  std::sort(ms.begin(), ms.end());
+  auto pct = [&](double q) { return ms.empty() ? -1.0 : ms[std::min(ms.size() - 1, static_cast<size_t>(q * ms.size()))]; };
+  std::printf(R"({"probes":%zu,"not_visible":%lld,"background_events":%lld,"p50_ms":%.1f,"p99_ms":%.1f,"max_ms":%.1f})" "\n",
+              probes.size(), static_cast<long long>(lost), static_cast<long long>(sent), pct(0.5),
+              pct(0.99), ms.empty() ? -1.0 : ms.back());
+  return lost == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  const std::string mode = positional.size() > 1 ? positional[1] : "";
+  if (absl::GetFlag(FLAGS_brokers).empty()) Die("--brokers is required");
+  if (mode == "raw") return Raw();
+  if (mode == "naive") return Naive();
+  if (mode == "latency") return Latency();
+  Die("mode must be raw, naive or latency");
+}
