@@ -137,7 +137,7 @@ int Naive() {
       ++failed;
       return;
     }
-    (void)doc["data"]["quantity"].get(quantity);
+    if (doc["data"]["quantity"].get(quantity) != simdjson::SUCCESS) quantity = 1;
     try {
       pqxx::nontransaction tx(conn);
       tx.exec_prepared("increment", std::string(subject), std::string(type), quantity,
@@ -159,7 +159,7 @@ std::string EventJson(const std::string& org, std::string_view industry) {
                       R"(","source":"bench","type":"api_calls","subject":")", org,
                       R"(","time":")",
                       absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()),
-                      R"(","data":{"quantity":1,"industry":")", industry, R"("}})");
+                      R"(","data":{"quantity":1,"industry":")", std::string(industry), R"("}})");
 }
 
 int Latency() {
