@@ -83,7 +83,7 @@ echo "== (c) the seed's approach: one increment_api_usage per event, $naive_even
 "$e2e" naive --brokers "$brokers" --topic "$topic" --events "$naive_events" --pg "$naive_pg" >"$work/naive.json"
 
 "$root/build/bench/parse_aggregate_benchmark" --benchmark_filter='BM_Aggregate/1000000$' \
-  --benchmark_format=json 2>/dev/null >"$work/aggregate.json"
+  --benchmark_out="$work/aggregate.json" --benchmark_out_format=json >/dev/null 2>&1
 
 python3 - "$work" "$done_at" "$events" "$keys_exact" "$json_out" <<'PY'
 import datetime, json, re, sys
