@@ -4,6 +4,8 @@
 #include "lib/common/status_macros.h"
 #include "lib/store/pg_connection.h"
 
+#include <pqxx/tablewriter>
+
 namespace meterd::store {
 namespace {
 
@@ -14,29 +16,40 @@ constexpr char kCreateOffset[] = "meterd_create_offset";
 constexpr char kUpsertCounters[] = "meterd_upsert_counters";
 constexpr char kInsertRejected[] = "meterd_insert_rejected";
 constexpr char kLoadOffsets[] = "meterd_load_offsets";
+constexpr char kFlushRows[] = "meterd_flush_rows";
 
-// Rows per upsert statement: bounds the statement's size whatever the batch holds.
-constexpr size_t kRowsPerStatement = 50'000;
-
-// Postgres array literals for the unnest upsert. Every element is a UUID, an identifier-safe
-// meter name (CHECK in shared.meters), an industry code or an integer: none needs quoting.
-struct CounterArrays {
-  std::string orgs{"{"}, meters{"{"}, industries{"{"}, days{"{"}, quantities{"{"};
-
-  void Append(const aggregate::CounterKey& key, int64_t quantity, std::string_view meter) {
-    if (orgs.size() > 1) {
-      orgs += ',', meters += ',', industries += ',', days += ',', quantities += ',';
+// COPY text format, many rows per write. Every value is a UUID, an identifier-safe meter name
+// (CHECK in shared.meters), an industry code or an integer: none needs escaping.
+// pqxx::stream_to escapes and allocates per field (measured ~2x slower here); tablewriter
+// sends pre-formatted lines, and is only deprecated in favour of stream_to.
+void CopyRows(pqxx::work& tx, const std::vector<std::pair<aggregate::CounterKey, int64_t>>& rows,
+              const event::MeterRegistry& meters) {
+  constexpr size_t kChunkBytes = 256 * 1024;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  pqxx::tablewriter copy(tx, kFlushRows);
+#pragma GCC diagnostic pop
+  std::string chunk;
+  chunk.reserve(kChunkBytes + 256);
+  char org[36];
+  for (const auto& [key, quantity] : rows) {
+    if (!chunk.empty()) chunk += '\n';
+    event::FormatOrgId(key.org, org);
+    chunk.append(org, 36);
+    chunk += '\t';
+    chunk += meters.Name(key.meter);
+    chunk += '\t';
+    chunk += event::IndustryCode(key.industry);
+    chunk += '\t';
+    absl::StrAppend(&chunk, key.day, "\t", quantity);
+    if (chunk.size() >= kChunkBytes) {
+      copy.write_raw_line(chunk);
+      chunk.clear();
     }
-    char uuid[36];
-    event::FormatOrgId(key.org, uuid);
-    orgs.append(uuid, 36);
-    meters += meter;
-    industries += event::IndustryCode(key.industry);
-    absl::StrAppend(&days, key.day);
-    absl::StrAppend(&quantities, quantity);
   }
-  void Close() { orgs += '}', meters += '}', industries += '}', days += '}', quantities += '}'; }
-};
+  if (!chunk.empty()) copy.write_raw_line(chunk);
+  copy.complete();
+}
 
 std::string Hex(std::string_view bytes) {
   static constexpr char kHex[] = "0123456789abcdef";
@@ -64,6 +77,12 @@ absl::Status PgFlushWriter::EnsureConnected() {
   conn_.reset();
   ASSIGN_OR_RETURN(auto conn, Connect(conninfo_));
   RETURN_IF_ERROR(CatchPq([&]() -> absl::Status {
+    // Rows arrive by COPY into this per-session table, emptied at every commit or rollback.
+    pqxx::nontransaction setup(*conn);
+    setup.exec0(std::string("CREATE TEMP TABLE IF NOT EXISTS ") + kFlushRows +
+                " (org_id uuid, meter text, industry text, day integer, quantity bigint) "
+                "ON COMMIT DELETE ROWS");
+    setup.commit();
     conn->prepare(kAdvanceOffset,
                   "UPDATE shared.ingest_offsets SET next_offset = $4, updated_at = now() "
                   "WHERE consumer_group = $1 AND topic = $2 AND partition = $3 "
@@ -72,13 +91,12 @@ absl::Status PgFlushWriter::EnsureConnected() {
                   "INSERT INTO shared.ingest_offsets (consumer_group, topic, partition, "
                   "next_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING");
     conn->prepare(kUpsertCounters,
-                  "INSERT INTO shared.api_usage_meters AS m "
-                  "(org_id, meter, industry, usage_date, quantity) "
-                  "SELECT o, mt, i, DATE '1970-01-01' + d, q "
-                  "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::bigint[]) "
-                  "AS u(o, mt, i, d, q) "
-                  "ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
-                  "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()");
+                  std::string("INSERT INTO shared.api_usage_meters AS m "
+                              "(org_id, meter, industry, usage_date, quantity) "
+                              "SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity "
+                              "FROM ") + kFlushRows +
+                      " ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
+                      "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()");
     conn->prepare(kInsertRejected,
                   "INSERT INTO shared.rejected_events (topic, partition, kafka_offset, reason, "
                   "detail, raw, raw_truncated) VALUES ($1, $2, $3, $4, $5, decode($6, 'hex'), $7)");
@@ -114,15 +132,9 @@ absl::StatusOr<FlushOutcome> PgFlushWriter::Write(const std::vector<SealedPartit
     }
 
     const auto rows = aggregate::DistinctRows(batch);
-    for (size_t start = 0; start < rows.size(); start += kRowsPerStatement) {
-      CounterArrays arrays;
-      const size_t end = std::min(rows.size(), start + kRowsPerStatement);
-      for (size_t i = start; i < end; ++i) {
-        arrays.Append(rows[i].first, rows[i].second, meters_->Name(rows[i].first.meter));
-      }
-      arrays.Close();
-      tx.exec_prepared0(kUpsertCounters, arrays.orgs, arrays.meters, arrays.industries,
-                        arrays.days, arrays.quantities);
+    if (!rows.empty()) {
+      CopyRows(tx, rows, *meters_);
+      tx.exec_prepared0(kUpsertCounters);
     }
     outcome.rows_upserted = rows.size();
 

@@ -15,8 +15,9 @@ struct WriterIdentity {
 };
 
 // FlushWriter on one libpq connection, reconnecting after a failure on the next call.
-// Rows go in as arrays through one prepared INSERT … SELECT FROM unnest(…) ON CONFLICT
-// (as fast as COPY into a temp table here, and one round trip).
+// Rows go in by COPY into a session temp table (ON COMMIT DELETE ROWS), then one prepared
+// INSERT … SELECT … ON CONFLICT: measured 2.2x the rows/s of an unnest(arrays) upsert here
+// (bench/flush_benchmark).
 class PgFlushWriter final : public FlushWriter {
  public:
   static absl::StatusOr<std::unique_ptr<PgFlushWriter>> Create(std::string conninfo,
