@@ -246,6 +246,9 @@ int Latency() {
     }
   }
   std::sort(ms.begin(), ms.end());
+  std::string all;
+  for (double v : ms) absl::StrAppend(&all, static_cast<int>(v), " ");
+  std::fprintf(stderr, "e2e_bench: probe latencies (ms): %s\n", all.c_str());
   auto pct = [&](double q) { return ms.empty() ? -1.0 : ms[std::min(ms.size() - 1, static_cast<size_t>(q * ms.size()))]; };
   std::printf(R"({"probes":%zu,"not_visible":%lld,"background_events":%lld,"p50_ms":%.1f,"p99_ms":%.1f,"max_ms":%.1f})" "\n",
               probes.size(), static_cast<long long>(lost), static_cast<long long>(sent), pct(0.5),

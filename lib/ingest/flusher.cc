@@ -52,15 +52,22 @@ void Flusher::RequestFlush() {
 }
 
 void Flusher::Loop() {
-  absl::Duration wait = options_.interval;
+  // Fixed rate: the next flush is due one interval after the previous one started, so the
+  // time a flush takes does not stretch the period (event -> visible stays within
+  // interval + one flush).
+  absl::Time due = absl::Now() + options_.interval;
+  absl::Duration backoff = absl::ZeroDuration();
   while (true) {
     {
       std::unique_lock lock(wake_mu_);
-      wake_.wait_for(lock, absl::ToChronoMilliseconds(wait),
+      const absl::Time until = backoff > absl::ZeroDuration() ? absl::Now() + backoff : due;
+      wake_.wait_for(lock, absl::ToChronoMilliseconds(std::max(until - absl::Now(),
+                                                               absl::ZeroDuration())),
                      [this] { return stopping_ || wake_requested_; });
       if (stopping_) return;
       wake_requested_ = false;
     }
+    const absl::Time started = absl::Now();
     absl::Status status;
     {
       std::lock_guard lock(mu_);
@@ -72,11 +79,13 @@ void Flusher::Loop() {
       status = WritePendingLocked(std::move(sealed));
     }
     if (status.ok()) {
-      wait = options_.interval;
+      backoff = absl::ZeroDuration();
+      due = std::max(started + options_.interval, absl::Now());
     } else {
       // Exponential backoff while Postgres is unavailable; the shards are paused meanwhile.
-      wait = std::min(options_.max_backoff, std::max(wait * 2, absl::Milliseconds(200)));
-      LOG_WARN("flush failed, retrying in {}: {}", absl::FormatDuration(wait), status.message());
+      backoff = std::min(options_.max_backoff, std::max(backoff * 2, absl::Milliseconds(200)));
+      LOG_WARN("flush failed, retrying in {}: {}", absl::FormatDuration(backoff),
+               status.message());
     }
   }
 }

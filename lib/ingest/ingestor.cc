@@ -62,6 +62,9 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::Create(
       {"enable.partition.eof", "false"},
       {"queued.max.messages.kbytes", "65536"},
       {"fetch.max.bytes", "16777216"},
+      // Bounds event -> visible latency when a broker does not answer a fetch as soon as data
+      // arrives (librdkafka's mock does not); a real broker answers early either way.
+      {"fetch.wait.max.ms", "100"},
   };
   properties.insert(properties.end(), o.kafka_properties.begin(), o.kafka_properties.end());
   ASSIGN_OR_RETURN(rd_kafka_conf_t * conf, BuildKafkaConf(properties));

@@ -1,5 +1,6 @@
 #include "lib/store/pg_flush_writer.h"
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "lib/common/status_macros.h"
 #include "lib/store/pg_connection.h"
@@ -11,8 +12,7 @@ namespace {
 
 using aggregate::SealedPartition;
 
-constexpr char kAdvanceOffset[] = "meterd_advance_offset";
-constexpr char kCreateOffset[] = "meterd_create_offset";
+constexpr char kClaimOffsets[] = "meterd_claim_offsets";
 constexpr char kUpsertCounters[] = "meterd_upsert_counters";
 constexpr char kInsertRejected[] = "meterd_insert_rejected";
 constexpr char kLoadOffsets[] = "meterd_load_offsets";
@@ -83,13 +83,19 @@ absl::Status PgFlushWriter::EnsureConnected() {
                 " (org_id uuid, meter text, industry text, day integer, quantity bigint) "
                 "ON COMMIT DELETE ROWS");
     setup.commit();
-    conn->prepare(kAdvanceOffset,
-                  "UPDATE shared.ingest_offsets SET next_offset = $4, updated_at = now() "
-                  "WHERE consumer_group = $1 AND topic = $2 AND partition = $3 "
-                  "AND next_offset = $5");
-    conn->prepare(kCreateOffset,
-                  "INSERT INTO shared.ingest_offsets (consumer_group, topic, partition, "
-                  "next_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING");
+    // Every partition's compare-and-set in one round trip: advance rows still at the expected
+    // offset, create rows expected to be absent; the partitions returned are the ones claimed.
+    conn->prepare(kClaimOffsets,
+                  "WITH input AS (SELECT * FROM unnest($3::int[], $4::bigint[], $5::bigint[]) "
+                  "  AS t(partition, expected, next)), "
+                  "advanced AS (UPDATE shared.ingest_offsets o SET next_offset = i.next, "
+                  "  updated_at = now() FROM input i WHERE o.consumer_group = $1 "
+                  "  AND o.topic = $2 AND o.partition = i.partition AND i.expected >= 0 "
+                  "  AND o.next_offset = i.expected RETURNING o.partition), "
+                  "created AS (INSERT INTO shared.ingest_offsets (consumer_group, topic, "
+                  "  partition, next_offset) SELECT $1, $2, i.partition, i.next FROM input i "
+                  "  WHERE i.expected < 0 ON CONFLICT DO NOTHING RETURNING partition) "
+                  "SELECT partition FROM advanced UNION ALL SELECT partition FROM created");
     conn->prepare(kUpsertCounters,
                   std::string("INSERT INTO shared.api_usage_meters AS m "
                               "(org_id, meter, industry, usage_date, quantity) "
@@ -115,16 +121,23 @@ absl::StatusOr<FlushOutcome> PgFlushWriter::Write(const std::vector<SealedPartit
   absl::Status status = CatchPq([&]() -> absl::Status {
     pqxx::work tx(*conn_);
     // Fence first: a stale writer learns it before doing any heavy work.
+    std::string partitions = "{", expected = "{", next = "{";
     for (const SealedPartition& p : batch) {
-      const bool claimed =
-          p.expected_offset == SealedPartition::kNoStoredOffset
-              ? tx.exec_prepared(kCreateOffset, identity_.consumer_group, identity_.topic,
-                                 p.partition, p.next_offset)
-                        .affected_rows() == 1
-              : tx.exec_prepared(kAdvanceOffset, identity_.consumer_group, identity_.topic,
-                                 p.partition, p.next_offset, p.expected_offset)
-                        .affected_rows() == 1;
-      if (!claimed) outcome.fenced.push_back({p.partition, SealedPartition::kNoStoredOffset});
+      const char* sep = partitions.size() > 1 ? "," : "";
+      absl::StrAppend(&partitions, sep, p.partition);
+      absl::StrAppend(&expected, sep, p.expected_offset);
+      absl::StrAppend(&next, sep, p.next_offset);
+    }
+    partitions += '}', expected += '}', next += '}';
+    absl::flat_hash_set<int32_t> claimed;
+    for (const auto& row : tx.exec_prepared(kClaimOffsets, identity_.consumer_group,
+                                            identity_.topic, partitions, expected, next)) {
+      claimed.insert(row[0].as<int32_t>());
+    }
+    for (const SealedPartition& p : batch) {
+      if (!claimed.contains(p.partition)) {
+        outcome.fenced.push_back({p.partition, SealedPartition::kNoStoredOffset});
+      }
     }
     if (!outcome.fenced.empty()) {
       tx.abort();
