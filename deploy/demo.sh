@@ -16,24 +16,11 @@ echo "== building meterd" >&2
 "$root/deploy/build.sh" --target meterd >/dev/null
 meterd="$root/build/daemon/meterd"
 
-work=$(mktemp -d /tmp/meterd-demo-XXXXXX)
-chmod 755 "$work"  # The private Postgres runs as user postgres when we are root.
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  "$root/deploy/dev-postgres.sh" stop "$work/pg" || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
+source "$root/deploy/dev-env.sh"
+dev_env_init meterd-demo
 echo "== starting a private Postgres and the embedded Kafka (${partitions} partitions)" >&2
-pg=$("$root/deploy/dev-postgres.sh" start "$work/pg")
-"$meterd" dev-broker --topic "$topic" --partitions "$partitions" >"$work/broker.addr" 2>"$work/broker.log" &
-pids+=($!)
-for _ in $(seq 100); do [[ -s "$work/broker.addr" ]] && break; sleep 0.1; done
-brokers=$(head -n 1 "$work/broker.addr")
-"$meterd" migrate --pg "$pg" 2>&1 | sed 's/^/   /' >&2
+dev_env_postgres
+dev_env_broker brokers "$topic" "$partitions"
 
 echo "== producing ${events} events for ${orgs} organizations" >&2
 "$meterd" loadgen --brokers "$brokers" --topic "$topic" --events "$events" --orgs "$orgs" \
@@ -60,10 +47,9 @@ period_end=$(psql "$pg" -qAt -c "SELECT to_char(date_trunc('month', now() - inte
 
 echo "== running meterd until Postgres holds every event" >&2
 start=$(date +%s.%N)
-"$meterd" run --pg "$pg" --brokers "$brokers" --topic "$topic" --group demo \
-  --kafka-property session.timeout.ms=6000 --stats-interval 5s 2>"$work/meterd.log" &
-meterd_pid=$!
-pids+=($meterd_pid)
+dev_env_background "$meterd" run --pg "$pg" --brokers "$brokers" --topic "$topic" --group demo \
+  --kafka-property session.timeout.ms=6000 --stats-interval 5s 2>"$work/meterd.log"
+meterd_pid=$last_pid
 
 expected_sum=$(python3 -c 'import json,sys; print(sum(json.load(open(sys.argv[1]))["quantity_by_meter"].values()))' "$work/loadgen.json")
 for _ in $(seq 1200); do

@@ -1,5 +1,7 @@
 // What an SRE sees at the command line: bad flags and unreachable dependencies fail at start
 // with one clear line and a non-zero exit.
+#include <filesystem>
+
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
@@ -15,13 +17,15 @@ struct Outcome {
 };
 
 Outcome RunMeterd(std::vector<std::string> args, absl::Duration timeout = absl::Seconds(30)) {
-  static int counter = 0;
-  const std::string log = absl::StrCat(TempDir("meterd-cli"), "/stderr-", counter++);
+  const std::string dir = TempDir("meterd-cli");
+  const std::string log = dir + "/stderr";
   args.insert(args.begin(), MeterdBinary());
   ChildProcess child(args, log);
   std::string out = child.ReadAll();
   const int code = child.Wait(timeout);
-  return {code, out, ReadFile(log)};
+  Outcome outcome{code, out, ReadFile(log)};
+  std::filesystem::remove_all(dir);
+  return outcome;
 }
 
 TEST(CliTest, HelpListsCommandsAndFlags) {

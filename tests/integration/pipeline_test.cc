@@ -2,6 +2,7 @@
 // embedded Kafka (librdkafka's mock cluster, real protocol) from `meterd dev-broker`.
 #include <signal.h>
 
+#include <filesystem>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -25,6 +26,12 @@ class PipelineTest : public ::testing::Test {
     url_ = SharedPostgres().CreateMigratedDatabase("it_" + absl::AsciiStrToLower(name));
     // The embedded broker keeps ~5 MiB per partition: enough partitions that nothing is dropped.
     broker_ = std::make_unique<DevBrokerProcess>(kTopic, 64, dir_);
+  }
+
+  void TearDown() override {
+    // Logs stay for a failed test (its assertions print the path); a passing one leaves nothing.
+    broker_.reset();
+    if (!HasFailure()) std::filesystem::remove_all(dir_);
   }
 
   std::unique_ptr<ChildProcess> StartMeterd(const std::string& label,
