@@ -104,8 +104,11 @@ int main(int argc, char** argv) {
       return 2;
     }
     std::string value;
+    const bool is_bool = absl::FindCommandLineFlag(name)->IsOfType<bool>();
     if (eq != std::string::npos) {
       value = arg.substr(eq + 1);
+    } else if (is_bool && (i + 1 >= argc || std::string(argv[i + 1]).rfind("--", 0) == 0)) {
+      value = "true";  // A bare boolean flag: --billing.
     } else if (i + 1 < argc) {
       value = argv[++i];
     } else {

@@ -121,16 +121,19 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   if (owned.next_offset != SealedPartition::kNoStoredOffset && message.offset < owned.next_offset) {
     return;
   }
+  owned.next_offset = message.offset + 1;
+  if (message.payload == nullptr) {  // A tombstone or empty message.
+    owned.deltas.Reject(message.offset, event::RejectReason::kNotJson, "empty message", "");
+    stats_.rejected.store(stats_.rejected.load(std::memory_order_relaxed) + 1,
+                          std::memory_order_relaxed);
+    return;
+  }
   const std::string_view bytes(static_cast<const char*>(message.payload), message.len);
   const event::ParsedMessage& parsed = parser_.Parse(bytes, now);
   for (const event::UsageEvent& e : parsed.events) owned.deltas.Add(e);
   for (const event::Rejection& r : parsed.rejections) {
     owned.deltas.Reject(message.offset, r.reason, r.detail, r.raw);
   }
-  if (message.payload == nullptr) {
-    owned.deltas.Reject(message.offset, event::RejectReason::kNotJson, "empty message", "");
-  }
-  owned.next_offset = message.offset + 1;
   stats_.events.store(stats_.events.load(std::memory_order_relaxed) + parsed.events.size(),
                       std::memory_order_relaxed);
   if (!parsed.rejections.empty()) {

@@ -101,6 +101,15 @@ TEST_F(EventParserTest, BrokenBatchIsRejectedWhole) {
   EXPECT_EQ(parsed.rejections[0].reason, RejectReason::kNotJson);
 }
 
+TEST_F(EventParserTest, EmptyAndBlankMessagesAreNotJson) {
+  for (const std::string bytes : {"", "   \n", "{}x", "[1,"}) {
+    const ParsedMessage& parsed = parser_.Parse(bytes, kNow);
+    EXPECT_TRUE(parsed.events.empty()) << "'" << bytes << "'";
+    ASSERT_EQ(parsed.rejections.size(), 1u) << "'" << bytes << "'";
+    EXPECT_EQ(parsed.rejections[0].reason, RejectReason::kNotJson) << "'" << bytes << "'";
+  }
+}
+
 TEST_F(EventParserTest, LateWindowAndSkewFollowTheClock) {
   const std::string bytes =
       R"({"specversion":"1.0","id":"a","source":"s","type":"api_calls",)"

@@ -54,6 +54,11 @@ TEST(CliTest, BadFlagsFailWithOneClearLine) {
   Outcome missing = RunMeterd({"run", "--brokers", "127.0.0.1:1"});
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_NE(missing.stderr_text.find("--pg is required"), std::string::npos) << missing.stderr_text;
+  // A bare boolean flag needs no value.
+  Outcome bare_bool = RunMeterd({"run", "--billing", "--brokers", "127.0.0.1:1"});
+  EXPECT_EQ(bare_bool.exit_code, 1);
+  EXPECT_NE(bare_bool.stderr_text.find("--pg is required"), std::string::npos)
+      << bare_bool.stderr_text;
   Outcome bad_duration = RunMeterd({"run", "--flush-interval", "soon"});
   EXPECT_NE(bad_duration.exit_code, 0);
   EXPECT_NE(bad_duration.stderr_text.find("flush_interval"), std::string::npos)
