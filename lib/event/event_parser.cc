@@ -90,6 +90,8 @@ bool ReadRawString(od::value value, std::string_view* out) {
   return true;
 }
 
+using StringReader = bool (*)(od::value, std::string_view*);
+
 std::optional<int64_t> ParseQuantity(od::value value, Refusal* refusal) {
   int64_t quantity = 0;
   if (value.get_int64().get(quantity) != simdjson::SUCCESS) {
@@ -105,7 +107,7 @@ std::optional<int64_t> ParseQuantity(od::value value, Refusal* refusal) {
 }
 
 // Reads the "data" object: quantity (default 1) and industry (required).
-bool ParseData(od::value value, UsageEvent* event, Refusal* refusal) {
+bool ParseData(od::value value, UsageEvent* event, Refusal* refusal, StringReader read_string) {
   od::object data;
   if (value.get_object().get(data) != simdjson::SUCCESS) {
     *refusal = {RejectReason::kWrongType, "data must be an object"};
@@ -124,7 +126,7 @@ bool ParseData(od::value value, UsageEvent* event, Refusal* refusal) {
       event->quantity = *quantity;
     } else if (key == "industry") {
       std::string_view code;
-      if (!ReadString(field.value(), &code)) {
+      if (!read_string(field.value(), &code)) {
         *refusal = {RejectReason::kWrongType, "data.industry must be a string"};
         return false;
       }
@@ -272,10 +274,29 @@ void EventParser::ParseBatch(std::string_view padded_bytes, const Window& window
 
 void EventParser::ParseOne(bool element, std::string_view bytes, size_t capacity,
                            const Window& window) {
+  // Fast pass: strings are taken raw. A value with a JSON escape cannot pass the checks that
+  // follow (UUID, RFC 3339, meter and industry names, "1.0" admit no backslash), so only a
+  // refused event that holds a backslash is parsed again, decoding escapes.
+  if (!ParseOneWith(element, bytes, capacity, window, /*decode_escapes=*/false)) {
+    ParseOneWith(element, bytes, capacity, window, /*decode_escapes=*/true);
+  }
+}
+
+bool EventParser::ParseOneWith(bool element, std::string_view bytes, size_t capacity,
+                               const Window& window, bool decode_escapes) {
   od::parser& parser = element ? parsers_->element : parsers_->message;
+  const StringReader read = decode_escapes ? &ReadString : &ReadRawString;
   Refusal refusal{RejectReason::kNotJson, ""};
+  // Returns false (and records nothing) when the slow pass should decide instead.
   auto refuse = [&](RejectReason reason, std::string_view detail) {
+    const bool value_check = reason == RejectReason::kBadSpecVersion ||
+                             reason == RejectReason::kUnknownMeter ||
+                             reason == RejectReason::kBadOrgId ||
+                             reason == RejectReason::kBadIndustry ||
+                             reason == RejectReason::kBadTime;
+    if (!decode_escapes && value_check && bytes.find('\\') != std::string_view::npos) return false;
     result_.rejections.push_back({reason, detail, bytes});
+    return true;
   };
   od::document doc;
   if (parser.iterate(bytes.data(), bytes.size(), capacity).get(doc) != simdjson::SUCCESS) {
@@ -314,8 +335,8 @@ void EventParser::ParseOne(bool element, std::string_view bytes, size_t capacity
       return refuse(RejectReason::kNotJson, "malformed object key");
     }
     auto read_string = [&](std::string_view* out, bool* have, std::string_view detail,
-                           bool (*read)(od::value, std::string_view*) = &ReadString) {
-      if (!read(field.value(), out)) {
+                           StringReader reader) {
+      if (!reader(field.value(), out)) {
         refusal = {RejectReason::kWrongType, detail};
         return false;
       }
@@ -325,7 +346,7 @@ void EventParser::ParseOne(bool element, std::string_view bytes, size_t capacity
     bool ok = true;
     switch (Classify(key.raw())) {
       case Attribute::kSpecVersion:
-        ok = read_string(&spec_version, &have_spec, "specversion must be a string");
+        ok = read_string(&spec_version, &have_spec, "specversion must be a string", read);
         break;
       case Attribute::kId:
         ok = read_string(&event.id, &have_id, "id must be a string", &ReadRawString);
@@ -333,13 +354,13 @@ void EventParser::ParseOne(bool element, std::string_view bytes, size_t capacity
       case Attribute::kSource:
         ok = read_string(&event.source, &have_source, "source must be a string", &ReadRawString);
         break;
-      case Attribute::kType: ok = read_string(&meter_name, &have_type, "type must be a string"); break;
+      case Attribute::kType: ok = read_string(&meter_name, &have_type, "type must be a string", read); break;
       case Attribute::kSubject:
-        ok = read_string(&subject, &have_subject, "subject must be a string");
+        ok = read_string(&subject, &have_subject, "subject must be a string", read);
         break;
-      case Attribute::kTime: ok = read_string(&time_text, &have_time, "time must be a string"); break;
+      case Attribute::kTime: ok = read_string(&time_text, &have_time, "time must be a string", read); break;
       case Attribute::kData:
-        ok = ParseData(field.value(), &event, &refusal);
+        ok = ParseData(field.value(), &event, &refusal, read);
         have_data = true;
         break;
       case Attribute::kOther: break;
@@ -373,6 +394,7 @@ void EventParser::ParseOne(bool element, std::string_view bytes, size_t capacity
   }
   event.time_micros = *micros;
   result_.events.push_back(event);
+  return true;
 }
 
 }  // namespace meterd::event

@@ -48,6 +48,10 @@ class EventParser {
   struct SimdParsers;  // simdjson's types stay out of this header.
   void ParseBatch(std::string_view padded_bytes, const Window& window);
   void ParseOne(bool element, std::string_view bytes, size_t capacity, const Window& window);
+  // One pass; false when the event was refused on a value holding a JSON escape and was not
+  // decoding escapes (the caller then parses again with `decode_escapes`).
+  bool ParseOneWith(bool element, std::string_view bytes, size_t capacity, const Window& window,
+                    bool decode_escapes);
 
   const MeterRegistry* meters_;
   ParseLimits limits_;

@@ -101,6 +101,27 @@ TEST_F(EventParserTest, BrokenBatchIsRejectedWhole) {
   EXPECT_EQ(parsed.rejections[0].reason, RejectReason::kNotJson);
 }
 
+TEST_F(EventParserTest, EscapedValuesAreDecoded) {
+  // Legal JSON escapes in every value meterd interprets: the slow pass decodes them.
+  const std::string bytes =
+      R"({"specversion":"1\u002e0","id":"e\"1","source":"s","type":"api\u005fcalls",)"
+      R"("subject":"5f0d2c1e\u002d8a4b-4c3d-9e2f-1a2b3c4d5e6f","time":"2026-11-26T08:00:00\u005a",)"
+      R"("data":{"industry":"h\u0073"}})";
+  const ParsedMessage& parsed = parser_.Parse(bytes, kNow);
+  ASSERT_EQ(parsed.events.size(), 1u) << RejectReasonCode(parsed.rejections.at(0).reason);
+  EXPECT_EQ(OrgIdToString(parsed.events[0].org), "5f0d2c1e-8a4b-4c3d-9e2f-1a2b3c4d5e6f");
+  EXPECT_EQ(parsed.events[0].meter, 1);
+  EXPECT_EQ(parsed.events[0].industry, Industry::kHomeServices);
+  // A value that is wrong even decoded is refused once, with its reason.
+  const std::string bad = R"({"specversion":"1.0","id":"e","source":"s","type":"api\u005fcall",)"
+                          R"("subject":"5f0d2c1e-8a4b-4c3d-9e2f-1a2b3c4d5e6f",)"
+                          R"("time":"2026-11-26T08:00:00Z","data":{"industry":"hs"}})";
+  const ParsedMessage& refused = parser_.Parse(bad, kNow);
+  EXPECT_TRUE(refused.events.empty());
+  ASSERT_EQ(refused.rejections.size(), 1u);
+  EXPECT_EQ(refused.rejections[0].reason, RejectReason::kUnknownMeter);
+}
+
 TEST_F(EventParserTest, EmptyAndBlankMessagesAreNotJson) {
   for (const std::string bytes : {"", "   \n", "{}x", "[1,"}) {
     const ParsedMessage& parsed = parser_.Parse(bytes, kNow);
