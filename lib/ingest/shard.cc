@@ -90,6 +90,7 @@ void Shard::Drain() {
       Process(*batch_[i], now);
       rd_kafka_message_destroy(batch_[i]);
     }
+    adder_.Apply();  // Before anything else on this thread reads or moves the counters.
     stats_.messages.store(stats_.messages.load(std::memory_order_relaxed) + count,
                           std::memory_order_relaxed);
     const size_t live = LiveKeys();
@@ -130,7 +131,8 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   }
   const std::string_view bytes(static_cast<const char*>(message.payload), message.len);
   const event::ParsedMessage& parsed = parser_.Parse(bytes, now);
-  for (const event::UsageEvent& e : parsed.events) owned.deltas.Add(e);
+  adder_.Apply();  // The previous message's events, whose slots were prefetched meanwhile.
+  for (const event::UsageEvent& e : parsed.events) adder_.Stage(&owned.deltas, e);
   for (const event::Rejection& r : parsed.rejections) {
     owned.deltas.Reject(message.offset, r.reason, r.detail, r.raw);
   }

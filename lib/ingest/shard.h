@@ -112,6 +112,7 @@ class Shard {
 
   // Shard-thread state.
   event::EventParser parser_;
+  aggregate::PrefetchingAdder adder_;
   absl::flat_hash_map<int32_t, OwnedPartition> partitions_;
   std::vector<rd_kafka_message_t*> batch_;
   bool paused_ = false;

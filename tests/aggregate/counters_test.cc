@@ -25,6 +25,21 @@ TEST(CountersTest, AddSumsPerKey) {
   EXPECT_EQ(c.events, 4);
 }
 
+TEST(CountersTest, PrefetchingAdderAddsOnApplyToEachTarget) {
+  PartitionCounters p0, p1;
+  PrefetchingAdder adder;
+  adder.Stage(&p0, Event(1, 2));
+  adder.Stage(&p1, Event(1, 5));
+  adder.Stage(&p0, Event(1, 3));
+  EXPECT_TRUE(p0.counters.empty());  // Staged, not yet added.
+  adder.Apply();
+  EXPECT_EQ(p0.counters[CounterKey::Of(Event(1, 0))], 5);
+  EXPECT_EQ(p0.events, 2);
+  EXPECT_EQ(p1.counters[CounterKey::Of(Event(1, 0))], 5);
+  adder.Apply();  // Nothing staged: no change.
+  EXPECT_EQ(p0.counters[CounterKey::Of(Event(1, 0))], 5);
+}
+
 TEST(CountersTest, RejectCapsRawBytes) {
   PartitionCounters c;
   c.Reject(7, event::RejectReason::kNotJson, "x", std::string(5000, 'a'));
