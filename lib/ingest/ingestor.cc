@@ -153,7 +153,7 @@ void Ingestor::Revoke(rd_kafka_topic_partition_list_t* partitions) {
            rd_kafka_assignment_lost(consumer_) ? " (assignment lost)" : "");
   // Flush before acknowledging, so the next owner starts exactly where we stopped. Even for a
   // lost assignment this is safe: the offset CAS refuses if someone else already advanced it.
-  (void)flusher_->FlushAndRelease(revoked, kRebalanceDeadline);
+  last_revoke_status_ = flusher_->FlushAndRelease(revoked, kRebalanceDeadline);
   if (rd_kafka_error_t* error = rd_kafka_incremental_unassign(consumer_, partitions)) {
     LOG_ERROR("incremental unassign failed: {}", rd_kafka_error_string(error));
     rd_kafka_error_destroy(error);
@@ -221,9 +221,16 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
 
   LOG_INFO("stopping: flushing and leaving the group");
   // Close revokes every partition through OnRebalance, which flushes each before unassigning.
+  last_revoke_status_ = absl::OkStatus();
   err = rd_kafka_consumer_close(consumer_);
   if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
     LOG_WARN("consumer close: {}", rd_kafka_err2str(err));
+  }
+  if (result.ok() && !last_revoke_status_.ok()) {
+    // Nothing is lost (offsets were not advanced), but this was not a clean stop.
+    result = absl::UnavailableError(absl::StrCat(
+        "final flush failed (", last_revoke_status_.message(),
+        "); the unflushed events will be counted again from the offsets stored in Postgres"));
   }
   flusher_->Stop();
   // Anything still pending (a failed final flush) was already logged and left unadvanced.

@@ -64,6 +64,7 @@ class Ingestor {
   std::vector<std::unique_ptr<Shard>> shards_;
   std::unique_ptr<Flusher> flusher_;
   int64_t last_logged_events_ = 0;
+  absl::Status last_revoke_status_;  // Of the last revoke's flush; poll thread only.
 };
 
 }  // namespace meterd::ingest
