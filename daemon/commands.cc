@@ -1,5 +1,6 @@
 // Subcommands: each reads its flags, wires library objects together, and maps the result to an
 // exit code with one clear line on failure. No logic of its own.
+#include <atomic>
 #include <cstdio>
 #include <iostream>
 
@@ -7,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "daemon/flags.h"
+#include "daemon/metrics_endpoint.h"
 #include "lib/common/clock.h"
 #include "lib/common/logging.h"
 #include "lib/common/process.h"
@@ -67,11 +69,29 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   options.parse_limits.max_future_skew = absl::GetFlag(FLAGS_max_future_skew);
   ASSIGN_OR_RETURN(options.kafka_properties, ParseProperties(raw_properties));
 
+  // The endpoint starts first, so a bad --http-listen fails before anything connects and
+  // /healthz answers during start-up; it says 503 until the ingestor exists. Declared after
+  // what it reads, so it is destroyed first.
+  std::unique_ptr<billing::OverageWorker> overage;
+  std::unique_ptr<ingest::Ingestor> ingestor;
+  std::atomic<const ingest::Ingestor*> serving{nullptr};
+  std::unique_ptr<http::HttpServer> server;
+  if (const std::string listen = absl::GetFlag(FLAGS_http_listen); !listen.empty()) {
+    ASSIGN_OR_RETURN(server, http::HttpServer::Start(listen, [&](const std::string& path) {
+                       const ingest::Ingestor* current = serving.load();
+                       if (current == nullptr) {
+                         return http::Response{path == "/healthz" ? 200 : 503,
+                                               "text/plain; charset=utf-8", "starting\n"};
+                       }
+                       return ServeEndpoint(path, *current, overage.get());
+                     }));
+    LOG_INFO("http: /metrics, /healthz, /readyz on {} (port {})", listen, server->port());
+  }
+
   RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
   ASSIGN_OR_RETURN(event::MeterRegistry meters, store::LoadMeters(pg));
   ASSIGN_OR_RETURN(auto writer, store::PgFlushWriter::Create(
                                     pg, {options.group, options.topic}, &meters));
-  std::unique_ptr<billing::OverageWorker> overage;
   if (absl::GetFlag(FLAGS_billing)) {
     ASSIGN_OR_RETURN(overage, billing::OverageWorker::Create(pg, {}));
     options.on_committed = [worker = overage.get()](const std::vector<event::OrgId>& orgs) {
@@ -80,9 +100,13 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
     overage->Start();
   }
   InstallStopSignals();
-  ASSIGN_OR_RETURN(auto ingestor, ingest::Ingestor::Create(options, std::move(writer), &meters,
-                                                           &SystemClock::Get()));
-  RETURN_IF_ERROR(ingestor->Run([] { return StopRequested(); }));
+  ASSIGN_OR_RETURN(ingestor, ingest::Ingestor::Create(options, std::move(writer), &meters,
+                                                      &SystemClock::Get()));
+  serving.store(ingestor.get());
+  const absl::Status run = ingestor->Run([] { return StopRequested(); });
+  server.reset();
+  ingestor.reset();  // Its shard threads read `meters`, which is declared after it.
+  RETURN_IF_ERROR(run);
   if (overage) {
     overage->Stop();
     LOG_INFO("overage worker: {} refreshes, {} orgs refreshed, {} alerts, {} failures",
@@ -184,7 +208,7 @@ const std::vector<Subcommand>& Subcommands() {
       {"run", "consume usage events from Kafka into Postgres, exactly once",
        {"pg", "brokers", "topic", "group", "shards", "flush_interval", "max_unflushed_keys",
         "late_window", "max_future_skew", "stats_interval", "startup_timeout", "billing",
-        "kafka_property"},
+        "http_listen", "kafka_property"},
        &RunCommand},
       {"migrate", "apply the embedded schema migrations", {"pg"}, &MigrateCommand},
       {"close-period",

@@ -78,6 +78,7 @@ void Flusher::Loop() {
       }
       status = WritePendingLocked(std::move(sealed));
     }
+    stats_.last_ok.store(status.ok(), std::memory_order_relaxed);
     if (status.ok()) {
       backoff = absl::ZeroDuration();
       due = std::max(started + options_.interval, absl::Now());
@@ -124,6 +125,7 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
       stats_.last_events.store(events, std::memory_order_relaxed);
       StoreMax(stats_.max_rows, rows);
       StoreMax(stats_.max_events, events);
+      stats_.last_success_unix_ms.store(absl::ToUnixMillis(absl::Now()), std::memory_order_relaxed);
       LOG_DEBUG("flushed {} events as {} rows over {} partitions", events, rows, pending_.size());
       if (options_.on_committed) options_.on_committed(TouchedOrgs(pending_));
       pending_.clear();

@@ -35,6 +35,8 @@ struct FlushStats {
   std::atomic<int64_t> last_events{0};
   std::atomic<int64_t> max_rows{0};
   std::atomic<int64_t> max_events{0};
+  std::atomic<bool> last_ok{true};              // Did the latest attempt succeed?
+  std::atomic<int64_t> last_success_unix_ms{0};  // When a flush last committed (0: never).
 };
 
 // Every interval (or when a shard hits its key cap) seals every shard's counters by message

@@ -144,7 +144,9 @@ void Ingestor::Assign(rd_kafka_topic_partition_list_t* partitions) {
   if (rd_kafka_error_t* error = rd_kafka_incremental_assign(consumer_, partitions)) {
     LOG_ERROR("incremental assign failed: {}", rd_kafka_error_string(error));
     rd_kafka_error_destroy(error);
+    return;
   }
+  assigned_partitions_.fetch_add(partitions->cnt, std::memory_order_relaxed);
 }
 
 void Ingestor::Revoke(rd_kafka_topic_partition_list_t* partitions) {
@@ -154,20 +156,31 @@ void Ingestor::Revoke(rd_kafka_topic_partition_list_t* partitions) {
   // Flush before acknowledging, so the next owner starts exactly where we stopped. Even for a
   // lost assignment this is safe: the offset CAS refuses if someone else already advanced it.
   last_revoke_status_ = flusher_->FlushAndRelease(revoked, kRebalanceDeadline);
+  assigned_partitions_.fetch_sub(partitions->cnt, std::memory_order_relaxed);
   if (rd_kafka_error_t* error = rd_kafka_incremental_unassign(consumer_, partitions)) {
     LOG_ERROR("incremental unassign failed: {}", rd_kafka_error_string(error));
     rd_kafka_error_destroy(error);
   }
 }
 
-void Ingestor::LogStats(absl::Duration elapsed) {
-  int64_t events = 0, rejected = 0, live = 0, paused = 0;
+IngestSnapshot Ingestor::Snapshot() const {
+  IngestSnapshot s;
   for (const auto& shard : shards_) {
-    events += shard->stats().events.load(std::memory_order_relaxed);
-    rejected += shard->stats().rejected.load(std::memory_order_relaxed);
-    live += shard->stats().live_keys.load(std::memory_order_relaxed);
-    paused += shard->stats().paused.load(std::memory_order_relaxed) ? 1 : 0;
+    s.messages += shard->stats().messages.load(std::memory_order_relaxed);
+    s.events += shard->stats().events.load(std::memory_order_relaxed);
+    s.rejected += shard->stats().rejected.load(std::memory_order_relaxed);
+    s.unflushed_keys += shard->stats().live_keys.load(std::memory_order_relaxed);
+    s.paused_shards += shard->stats().paused.load(std::memory_order_relaxed) ? 1 : 0;
   }
+  s.assigned_partitions = assigned_partitions_.load(std::memory_order_relaxed);
+  s.shards = static_cast<int64_t>(shards_.size());
+  return s;
+}
+
+void Ingestor::LogStats(absl::Duration elapsed) {
+  const IngestSnapshot s = Snapshot();
+  const int64_t events = s.events, rejected = s.rejected, live = s.unflushed_keys,
+                paused = s.paused_shards;
   const FlushStats& f = flusher_->stats();
   LOG_INFO(
       "stats: {:.0f} events/s, {} events, {} rejected, {} unflushed keys, {} paused shards, "

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -31,6 +32,12 @@ struct IngestOptions {
   CommitListener on_committed;       // Told which orgs each committed flush touched.
 };
 
+// A consistent-enough view of the counters for /metrics and logs (each value is read atomically).
+struct IngestSnapshot {
+  int64_t messages = 0, events = 0, rejected = 0, unflushed_keys = 0, paused_shards = 0;
+  int64_t assigned_partitions = 0, shards = 0;
+};
+
 // The consumer: one librdkafka consumer in a group, its partitions spread over shard threads,
 // and the flusher. The calling thread runs the poll loop, which serves rebalance callbacks
 // and errors. Owns the shards, the flusher and the rd_kafka_t.
@@ -47,6 +54,8 @@ class Ingestor {
   absl::Status Run(const std::function<bool()>& stop);
 
   const FlushStats& flush_stats() const { return flusher_->stats(); }
+  // Thread-safe.
+  IngestSnapshot Snapshot() const;
 
  private:
   explicit Ingestor(IngestOptions options) : options_(std::move(options)) {}
@@ -64,6 +73,7 @@ class Ingestor {
   std::vector<std::unique_ptr<Shard>> shards_;
   std::unique_ptr<Flusher> flusher_;
   int64_t last_logged_events_ = 0;
+  std::atomic<int64_t> assigned_partitions_{0};
   absl::Status last_revoke_status_;  // Of the last revoke's flush; poll thread only.
 };
 

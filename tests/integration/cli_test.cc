@@ -59,6 +59,11 @@ TEST(CliTest, BadFlagsFailWithOneClearLine) {
   EXPECT_EQ(bare_bool.exit_code, 1);
   EXPECT_NE(bare_bool.stderr_text.find("--pg is required"), std::string::npos)
       << bare_bool.stderr_text;
+  Outcome bad_listen = RunMeterd({"run", "--pg", "postgresql://postgres@127.0.0.1:1/x?connect_timeout=1",
+                                  "--brokers", "127.0.0.1:1", "--http-listen", "localhost"});
+  EXPECT_EQ(bad_listen.exit_code, 1);
+  EXPECT_NE(bad_listen.stderr_text.find("--http-listen expects host:port"), std::string::npos)
+      << bad_listen.stderr_text;
   Outcome bad_duration = RunMeterd({"run", "--flush-interval", "soon"});
   EXPECT_NE(bad_duration.exit_code, 0);
   EXPECT_NE(bad_duration.stderr_text.find("flush_interval"), std::string::npos)

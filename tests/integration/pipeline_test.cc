@@ -35,14 +35,16 @@ class PipelineTest : public ::testing::Test {
   }
 
   std::unique_ptr<ChildProcess> StartMeterd(const std::string& label,
-                                           const std::string& flush_interval = "300ms") {
-    return std::make_unique<ChildProcess>(
-        std::vector<std::string>{MeterdBinary(), "run", "--pg", url_, "--brokers",
-                                 broker_->bootstrap(), "--topic", kTopic, "--group", "it",
-                                 "--shards", "2", "--flush-interval", flush_interval, "--stats-interval",
-                                 "2s", "--kafka-property", "session.timeout.ms=6000",
-                                 "--kafka-property", "heartbeat.interval.ms=500"},
-        absl::StrCat(dir_, "/meterd-", label, ".log"));
+                                           const std::string& flush_interval = "300ms",
+                                           std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {MeterdBinary(), "run", "--pg", url_, "--brokers",
+                                     broker_->bootstrap(), "--topic", kTopic, "--group", "it",
+                                     "--shards", "2", "--flush-interval", flush_interval,
+                                     "--stats-interval", "2s", "--kafka-property",
+                                     "session.timeout.ms=6000", "--kafka-property",
+                                     "heartbeat.interval.ms=500"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return std::make_unique<ChildProcess>(args, absl::StrCat(dir_, "/meterd-", label, ".log"));
   }
 
   std::unique_ptr<ChildProcess> StartLoadgen(int64_t events, int orgs, double malformed,
@@ -201,6 +203,35 @@ TEST_F(PipelineTest, PostgresOutagePausesAndLosesNothing) {
   const auto expected = FinishLoadgen(*loadgen);
   ExpectExact(expected);
   EXPECT_NE(ReadFile(meterd->log_path()).find("flush failed, retrying"), std::string::npos);
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
+TEST_F(PipelineTest, HttpEndpointServesMetricsAndReadiness) {
+  auto meterd = StartMeterd("a", "300ms", {"--http-listen", "127.0.0.1:0"});
+  // The port it bound is in its log.
+  int port = -1;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (port < 0 && absl::Now() < deadline) {
+    const std::string log = ReadFile(meterd->log_path());
+    const size_t at = log.find("(port ");
+    if (at != std::string::npos) port = std::stoi(log.substr(at + 6));
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_GT(port, 0) << ReadFile(meterd->log_path());
+  EXPECT_EQ(HttpGet(port, "/healthz").first, 200);
+  EXPECT_EQ(HttpGet(port, "/nope").first, 404);
+
+  auto loadgen = StartLoadgen(20'000, 100, 0.0, 0);
+  const auto expected = FinishLoadgen(*loadgen);
+  ExpectExact(expected);
+  EXPECT_EQ(HttpGet(port, "/readyz").first, 200);
+  const auto [status, metrics] = HttpGet(port, "/metrics");
+  EXPECT_EQ(status, 200);
+  EXPECT_NE(metrics.find("\nmeterd_events_total 20000\n"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("\nmeterd_flushed_events_total 20000\n"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("\nmeterd_assigned_partitions 64\n"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("# TYPE meterd_flushes_total counter"), std::string::npos);
   meterd->Signal(SIGTERM);
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
 }

@@ -84,6 +84,8 @@ int64_t SumOf(const devtools::ExpectedTotals& totals);
 // Produces `payloads` with message key `key` and waits until every one is acknowledged.
 void ProduceOrDie(const std::string& brokers, const std::string& topic, const std::string& key,
                   const std::vector<std::string>& payloads);
+// GET http://127.0.0.1:port/path; the status code and body (status -1 if unreachable).
+std::pair<int, std::string> HttpGet(int port, const std::string& path);
 // A CloudEvent for `org` stamped now.
 std::string UsageEventJson(const std::string& org, const std::string& meter, int64_t quantity,
                            const std::string& industry);
