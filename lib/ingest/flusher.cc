@@ -101,7 +101,12 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
       aggregate::MergeInto(*it, std::move(s));
     }
   }
-  if (pending_.empty()) return absl::OkStatus();
+  if (pending_.empty()) {
+    // Nothing to write; if deltas were given up (a revoke during an outage) the shards resume
+    // and the next flush tells whether Postgres is back.
+    if (shards_paused_) ResumeShardsLocked();
+    return absl::OkStatus();
+  }
 
   int64_t events = 0;
   for (const SealedPartition& p : pending_) events += p.deltas.events;
@@ -129,8 +134,7 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
       LOG_DEBUG("flushed {} events as {} rows over {} partitions", events, rows, pending_.size());
       if (options_.on_committed) options_.on_committed(TouchedOrgs(pending_));
       pending_.clear();
-      for (Shard* shard : shards_) shard->Resume();
-      shards_paused_ = false;
+      ResumeShardsLocked();
       return absl::OkStatus();
     }
     for (const store::FencedPartition& f : outcome->fenced) {
@@ -144,9 +148,19 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
       });
       ShardFor(f.partition)->ResetPartition(f.partition, f.stored_offset);
     }
-    if (pending_.empty()) return absl::OkStatus();
+    if (pending_.empty()) {
+      // Everything was fenced (e.g. the retry of a commit that did succeed): nothing left to
+      // write, so whatever paused the shards is over.
+      ResumeShardsLocked();
+      return absl::OkStatus();
+    }
   }
   return absl::AbortedError("offset fence kept failing");
+}
+
+void Flusher::ResumeShardsLocked() {
+  for (Shard* shard : shards_) shard->Resume();
+  shards_paused_ = false;
 }
 
 absl::Status Flusher::FlushAndRelease(const std::vector<int32_t>& partitions,

@@ -69,6 +69,7 @@ class Flusher {
   void Loop();
   // With mu_ held: merge `fresh` into pending_, write, handle fenced partitions.
   absl::Status WritePendingLocked(std::vector<aggregate::SealedPartition> fresh);
+  void ResumeShardsLocked();
   Shard* ShardFor(int32_t partition) const { return shards_[partition % shards_.size()]; }
 
   const std::vector<Shard*> shards_;
