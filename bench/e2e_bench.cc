@@ -12,8 +12,8 @@
 #include <vector>
 
 #include <librdkafka/rdkafka.h>
-#include <pqxx/pqxx>
 #include <simdjson.h>
+#include <pqxx/pqxx>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -37,7 +37,8 @@ namespace {
   std::exit(1);
 }
 
-rd_kafka_t* NewClient(rd_kafka_type_t type, std::vector<std::pair<std::string, std::string>> props) {
+rd_kafka_t* NewClient(rd_kafka_type_t type,
+                      std::vector<std::pair<std::string, std::string>> props) {
   char error[512];
   rd_kafka_conf_t* conf = rd_kafka_conf_new();
   props.emplace_back("bootstrap.servers", absl::GetFlag(FLAGS_brokers));
@@ -55,13 +56,14 @@ rd_kafka_t* NewClient(rd_kafka_type_t type, std::vector<std::pair<std::string, s
 // measurement is consumption alone).
 rd_kafka_t* AssignedConsumer() {
   rd_kafka_t* rk = NewClient(RD_KAFKA_CONSUMER, {{"group.id", "e2e-bench-raw"},
-                                                  {"enable.auto.commit", "false"},
-                                                  {"fetch.max.bytes", "16777216"}});
+                                                 {"enable.auto.commit", "false"},
+                                                 {"fetch.max.bytes", "16777216"}});
   rd_kafka_poll_set_consumer(rk);
   rd_kafka_topic_t* handle = rd_kafka_topic_new(rk, absl::GetFlag(FLAGS_topic).c_str(), nullptr);
   const rd_kafka_metadata_t* md = nullptr;
   if (rd_kafka_metadata(rk, 0, handle, &md, 15'000) != RD_KAFKA_RESP_ERR_NO_ERROR) Die("metadata");
-  rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(md->topics[0].partition_cnt);
+  rd_kafka_topic_partition_list_t* list =
+      rd_kafka_topic_partition_list_new(md->topics[0].partition_cnt);
   for (int p = 0; p < md->topics[0].partition_cnt; ++p) {
     rd_kafka_topic_partition_list_add(list, absl::GetFlag(FLAGS_topic).c_str(), p)->offset =
         RD_KAFKA_OFFSET_BEGINNING;
@@ -112,7 +114,8 @@ int Raw() {
                                   [&](const rd_kafka_message_t& m) { bytes += m.len; });
   rd_kafka_consumer_close(rk);
   rd_kafka_destroy(rk);
-  std::printf(R"({"events":%lld,"bytes":%lld,"seconds":%.3f,"events_per_second":%.0f})" "\n",
+  std::printf(R"({"events":%lld,"bytes":%lld,"seconds":%.3f,"events_per_second":%.0f})"
+              "\n",
               static_cast<long long>(absl::GetFlag(FLAGS_events)), static_cast<long long>(bytes),
               seconds, absl::GetFlag(FLAGS_events) / seconds);
   return 0;
@@ -124,31 +127,34 @@ int Naive() {
   rd_kafka_t* rk = AssignedConsumer();
   simdjson::dom::parser parser;
   int64_t failed = 0;
-  const double seconds = ConsumeN(rk, absl::GetFlag(FLAGS_events), [&](const rd_kafka_message_t& m) {
-    simdjson::dom::element doc;
-    if (parser.parse(static_cast<const char*>(m.payload), m.len).get(doc) != simdjson::SUCCESS) {
-      ++failed;
-      return;
-    }
-    std::string_view subject, type, industry;
-    int64_t quantity = 1;
-    if (doc["subject"].get(subject) || doc["type"].get(type) ||
-        doc["data"]["industry"].get(industry)) {
-      ++failed;
-      return;
-    }
-    if (doc["data"]["quantity"].get(quantity) != simdjson::SUCCESS) quantity = 1;
-    try {
-      pqxx::nontransaction tx(conn);
-      tx.exec_prepared("increment", std::string(subject), std::string(type), quantity,
-                       std::string(industry));
-    } catch (const std::exception&) {
-      ++failed;  // Malformed events the seed would have refused.
-    }
-  });
+  const double seconds =
+      ConsumeN(rk, absl::GetFlag(FLAGS_events), [&](const rd_kafka_message_t& m) {
+        simdjson::dom::element doc;
+        if (parser.parse(static_cast<const char*>(m.payload), m.len).get(doc) !=
+            simdjson::SUCCESS) {
+          ++failed;
+          return;
+        }
+        std::string_view subject, type, industry;
+        int64_t quantity = 1;
+        if (doc["subject"].get(subject) || doc["type"].get(type) ||
+            doc["data"]["industry"].get(industry)) {
+          ++failed;
+          return;
+        }
+        if (doc["data"]["quantity"].get(quantity) != simdjson::SUCCESS) quantity = 1;
+        try {
+          pqxx::nontransaction tx(conn);
+          tx.exec_prepared("increment", std::string(subject), std::string(type), quantity,
+                           std::string(industry));
+        } catch (const std::exception&) {
+          ++failed;  // Malformed events the seed would have refused.
+        }
+      });
   rd_kafka_consumer_close(rk);
   rd_kafka_destroy(rk);
-  std::printf(R"({"events":%lld,"refused":%lld,"seconds":%.3f,"events_per_second":%.1f})" "\n",
+  std::printf(R"({"events":%lld,"refused":%lld,"seconds":%.3f,"events_per_second":%.1f})"
+              "\n",
               static_cast<long long>(absl::GetFlag(FLAGS_events)), static_cast<long long>(failed),
               seconds, absl::GetFlag(FLAGS_events) / seconds);
   return 0;
@@ -156,8 +162,7 @@ int Naive() {
 
 std::string EventJson(const std::string& org, std::string_view industry) {
   return absl::StrCat(R"({"specversion":"1.0","id":"lat-)", absl::ToUnixNanos(absl::Now()),
-                      R"(","source":"bench","type":"api_calls","subject":")", org,
-                      R"(","time":")",
+                      R"(","source":"bench","type":"api_calls","subject":")", org, R"(","time":")",
                       absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()),
                       R"(","data":{"quantity":1,"industry":")", std::string(industry), R"("}})");
 }
@@ -181,8 +186,8 @@ int Latency() {
     while (rd_kafka_producev(producer, RD_KAFKA_V_TOPIC(absl::GetFlag(FLAGS_topic).c_str()),
                              RD_KAFKA_V_KEY(org.data(), org.size()),
                              RD_KAFKA_V_VALUE(const_cast<char*>(payload.data()), payload.size()),
-                             RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END) ==
-           RD_KAFKA_RESP_ERR__QUEUE_FULL) {
+                             RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                             RD_KAFKA_V_END) == RD_KAFKA_RESP_ERR__QUEUE_FULL) {
       rd_kafka_poll(producer, 10);
     }
   };
@@ -216,7 +221,8 @@ int Latency() {
       last_check = now;
       std::string pending = "{";
       for (const Probe& p : probes) {
-        if (p.latency == absl::InfiniteDuration()) absl::StrAppend(&pending, pending.size() > 1 ? "," : "", p.org);
+        if (p.latency == absl::InfiniteDuration())
+          absl::StrAppend(&pending, pending.size() > 1 ? "," : "", p.org);
       }
       pending += "}";
       if (pending == "{}" && now - start >= length) break;
@@ -249,10 +255,14 @@ int Latency() {
   std::string all;
   for (double v : ms) absl::StrAppend(&all, static_cast<int>(v), " ");
   std::fprintf(stderr, "e2e_bench: probe latencies (ms): %s\n", all.c_str());
-  auto pct = [&](double q) { return ms.empty() ? -1.0 : ms[std::min(ms.size() - 1, static_cast<size_t>(q * ms.size()))]; };
-  std::printf(R"({"probes":%zu,"not_visible":%lld,"background_events":%lld,"p50_ms":%.1f,"p99_ms":%.1f,"max_ms":%.1f})" "\n",
-              probes.size(), static_cast<long long>(lost), static_cast<long long>(sent), pct(0.5),
-              pct(0.99), ms.empty() ? -1.0 : ms.back());
+  auto pct = [&](double q) {
+    return ms.empty() ? -1.0 : ms[std::min(ms.size() - 1, static_cast<size_t>(q * ms.size()))];
+  };
+  std::printf(
+      R"({"probes":%zu,"not_visible":%lld,"background_events":%lld,"p50_ms":%.1f,"p99_ms":%.1f,"max_ms":%.1f})"
+      "\n",
+      probes.size(), static_cast<long long>(lost), static_cast<long long>(sent), pct(0.5),
+      pct(0.99), ms.empty() ? -1.0 : ms.back());
   return lost == 0 ? 0 : 1;
 }
 

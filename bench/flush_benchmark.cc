@@ -49,8 +49,8 @@ SealedPartition Batch(int rows, int64_t expected, int64_t next) {
 // meterd's writer: offset CAS + COPY of pre-formatted rows + one INSERT … SELECT … ON CONFLICT.
 void BM_FlushWriter(benchmark::State& state) {
   static int run = 0;  // Google Benchmark calls this more than once: a fresh partition each time.
-  auto writer = store::PgFlushWriter::Create(Url(), {"bench", absl::StrCat("writer", run++)},
-                                             &Meters());
+  auto writer =
+      store::PgFlushWriter::Create(Url(), {"bench", absl::StrCat("writer", run++)}, &Meters());
   if (!writer.ok()) return state.SkipWithError(std::string(writer.status().message()).c_str());
   int64_t offset = SealedPartition::kNoStoredOffset;
   int64_t rows = 0;
@@ -107,22 +107,23 @@ void BM_FlushCopy(benchmark::State& state) {
   int64_t rows = 0;
   for (auto _ : state) {
     pqxx::work tx(conn);
-    tx.exec0("CREATE TEMP TABLE flush_rows (org_id uuid, meter text, industry text, day int, "
-             "quantity bigint) ON COMMIT DROP");
+    tx.exec0(
+        "CREATE TEMP TABLE flush_rows (org_id uuid, meter text, industry text, day int, "
+        "quantity bigint) ON COMMIT DROP");
     {
       pqxx::stream_to stream(tx, "flush_rows");
       for (const auto& [key, quantity] : rows_in) {
-        stream << std::make_tuple(event::OrgIdToString(key.org),
-                                  std::string(Meters().Name(key.meter)),
-                                  std::string(event::IndustryCode(key.industry)), key.day,
-                                  quantity);
+        stream << std::make_tuple(
+            event::OrgIdToString(key.org), std::string(Meters().Name(key.meter)),
+            std::string(event::IndustryCode(key.industry)), key.day, quantity);
       }
       stream.complete();
     }
-    tx.exec0("INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, "
-             "quantity) SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity "
-             "FROM flush_rows ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
-             "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()");
+    tx.exec0(
+        "INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, "
+        "quantity) SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity "
+        "FROM flush_rows ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
+        "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()");
     tx.commit();
     rows += static_cast<int64_t>(rows_in.size());
   }

@@ -113,8 +113,8 @@ void BM_Aggregate(benchmark::State& state) {
     for (const auto& e : events) counters.Add(e);
   }
   state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(events.size()));
-  const size_t bytes = counters.counters.capacity() *
-                       (sizeof(std::pair<const CounterKey, int64_t>) + 1);
+  const size_t bytes =
+      counters.counters.capacity() * (sizeof(std::pair<const CounterKey, int64_t>) + 1);
   state.counters["live_keys"] = static_cast<double>(counters.counters.size());
   state.counters["bytes_per_key"] =
       static_cast<double>(bytes) / static_cast<double>(counters.counters.size());

@@ -9,11 +9,11 @@
 #include "absl/time/clock.h"
 #include "daemon/flags.h"
 #include "daemon/metrics_endpoint.h"
+#include "lib/billing/close_period.h"
+#include "lib/billing/overage_worker.h"
 #include "lib/common/clock.h"
 #include "lib/common/logging.h"
 #include "lib/common/process.h"
-#include "lib/billing/close_period.h"
-#include "lib/billing/overage_worker.h"
 #include "lib/common/status_macros.h"
 #include "lib/devtools/dev_broker.h"
 #include "lib/devtools/loadgen.h"
@@ -90,8 +90,8 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
 
   RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
   ASSIGN_OR_RETURN(event::MeterRegistry meters, store::LoadMeters(pg));
-  ASSIGN_OR_RETURN(auto writer, store::PgFlushWriter::Create(
-                                    pg, {options.group, options.topic}, &meters));
+  ASSIGN_OR_RETURN(auto writer,
+                   store::PgFlushWriter::Create(pg, {options.group, options.topic}, &meters));
   if (absl::GetFlag(FLAGS_billing)) {
     ASSIGN_OR_RETURN(overage, billing::OverageWorker::Create(pg, {}));
     options.on_committed = [worker = overage.get()](const std::vector<event::OrgId>& orgs) {
@@ -100,8 +100,8 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
     overage->Start();
   }
   InstallStopSignals();
-  ASSIGN_OR_RETURN(ingestor, ingest::Ingestor::Create(options, std::move(writer), &meters,
-                                                      &SystemClock::Get()));
+  ASSIGN_OR_RETURN(
+      ingestor, ingest::Ingestor::Create(options, std::move(writer), &meters, &SystemClock::Get()));
   serving.store(ingestor.get());
   const absl::Status run = ingestor->Run([] { return StopRequested(); });
   server.reset();
@@ -179,7 +179,6 @@ absl::Status Loadgen(const std::vector<std::string>& raw_properties) {
   return absl::OkStatus();
 }
 
-
 int RunCommand(const std::vector<std::string>& p) {
   absl::Status s = Run(p);
   return s.ok() ? 0 : Fail("run", s);
@@ -205,7 +204,8 @@ int LoadgenCommand(const std::vector<std::string>& p) {
 
 const std::vector<Subcommand>& Subcommands() {
   static const std::vector<Subcommand> kSubcommands = {
-      {"run", "consume usage events from Kafka into Postgres, exactly once",
+      {"run",
+       "consume usage events from Kafka into Postgres, exactly once",
        {"pg", "brokers", "topic", "group", "shards", "flush_interval", "max_unflushed_keys",
         "late_window", "max_future_skew", "stats_interval", "startup_timeout", "billing",
         "http_listen", "kafka_property"},
@@ -213,11 +213,14 @@ const std::vector<Subcommand>& Subcommands() {
       {"migrate", "apply the embedded schema migrations", {"pg"}, &MigrateCommand},
       {"close-period",
        "invoice every subscription period that has ended (the monthly cron); idempotent",
-       {"pg", "as_of"}, &ClosePeriodCommand},
+       {"pg", "as_of"},
+       &ClosePeriodCommand},
       {"dev-broker",
        "start an embedded Kafka (librdkafka mock cluster) on 127.0.0.1; prints its address",
-       {"topic", "partitions"}, &DevBrokerCommand},
-      {"loadgen", "produce generated usage events and print the expected totals as JSON",
+       {"topic", "partitions"},
+       &DevBrokerCommand},
+      {"loadgen",
+       "produce generated usage events and print the expected totals as JSON",
        {"brokers", "topic", "events", "orgs", "malformed_share", "expected_out", "days", "seed",
         "rate", "kafka_property"},
        &LoadgenCommand},

@@ -20,12 +20,15 @@ using meterd::daemon::Subcommand;
 std::string Dashed(const char* flag) { return absl::StrReplaceAll(flag, {{"_", "-"}}); }
 
 void PrintUsage() {
-  std::printf("meterd: exactly-once usage metering, Kafka -> Postgres\n\nUsage: meterd COMMAND [flags]\n\nCommands:\n");
+  std::printf(
+      "meterd: exactly-once usage metering, Kafka -> Postgres\n\nUsage: meterd COMMAND "
+      "[flags]\n\nCommands:\n");
   for (const Subcommand& c : meterd::daemon::Subcommands()) {
     std::printf("  %-12s %s\n", c.name, c.summary);
   }
-  std::printf("\n`meterd COMMAND --help` lists a command's flags. Every flag can also be set in the\n"
-              "environment as METERD_<FLAG> (e.g. METERD_PG); a flag on the command line wins.\n");
+  std::printf(
+      "\n`meterd COMMAND --help` lists a command's flags. Every flag can also be set in the\n"
+      "environment as METERD_<FLAG> (e.g. METERD_PG); a flag on the command line wins.\n");
 }
 
 void PrintCommandHelp(const Subcommand& c) {

@@ -20,13 +20,15 @@ void MergeInto(SealedPartition& earlier, SealedPartition&& later) {
   if (earlier.deltas.counters.empty()) {
     earlier.deltas.counters = std::move(later.deltas.counters);
   } else {
-    for (const auto& [key, quantity] : later.deltas.counters) earlier.deltas.counters[key] += quantity;
+    for (const auto& [key, quantity] : later.deltas.counters)
+      earlier.deltas.counters[key] += quantity;
   }
   for (auto& r : later.deltas.rejected) earlier.deltas.rejected.push_back(std::move(r));
   earlier.deltas.events += later.deltas.events;
 }
 
-std::vector<std::pair<CounterKey, int64_t>> DistinctRows(const std::vector<SealedPartition>& batch) {
+std::vector<std::pair<CounterKey, int64_t>> DistinctRows(
+    const std::vector<SealedPartition>& batch) {
   std::vector<std::pair<CounterKey, int64_t>> rows;
   size_t total = 0;
   for (const auto& p : batch) total += p.deltas.counters.size();

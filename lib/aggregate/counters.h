@@ -68,8 +68,9 @@ struct PartitionCounters {
 
 // Adds events one message late, after prefetching their counter slots, so the cache miss on
 // a big map overlaps the parsing of the next message (parse+aggregate at 90k live keys:
-// median of 7 repetitions 2.84M vs 2.74M events/s, bench/parse_aggregate_benchmark). Owned by one shard thread. Apply() before
-// anything reads or moves the counters (the shard applies at the end of every batch).
+// median of 7 repetitions 2.84M vs 2.74M events/s, bench/parse_aggregate_benchmark). Owned by one
+// shard thread. Apply() before anything reads or moves the counters (the shard applies at the end
+// of every batch).
 class PrefetchingAdder {
  public:
   void Stage(PartitionCounters* target, const event::UsageEvent& e) {

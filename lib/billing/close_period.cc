@@ -20,14 +20,14 @@ absl::StatusOr<CloseSummary> ClosePeriods(const std::string& conninfo, absl::Tim
         tx.exec_params1("SELECT shared.reset_monthly_usage($1::timestamptz)", as_of_text)[0]
             .as<int64_t>();
     // Invoices created by this transaction carry its start time.
-    for (const auto& row : tx.exec(
-             "SELECT i.plan_id, count(DISTINCT i.invoice_id), "
-             "coalesce(sum(l.amount_micros), 0), "
-             "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'base_fee'), 0), "
-             "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'usage'), 0), "
-             "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'adjustment'), 0) "
-             "FROM shared.invoices i JOIN shared.invoice_lines l USING (invoice_id) "
-             "WHERE i.created_at = now() GROUP BY i.plan_id ORDER BY i.plan_id")) {
+    for (const auto& row :
+         tx.exec("SELECT i.plan_id, count(DISTINCT i.invoice_id), "
+                 "coalesce(sum(l.amount_micros), 0), "
+                 "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'base_fee'), 0), "
+                 "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'usage'), 0), "
+                 "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'adjustment'), 0) "
+                 "FROM shared.invoices i JOIN shared.invoice_lines l USING (invoice_id) "
+                 "WHERE i.created_at = now() GROUP BY i.plan_id ORDER BY i.plan_id")) {
       PlanInvoices& p = summary.by_plan[row[0].as<std::string>()];
       p.invoices = row[1].as<int64_t>();
       p.total_micros = row[2].as<int64_t>();
@@ -47,8 +47,8 @@ std::string CloseSummaryJson(const CloseSummary& summary) {
     absl::StrAppend(&plans, plans.empty() ? "" : ",",
                     absl::StrFormat(R"("%s":{"invoices":%d,"total_micros":%d,"base_micros":%d,)"
                                     R"("usage_micros":%d,"adjustment_micros":%d})",
-                                    plan, p.invoices, p.total_micros, p.base_micros,
-                                    p.usage_micros, p.adjustment_micros));
+                                    plan, p.invoices, p.total_micros, p.base_micros, p.usage_micros,
+                                    p.adjustment_micros));
   }
   return absl::StrFormat(R"({"invoices_created":%d,"by_plan":{%s}})", summary.invoices_created,
                          plans);

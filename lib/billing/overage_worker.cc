@@ -18,7 +18,9 @@ absl::StatusOr<std::unique_ptr<OverageWorker>> OverageWorker::Create(std::string
 
 OverageWorker::~OverageWorker() { Stop(absl::ZeroDuration()); }
 
-void OverageWorker::Start() { thread_ = std::thread([this] { Loop(); }); }
+void OverageWorker::Start() {
+  thread_ = std::thread([this] { Loop(); });
+}
 
 void OverageWorker::Stop(absl::Duration deadline) {
   {
@@ -40,8 +42,9 @@ void OverageWorker::OrgsTouched(const std::vector<event::OrgId>& orgs) {
     if (pending_.size() > options_.max_pending_orgs) {
       pending_.clear();
       overflowed_ = true;
-      LOG_WARN("overage worker: more than {} orgs pending; next refresh covers every subscribed org",
-               options_.max_pending_orgs);
+      LOG_WARN(
+          "overage worker: more than {} orgs pending; next refresh covers every subscribed org",
+          options_.max_pending_orgs);
     }
     stats_.pending_orgs.store(static_cast<int64_t>(pending_.size()), std::memory_order_relaxed);
   }
@@ -96,8 +99,9 @@ absl::Status OverageWorker::Refresh(const std::vector<event::OrgId>& orgs, bool 
     int64_t alerts = 0;
     if (all_subscribed) {
       pqxx::work tx(*conn_);
-      alerts += tx.exec1("SELECT shared.refresh_usage_charges(array_agg(org_id)) "
-                         "FROM shared.subscriptions WHERE status <> 'ended'")[0]
+      alerts += tx.exec1(
+                      "SELECT shared.refresh_usage_charges(array_agg(org_id)) "
+                      "FROM shared.subscriptions WHERE status <> 'ended'")[0]
                     .as<int64_t>(0);
       tx.commit();
     }
@@ -113,8 +117,9 @@ absl::Status OverageWorker::Refresh(const std::vector<event::OrgId>& orgs, bool 
       }
       array += '}';
       pqxx::work tx(*conn_);
-      alerts += tx.exec_params1("SELECT shared.refresh_usage_charges($1::uuid[])", array)[0]
-                    .as<int64_t>(0);
+      alerts +=
+          tx.exec_params1("SELECT shared.refresh_usage_charges($1::uuid[])", array)[0].as<int64_t>(
+              0);
       tx.commit();
       stats_.orgs_refreshed.fetch_add(static_cast<int64_t>(end - start), std::memory_order_relaxed);
     }

@@ -72,4 +72,3 @@ class OverageWorker {
 };
 
 }  // namespace meterd::billing
-

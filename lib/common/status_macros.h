@@ -7,9 +7,9 @@
 #define METERD_CONCAT_INNER(a, b) a##b
 #define METERD_CONCAT(a, b) METERD_CONCAT_INNER(a, b)
 
-#define RETURN_IF_ERROR(expr)                \
-  do {                                       \
-    ::absl::Status meterd_status_ = (expr);  \
+#define RETURN_IF_ERROR(expr)                        \
+  do {                                               \
+    ::absl::Status meterd_status_ = (expr);          \
     if (!meterd_status_.ok()) return meterd_status_; \
   } while (0)
 

@@ -27,11 +27,21 @@ uint64_t SplitMix64(uint64_t& state) {
 constexpr const char* kMeters[] = {"api_calls", "data_exports", "ai_requests"};
 
 // Malformed kinds loadgen mixes in, each with the reason meterd must give.
-enum class Malformed { kNotJson, kUnknownMeter, kBadOrg, kBadQuantity, kBadIndustry, kMissingSubject,
-                       kFuture, kBadTime, kCount };
+enum class Malformed {
+  kNotJson,
+  kUnknownMeter,
+  kBadOrg,
+  kBadQuantity,
+  kBadIndustry,
+  kMissingSubject,
+  kFuture,
+  kBadTime,
+  kCount
+};
 
 std::string FormatTime(int64_t micros) {
-  return absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::FromUnixMicros(micros), absl::UTCTimeZone());
+  return absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::FromUnixMicros(micros),
+                          absl::UTCTimeZone());
 }
 
 struct DeliveryCounts {
@@ -110,8 +120,8 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
   }
   if (partitions <= 0) {
     rd_kafka_destroy(producer);
-    return absl::UnavailableError(absl::StrCat("cannot read partitions of topic '", options.topic,
-                                               "' at ", options.brokers));
+    return absl::UnavailableError(
+        absl::StrCat("cannot read partitions of topic '", options.topic, "' at ", options.brokers));
   }
 
   std::vector<std::string> org_text(options.orgs);
@@ -152,17 +162,42 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
     std::string reason;
     bool omit_subject = false;
     if (malformed) {
-      const auto kind = static_cast<Malformed>(malformed_kind++ % static_cast<int>(Malformed::kCount));
+      const auto kind =
+          static_cast<Malformed>(malformed_kind++ % static_cast<int>(Malformed::kCount));
       switch (kind) {
-        case Malformed::kNotJson: reason = "not_json"; break;
-        case Malformed::kUnknownMeter: meter_name = "teleports"; reason = "unknown_meter"; break;
-        case Malformed::kBadOrg: subject_text = "org-" + subject.substr(0, 8); reason = "bad_org_id"; break;
-        case Malformed::kBadQuantity: quantity_text = "-5"; reason = "bad_quantity"; break;
-        case Malformed::kBadIndustry: industry_text = "mining"; reason = "bad_industry"; break;
-        case Malformed::kMissingSubject: omit_subject = true; reason = "missing_field"; break;
-        case Malformed::kFuture: time_text = FormatTime(now_micros + 86'400'000'000LL); reason = "time_in_future"; break;
-        case Malformed::kBadTime: time_text = "yesterday"; reason = "bad_time"; break;
-        case Malformed::kCount: break;
+        case Malformed::kNotJson:
+          reason = "not_json";
+          break;
+        case Malformed::kUnknownMeter:
+          meter_name = "teleports";
+          reason = "unknown_meter";
+          break;
+        case Malformed::kBadOrg:
+          subject_text = "org-" + subject.substr(0, 8);
+          reason = "bad_org_id";
+          break;
+        case Malformed::kBadQuantity:
+          quantity_text = "-5";
+          reason = "bad_quantity";
+          break;
+        case Malformed::kBadIndustry:
+          industry_text = "mining";
+          reason = "bad_industry";
+          break;
+        case Malformed::kMissingSubject:
+          omit_subject = true;
+          reason = "missing_field";
+          break;
+        case Malformed::kFuture:
+          time_text = FormatTime(now_micros + 86'400'000'000LL);
+          reason = "time_in_future";
+          break;
+        case Malformed::kBadTime:
+          time_text = "yesterday";
+          reason = "bad_time";
+          break;
+        case Malformed::kCount:
+          break;
       }
     }
     payload = absl::StrFormat(
@@ -174,10 +209,10 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
 
     while (true) {
       rd_kafka_resp_err_t err = rd_kafka_producev(
-          producer, RD_KAFKA_V_TOPIC(options.topic.c_str()),
-          RD_KAFKA_V_PARTITION(org % partitions), RD_KAFKA_V_KEY(subject.data(), subject.size()),
-          RD_KAFKA_V_VALUE(payload.data(), payload.size()), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-          RD_KAFKA_V_END);
+          producer, RD_KAFKA_V_TOPIC(options.topic.c_str()), RD_KAFKA_V_PARTITION(org % partitions),
+          RD_KAFKA_V_KEY(subject.data(), subject.size()),
+          RD_KAFKA_V_VALUE(payload.data(), payload.size()),
+          RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
       if (err == RD_KAFKA_RESP_ERR_NO_ERROR) break;
       if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL) {
         rd_kafka_destroy(producer);
@@ -199,7 +234,8 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
     }
     if (options.rate > 0 && result.produced % 500 == 0) {
       // Pace to the requested rate: sleep until this many events are due.
-      const absl::Time due = start + absl::Seconds(static_cast<double>(result.produced) / options.rate);
+      const absl::Time due =
+          start + absl::Seconds(static_cast<double>(result.produced) / options.rate);
       if (due > absl::Now()) absl::SleepFor(due - absl::Now());
     }
     if (options.progress && absl::Now() - last_progress >= absl::Seconds(1)) {
@@ -223,14 +259,16 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
 std::string SummaryJson(const LoadgenResult& result) {
   auto object = [](const std::map<std::string, int64_t>& m) {
     std::string out = "{";
-    for (const auto& [k, v] : m) absl::StrAppend(&out, out.size() > 1 ? "," : "", "\"", k, "\":", v);
+    for (const auto& [k, v] : m)
+      absl::StrAppend(&out, out.size() > 1 ? "," : "", "\"", k, "\":", v);
     return out + "}";
   };
   return absl::StrFormat(
       R"({"interrupted":%s,"produced":%d,"valid":%d,"malformed":%d,"distinct_keys":%d,"seconds":%.3f,"events_per_second":%.0f,"quantity_by_meter":%s,"malformed_by_reason":%s})",
-      result.interrupted ? "true" : "false", result.produced, result.valid, result.malformed, result.totals.size(), result.seconds,
-      result.seconds > 0 ? result.produced / result.seconds : 0.0,
-      object(result.quantity_by_meter), object(result.malformed_by_reason));
+      result.interrupted ? "true" : "false", result.produced, result.valid, result.malformed,
+      result.totals.size(), result.seconds,
+      result.seconds > 0 ? result.produced / result.seconds : 0.0, object(result.quantity_by_meter),
+      object(result.malformed_by_reason));
 }
 
 absl::Status WriteExpectedCsv(const LoadgenResult& result, const std::string& path) {

@@ -19,16 +19,16 @@ struct LoadgenOptions {
   int64_t events = 100'000;
   int orgs = 1000;
   double malformed_share = 0;
-  int days = 3;          // Event times spread over the last `days` days.
+  int days = 3;  // Event times spread over the last `days` days.
   uint64_t seed = 1;
-  int64_t rate = 0;      // Events per second; 0 = as fast as possible.
+  int64_t rate = 0;  // Events per second; 0 = as fast as possible.
   ingest::KafkaProperties kafka_properties;
   std::function<void(int64_t produced, int64_t total)> progress;  // Called about once a second.
 };
 
 // (org, meter, industry, ISO day) → quantity: what Postgres must hold after ingestion.
-using ExpectedTotals = std::map<std::tuple<std::string, std::string, std::string, std::string>,
-                                int64_t>;
+using ExpectedTotals =
+    std::map<std::tuple<std::string, std::string, std::string, std::string>, int64_t>;
 
 struct LoadgenResult {
   int64_t produced = 0;

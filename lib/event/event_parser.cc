@@ -50,13 +50,16 @@ Attribute Classify(const char* raw) {
       if (is("source\"", 7)) return Attribute::kSource;
       if (is("subject\"", 8)) return Attribute::kSubject;
       return Attribute::kOther;
-    case 'i': return is("id\"", 3) ? Attribute::kId : Attribute::kOther;
+    case 'i':
+      return is("id\"", 3) ? Attribute::kId : Attribute::kOther;
     case 't':
       if (is("type\"", 5)) return Attribute::kType;
       if (is("time\"", 5)) return Attribute::kTime;
       return Attribute::kOther;
-    case 'd': return is("data\"", 5) ? Attribute::kData : Attribute::kOther;
-    default: return Attribute::kOther;
+    case 'd':
+      return is("data\"", 5) ? Attribute::kData : Attribute::kOther;
+    default:
+      return Attribute::kOther;
   }
 }
 
@@ -191,7 +194,8 @@ std::optional<int64_t> ParseRfc3339Micros(std::string_view text) {
     return std::nullopt;
   }
   if (pos != text.size()) return std::nullopt;
-  const int64_t days = DaysFromCivil(year, static_cast<unsigned>(month), static_cast<unsigned>(day));
+  const int64_t days =
+      DaysFromCivil(year, static_cast<unsigned>(month), static_cast<unsigned>(day));
   const int64_t seconds =
       days * 86400 + hour * 3600 + minute * 60 + std::min(second, 59) - offset_seconds;
   return seconds * 1'000'000 + micros;
@@ -241,8 +245,8 @@ void EventParser::ParseBatch(std::string_view padded_bytes, const Window& window
     result_.rejections.clear();
     result_.rejections.push_back({reason, detail, padded_bytes});
   };
-  if (parsers_->message.iterate(padded_bytes.data(), padded_bytes.size(), buffer_capacity_).get(doc) !=
-          simdjson::SUCCESS ||
+  if (parsers_->message.iterate(padded_bytes.data(), padded_bytes.size(), buffer_capacity_)
+              .get(doc) != simdjson::SUCCESS ||
       doc.get_array().get(array) != simdjson::SUCCESS) {
     return reject_all(RejectReason::kNotJson, "batch is not a JSON array");
   }
@@ -256,8 +260,8 @@ void EventParser::ParseBatch(std::string_view padded_bytes, const Window& window
     od::object object;
     if (value.get_object().get(object) != simdjson::SUCCESS) {
       std::string_view token = value.raw_json_token();
-      result_.rejections.push_back({RejectReason::kNotObject, "batch element is not an object",
-                                    token});
+      result_.rejections.push_back(
+          {RejectReason::kNotObject, "batch element is not an object", token});
       continue;
     }
     std::string_view raw;
@@ -289,11 +293,10 @@ bool EventParser::ParseOneWith(bool element, std::string_view bytes, size_t capa
   Refusal refusal{RejectReason::kNotJson, ""};
   // Returns false (and records nothing) when the slow pass should decide instead.
   auto refuse = [&](RejectReason reason, std::string_view detail) {
-    const bool value_check = reason == RejectReason::kBadSpecVersion ||
-                             reason == RejectReason::kUnknownMeter ||
-                             reason == RejectReason::kBadOrgId ||
-                             reason == RejectReason::kBadIndustry ||
-                             reason == RejectReason::kBadTime;
+    const bool value_check =
+        reason == RejectReason::kBadSpecVersion || reason == RejectReason::kUnknownMeter ||
+        reason == RejectReason::kBadOrgId || reason == RejectReason::kBadIndustry ||
+        reason == RejectReason::kBadTime;
     if (!decode_escapes && value_check && bytes.find('\\') != std::string_view::npos) return false;
     result_.rejections.push_back({reason, detail, bytes});
     return true;
@@ -311,11 +314,20 @@ bool EventParser::ParseOneWith(bool element, std::string_view bytes, size_t capa
     // Valid JSON of another shape is not_object; anything else is not_json.
     bool valid = false;
     switch (type) {
-      case od::json_type::string: valid = doc.get_string().error() == simdjson::SUCCESS; break;
-      case od::json_type::number: valid = doc.get_number().error() == simdjson::SUCCESS; break;
-      case od::json_type::boolean: valid = doc.get_bool().error() == simdjson::SUCCESS; break;
-      case od::json_type::null: valid = doc.is_null().value_unsafe(); break;
-      default: break;
+      case od::json_type::string:
+        valid = doc.get_string().error() == simdjson::SUCCESS;
+        break;
+      case od::json_type::number:
+        valid = doc.get_number().error() == simdjson::SUCCESS;
+        break;
+      case od::json_type::boolean:
+        valid = doc.get_bool().error() == simdjson::SUCCESS;
+        break;
+      case od::json_type::null:
+        valid = doc.is_null().value_unsafe();
+        break;
+      default:
+        break;
     }
     if (!valid || !AtEnd(doc)) return refuse(RejectReason::kNotJson, "not parseable as JSON");
     return refuse(RejectReason::kNotObject, "event must be a JSON object");
@@ -354,23 +366,29 @@ bool EventParser::ParseOneWith(bool element, std::string_view bytes, size_t capa
       case Attribute::kSource:
         ok = read_string(&event.source, &have_source, "source must be a string", &ReadRawString);
         break;
-      case Attribute::kType: ok = read_string(&meter_name, &have_type, "type must be a string", read); break;
+      case Attribute::kType:
+        ok = read_string(&meter_name, &have_type, "type must be a string", read);
+        break;
       case Attribute::kSubject:
         ok = read_string(&subject, &have_subject, "subject must be a string", read);
         break;
-      case Attribute::kTime: ok = read_string(&time_text, &have_time, "time must be a string", read); break;
+      case Attribute::kTime:
+        ok = read_string(&time_text, &have_time, "time must be a string", read);
+        break;
       case Attribute::kData:
         ok = ParseData(field.value(), &event, &refusal, read);
         have_data = true;
         break;
-      case Attribute::kOther: break;
+      case Attribute::kOther:
+        break;
     }
     if (!ok) return refuse(refusal.reason, refusal.detail);
   }
   if (!AtEnd(doc)) return refuse(RejectReason::kNotJson, "trailing bytes after event");
 
   if (!have_spec) return refuse(RejectReason::kMissingField, "specversion");
-  if (spec_version != "1.0") return refuse(RejectReason::kBadSpecVersion, "specversion must be 1.0");
+  if (spec_version != "1.0")
+    return refuse(RejectReason::kBadSpecVersion, "specversion must be 1.0");
   if (!have_id || event.id.empty()) return refuse(RejectReason::kMissingField, "id");
   if (!have_source || event.source.empty()) return refuse(RejectReason::kMissingField, "source");
   if (!have_type) return refuse(RejectReason::kMissingField, "type");

@@ -46,11 +46,10 @@ class Session : public std::enable_shared_from_this<Session> {
     response_.keep_alive(false);
     response_.body() = std::move(r.body);
     response_.prepare_payload();
-    bhttp::async_write(stream_, response_,
-                       [self = shared_from_this()](beast::error_code, size_t) {
-                         beast::error_code ignored;
-                         self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
-                       });
+    bhttp::async_write(stream_, response_, [self = shared_from_this()](beast::error_code, size_t) {
+      beast::error_code ignored;
+      self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+    });
   }
 
   beast::tcp_stream stream_;

@@ -13,7 +13,8 @@ using aggregate::SealedPartition;
 namespace {
 
 void StoreMax(std::atomic<int64_t>& target, int64_t value) {
-  if (value > target.load(std::memory_order_relaxed)) target.store(value, std::memory_order_relaxed);
+  if (value > target.load(std::memory_order_relaxed))
+    target.store(value, std::memory_order_relaxed);
 }
 
 std::vector<event::OrgId> TouchedOrgs(const std::vector<SealedPartition>& batch) {
@@ -32,7 +33,9 @@ Flusher::Flusher(std::vector<Shard*> shards, std::unique_ptr<store::FlushWriter>
 
 Flusher::~Flusher() { Stop(); }
 
-void Flusher::Start() { thread_ = std::thread([this] { Loop(); }); }
+void Flusher::Start() {
+  thread_ = std::thread([this] { Loop(); });
+}
 
 void Flusher::Stop() {
   {
@@ -61,9 +64,9 @@ void Flusher::Loop() {
     {
       std::unique_lock lock(wake_mu_);
       const absl::Time until = backoff > absl::ZeroDuration() ? absl::Now() + backoff : due;
-      wake_.wait_for(lock, absl::ToChronoMilliseconds(std::max(until - absl::Now(),
-                                                               absl::ZeroDuration())),
-                     [this] { return stopping_ || wake_requested_; });
+      wake_.wait_for(
+          lock, absl::ToChronoMilliseconds(std::max(until - absl::Now(), absl::ZeroDuration())),
+          [this] { return stopping_ || wake_requested_; });
       if (stopping_) return;
       wake_requested_ = false;
     }
@@ -85,8 +88,7 @@ void Flusher::Loop() {
     } else {
       // Exponential backoff while Postgres is unavailable; the shards are paused meanwhile.
       backoff = std::min(options_.max_backoff, std::max(backoff * 2, absl::Milliseconds(200)));
-      LOG_WARN("flush failed, retrying in {}: {}", absl::FormatDuration(backoff),
-               status.message());
+      LOG_WARN("flush failed, retrying in {}: {}", absl::FormatDuration(backoff), status.message());
     }
   }
 }

@@ -35,7 +35,7 @@ struct FlushStats {
   std::atomic<int64_t> last_events{0};
   std::atomic<int64_t> max_rows{0};
   std::atomic<int64_t> max_events{0};
-  std::atomic<bool> last_ok{true};              // Did the latest attempt succeed?
+  std::atomic<bool> last_ok{true};               // Did the latest attempt succeed?
   std::atomic<int64_t> last_success_unix_ms{0};  // When a flush last committed (0: never).
 };
 
@@ -76,9 +76,9 @@ class Flusher {
   const FlusherOptions options_;
 
   std::mutex mu_;
-  std::unique_ptr<store::FlushWriter> writer_;             // Guarded by mu_.
-  std::vector<aggregate::SealedPartition> pending_;        // Guarded by mu_.
-  bool shards_paused_ = false;                             // Guarded by mu_.
+  std::unique_ptr<store::FlushWriter> writer_;       // Guarded by mu_.
+  std::vector<aggregate::SealedPartition> pending_;  // Guarded by mu_.
+  bool shards_paused_ = false;                       // Guarded by mu_.
 
   std::mutex wake_mu_;
   std::condition_variable wake_;

@@ -92,7 +92,8 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::Create(
     ingestor->shards_.push_back(std::move(shard));
   }
   ingestor->flusher_ = std::make_unique<Flusher>(
-      std::move(shard_pointers), std::move(writer), FlusherOptions{.interval = o.flush_interval, .on_committed = o.on_committed});
+      std::move(shard_pointers), std::move(writer),
+      FlusherOptions{.interval = o.flush_interval, .on_committed = o.on_committed});
   return ingestor;
 }
 
@@ -249,10 +250,10 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
   // Anything still pending (a failed final flush) was already logged and left unadvanced.
   LogStats(absl::Now() - last_stats);
   const FlushStats& f = flusher_->stats();
-  LOG_INFO("flush summary: {} flushes wrote {} events as {} rows; largest flush {} events, "
-           "{} rows",
-           f.flushes.load(), f.events.load(), f.rows.load(), f.max_events.load(),
-           f.max_rows.load());
+  LOG_INFO(
+      "flush summary: {} flushes wrote {} events as {} rows; largest flush {} events, "
+      "{} rows",
+      f.flushes.load(), f.events.load(), f.rows.load(), f.max_events.load(), f.max_rows.load());
   return result;
 }
 

@@ -44,10 +44,9 @@ struct IngestSnapshot {
 class Ingestor {
  public:
   // Fails with one clear message if Kafka is unreachable or the topic does not exist.
-  static absl::StatusOr<std::unique_ptr<Ingestor>> Create(IngestOptions options,
-                                                          std::unique_ptr<store::FlushWriter> writer,
-                                                          const event::MeterRegistry* meters,
-                                                          const Clock* clock);
+  static absl::StatusOr<std::unique_ptr<Ingestor>> Create(
+      IngestOptions options, std::unique_ptr<store::FlushWriter> writer,
+      const event::MeterRegistry* meters, const Clock* clock);
   ~Ingestor();
 
   // Consumes until `stop()` returns true, then: stop fetching, flush everything, leave the group.
@@ -64,9 +63,7 @@ class Ingestor {
   void Assign(rd_kafka_topic_partition_list_t* partitions);
   void Revoke(rd_kafka_topic_partition_list_t* partitions);
   void LogStats(absl::Duration elapsed);
-  Shard* ShardFor(int32_t partition) const {
-    return shards_[partition % shards_.size()].get();
-  }
+  Shard* ShardFor(int32_t partition) const { return shards_[partition % shards_.size()].get(); }
 
   IngestOptions options_;
   rd_kafka_t* consumer_ = nullptr;

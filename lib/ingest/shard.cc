@@ -82,8 +82,7 @@ void Shard::ArmWakeup() {
 
 void Shard::Drain() {
   while (!paused_) {
-    const ssize_t count =
-        rd_kafka_consume_batch_queue(queue_, 0, batch_.data(), batch_.size());
+    const ssize_t count = rd_kafka_consume_batch_queue(queue_, 0, batch_.data(), batch_.size());
     if (count <= 0) break;
     const absl::Time now = clock_->Now();  // Once per batch, not per event.
     for (ssize_t i = 0; i < count; ++i) {
@@ -152,9 +151,7 @@ size_t Shard::LiveKeys() const {
 }
 
 void Shard::AddPartition(int32_t partition, int64_t stored_offset) {
-  RunOnShard([&] {
-    partitions_[partition] = OwnedPartition{stored_offset, stored_offset, {}};
-  });
+  RunOnShard([&] { partitions_[partition] = OwnedPartition{stored_offset, stored_offset, {}}; });
 }
 
 std::vector<SealedPartition> Shard::Seal(const std::vector<int32_t>& partitions, bool release) {
@@ -200,7 +197,7 @@ void Shard::ResetPartition(int32_t partition, int64_t stored_offset) {
     rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(list, options_.topic.c_str(), partition)->offset =
         stored_offset == SealedPartition::kNoStoredOffset ? RD_KAFKA_OFFSET_BEGINNING
-                                                           : stored_offset;
+                                                          : stored_offset;
     if (rd_kafka_error_t* error = rd_kafka_seek_partitions(consumer_, list, 10'000)) {
       LOG_ERROR("shard {}: seek of partition {} failed: {}", index_, partition,
                 rd_kafka_error_string(error));

@@ -7,14 +7,14 @@
 #include <functional>
 #include <future>
 #include <memory>
-#include <thread>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include <librdkafka/rdkafka.h>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
-#include <librdkafka/rdkafka.h>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
@@ -64,7 +64,8 @@ class Shard {
   void AddPartition(int32_t partition, int64_t stored_offset);
   // Seals the deltas of `partitions` (all owned ones when empty) and returns them; with
   // `release`, also gives the partitions up (revoke).
-  std::vector<aggregate::SealedPartition> Seal(const std::vector<int32_t>& partitions, bool release);
+  std::vector<aggregate::SealedPartition> Seal(const std::vector<int32_t>& partitions,
+                                               bool release);
   // After a CAS miss: seek the partition to what Postgres holds and drop its unflushed deltas.
   void ResetPartition(int32_t partition, int64_t stored_offset);
   // Stop draining (Postgres down) / resume draining (after a successful flush). Asynchronous.

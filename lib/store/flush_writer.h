@@ -33,7 +33,8 @@ class FlushWriter {
   // the fenced partitions are returned. Unavailable means retry later (nothing is known
   // committed only if the error came before COMMIT; an ambiguous commit is resolved by the CAS
   // on the retry).
-  virtual absl::StatusOr<FlushOutcome> Write(const std::vector<aggregate::SealedPartition>& batch) = 0;
+  virtual absl::StatusOr<FlushOutcome> Write(
+      const std::vector<aggregate::SealedPartition>& batch) = 0;
 
   // Stored next offsets of the writer's (group, topic), by partition.
   virtual absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> LoadOffsets() = 0;

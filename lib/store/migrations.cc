@@ -30,8 +30,8 @@ absl::StatusOr<int> ApplyMigrations(const std::string& conninfo) {
       pqxx::work tx(*conn);
       tx.exec1(absl::StrCat("SELECT pg_advisory_xact_lock(", kMigrationLockKey, ")"));
       tx.exec0(kCreateLedger);
-      auto done = tx.exec_params("SELECT 1 FROM shared.schema_migrations WHERE version = $1",
-                                 m.version);
+      auto done =
+          tx.exec_params("SELECT 1 FROM shared.schema_migrations WHERE version = $1", m.version);
       if (!done.empty()) continue;
       LOG_INFO("migrate: applying {}", m.name);
       tx.exec0(m.sql);
@@ -52,8 +52,8 @@ absl::Status CheckSchemaCurrent(const std::string& conninfo) {
     auto ledger = tx.exec1("SELECT to_regclass('shared.schema_migrations') IS NOT NULL");
     int max_applied = 0;
     if (ledger[0].as<bool>()) {
-      max_applied = tx.exec1("SELECT coalesce(max(version), 0) FROM shared.schema_migrations")[0]
-                        .as<int>();
+      max_applied =
+          tx.exec1("SELECT coalesce(max(version), 0) FROM shared.schema_migrations")[0].as<int>();
     }
     for (const Migration& m : EmbeddedMigrations()) {
       if (m.version > max_applied) {

@@ -100,7 +100,8 @@ absl::Status PgFlushWriter::EnsureConnected() {
                   std::string("INSERT INTO shared.api_usage_meters AS m "
                               "(org_id, meter, industry, usage_date, quantity) "
                               "SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity "
-                              "FROM ") + kFlushRows +
+                              "FROM ") +
+                      kFlushRows +
                       " ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
                       "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()");
     conn->prepare(kInsertRejected,

@@ -44,16 +44,18 @@ class BillingTest : public ::testing::Test {
   }
   void Subscribe(const std::string& org, const std::string& plan, const std::string& start,
                  const std::string& end) {
-    Exec(absl::StrCat("INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
-                      "current_period_end) VALUES ('", org, "', '", plan, "', '", start, "', '",
-                      end, "')"));
+    Exec(
+        absl::StrCat("INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
+                     "current_period_end) VALUES ('",
+                     org, "', '", plan, "', '", start, "', '", end, "')"));
   }
   // What the Kafka path writes: a daily bucket.
   void Usage(const std::string& org, const std::string& meter, int64_t quantity,
              const std::string& day, const std::string& industry = "hs") {
     Exec(absl::StrCat(
         "INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, quantity) "
-        "VALUES ('", org, "', '", meter, "', '", industry, "', '", day, "', ", quantity,
+        "VALUES ('",
+        org, "', '", meter, "', '", industry, "', '", day, "', ", quantity,
         ") ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
         "SET quantity = m.quantity + EXCLUDED.quantity"));
   }
@@ -72,9 +74,11 @@ class BillingTest : public ::testing::Test {
 };
 
 TEST_F(BillingTest, BasicPlanInvoicesToTheMicroDollar) {
-  const std::vector<std::pair<int64_t, int64_t>> calls_and_total = {
-      {0, 50'000'000}, {999, 50'000'000}, {1'000, 50'000'000}, {1'001, 50'010'000},
-      {1'500, 55'000'000}};
+  const std::vector<std::pair<int64_t, int64_t>> calls_and_total = {{0, 50'000'000},
+                                                                    {999, 50'000'000},
+                                                                    {1'000, 50'000'000},
+                                                                    {1'001, 50'010'000},
+                                                                    {1'500, 55'000'000}};
   for (size_t i = 0; i < calls_and_total.size(); ++i) {
     AddOrg(Org(i));
     Subscribe(Org(i), "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
@@ -185,8 +189,10 @@ TEST_F(BillingTest, CanceledMidPeriodBillsUsageUntilCancelThenEnds) {
   Subscribe(Org(7), "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
   Usage(Org(7), "api_calls", 1'050, "2026-10-15");
   Usage(Org(7), "api_calls", 500, "2026-10-20");
-  Exec("UPDATE shared.subscriptions SET status = 'canceled', canceled_at = "
-       "'2026-10-15T12:00:00Z' WHERE org_id = '" + Org(7) + "'");
+  Exec(
+      "UPDATE shared.subscriptions SET status = 'canceled', canceled_at = "
+      "'2026-10-15T12:00:00Z' WHERE org_id = '" +
+      Org(7) + "'");
   EXPECT_EQ(Close("2026-11-01T00:00:00Z").invoices_created, 1);
   EXPECT_EQ(InvoiceTotal(Org(7), "2026-10-01"), 50'000'000 + 50 * 10'000);
   EXPECT_EQ(Int("SELECT count(*) FROM shared.subscriptions WHERE status = 'ended'"), 1);
@@ -206,8 +212,10 @@ TEST_F(BillingTest, OrgWithoutSubscriptionIsRecordedNotInvoiced) {
   }
   EXPECT_EQ(Close("2030-01-01T00:00:00Z").invoices_created, 0);
   pqxx::work tx(*conn_);
-  auto status = tx.exec1("SELECT s->>'subscribed', s->>'plan', s->>'usage_charges_micros' FROM "
-                         "shared.get_billing_status('" + Org(8) + "') s");
+  auto status = tx.exec1(
+      "SELECT s->>'subscribed', s->>'plan', s->>'usage_charges_micros' FROM "
+      "shared.get_billing_status('" +
+      Org(8) + "') s");
   EXPECT_EQ(status[0].as<std::string>(), "false");
   EXPECT_EQ(status[1].as<std::string>(), "basic");
   EXPECT_EQ(status[2].as<int64_t>(), 200 * 10'000);
@@ -239,9 +247,12 @@ TEST_F(BillingTest, CalculateApiOverageFindsThePeriod) {
 TEST_F(BillingTest, AlertsFireOncePerThresholdUnderConcurrentFlushes) {
   const std::string org = Org(11);
   AddOrg(org);
-  Exec("INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
-       "current_period_end) VALUES ('" + org + "', 'basic', date_trunc('month', now()), "
-       "date_trunc('month', now()) + interval '1 month')");
+  Exec(
+      "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
+      "current_period_end) VALUES ('" +
+      org +
+      "', 'basic', date_trunc('month', now()), "
+      "date_trunc('month', now()) + interval '1 month')");
   pqxx::connection listener(url_);
   int notifications = 0;
   struct Counter : pqxx::notification_receiver {
@@ -259,10 +270,13 @@ TEST_F(BillingTest, AlertsFireOncePerThresholdUnderConcurrentFlushes) {
       pqxx::connection conn(url_);
       for (int i = 0; i < 50; ++i) {
         pqxx::work tx(conn);
-        tx.exec0("INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, "
-                 "quantity) VALUES ('" + org + "', 'api_calls', 'hs', (now() AT TIME ZONE "
-                 "'UTC')::date, 10) ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
-                 "SET quantity = m.quantity + 10");
+        tx.exec0(
+            "INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, "
+            "quantity) VALUES ('" +
+            org +
+            "', 'api_calls', 'hs', (now() AT TIME ZONE "
+            "'UTC')::date, 10) ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
+            "SET quantity = m.quantity + 10");
         tx.commit();
         pqxx::work refresh(conn);
         refresh.exec1("SELECT shared.refresh_usage_charges(ARRAY['" + org + "'::uuid])");
@@ -293,18 +307,28 @@ TEST_F(BillingTest, RowLevelSecurityIsolatesOrganizations) {
     Exec("SELECT shared.refresh_usage_charges(ARRAY['" + org + "'::uuid])");
   }
   Close("2026-11-01T00:00:00Z");
-  Exec("INSERT INTO shared.payments (org_id, invoice_id, amount_micros, status) "
-       "SELECT org_id, invoice_id, total_micros, 'succeeded' FROM shared.invoices");
-  Exec("SELECT shared.track_api_request('" + b + "', '/v1/jobs', 'GET', 200, 12, 'api_calls', 900)");
+  Exec(
+      "INSERT INTO shared.payments (org_id, invoice_id, amount_micros, status) "
+      "SELECT org_id, invoice_id, total_micros, 'succeeded' FROM shared.invoices");
+  Exec("SELECT shared.track_api_request('" + b +
+       "', '/v1/jobs', 'GET', 200, 12, 'api_calls', 900)");
   Exec("INSERT INTO shared.stripe_webhook_events VALUES ('evt_1', 'invoice.paid', '{}')");
   Exec("INSERT INTO shared.billing_metrics VALUES ('2026-10-01', 'mrr_micros', 100000000)");
 
-  const std::vector<std::string> org_scoped = {
-      "shared.organizations", "shared.stripe_customers", "shared.subscriptions",
-      "shared.api_usage_meters", "shared.api_usage_logs", "shared.payment_methods",
-      "shared.invoices", "shared.invoice_lines", "shared.payments", "shared.usage_charges",
-      "shared.usage_alerts", "shared.organization_billing_summary", "shared.api_usage_analytics",
-      "hs.billing_analytics"};
+  const std::vector<std::string> org_scoped = {"shared.organizations",
+                                               "shared.stripe_customers",
+                                               "shared.subscriptions",
+                                               "shared.api_usage_meters",
+                                               "shared.api_usage_logs",
+                                               "shared.payment_methods",
+                                               "shared.invoices",
+                                               "shared.invoice_lines",
+                                               "shared.payments",
+                                               "shared.usage_charges",
+                                               "shared.usage_alerts",
+                                               "shared.organization_billing_summary",
+                                               "shared.api_usage_analytics",
+                                               "hs.billing_analytics"};
   {
     pqxx::work tx(*conn_);
     tx.exec0("SET LOCAL ROLE meterd_org");
@@ -327,7 +351,8 @@ TEST_F(BillingTest, RowLevelSecurityIsolatesOrganizations) {
     pqxx::work tx(*conn_);
     tx.exec0("SET LOCAL ROLE meterd_org");
     tx.exec0("SET LOCAL app.org_id = '" + a + "'");
-    EXPECT_THROW(tx.exec(std::string("SELECT * FROM ") + secret), pqxx::insufficient_privilege) << secret;
+    EXPECT_THROW(tx.exec(std::string("SELECT * FROM ") + secret), pqxx::insufficient_privilege)
+        << secret;
   }
   {
     pqxx::work tx(*conn_);
@@ -337,7 +362,8 @@ TEST_F(BillingTest, RowLevelSecurityIsolatesOrganizations) {
   {
     pqxx::work tx(*conn_);
     tx.exec0("SET LOCAL ROLE meterd_admin");
-    EXPECT_EQ(tx.exec1("SELECT count(DISTINCT org_id) FROM shared.api_usage_meters")[0].as<int>(), 2);
+    EXPECT_EQ(tx.exec1("SELECT count(DISTINCT org_id) FROM shared.api_usage_meters")[0].as<int>(),
+              2);
     EXPECT_EQ(tx.exec1("SELECT count(*) FROM shared.stripe_webhook_events")[0].as<int>(), 1);
     EXPECT_EQ(tx.exec1("SELECT count(*) FROM shared.billing_metrics")[0].as<int>(), 1);
   }
@@ -346,10 +372,13 @@ TEST_F(BillingTest, RowLevelSecurityIsolatesOrganizations) {
     pqxx::work tx(*conn_);
     tx.exec0("SET LOCAL ROLE meterd");
     tx.exec0("INSERT INTO shared.ingest_offsets VALUES ('g', 't', 0, 10)");
-    tx.exec0("INSERT INTO shared.rejected_events (topic, partition, kafka_offset, reason, raw) "
-             "VALUES ('t', 0, 1, 'not_json', '\\x00')");
-    EXPECT_EQ(tx.exec1("SELECT shared.refresh_usage_charges(ARRAY['" + a + "'::uuid])")[0].as<int>(), 0);
-    EXPECT_EQ(tx.exec1("SELECT count(DISTINCT org_id) FROM shared.api_usage_meters")[0].as<int>(), 2);
+    tx.exec0(
+        "INSERT INTO shared.rejected_events (topic, partition, kafka_offset, reason, raw) "
+        "VALUES ('t', 0, 1, 'not_json', '\\x00')");
+    EXPECT_EQ(
+        tx.exec1("SELECT shared.refresh_usage_charges(ARRAY['" + a + "'::uuid])")[0].as<int>(), 0);
+    EXPECT_EQ(tx.exec1("SELECT count(DISTINCT org_id) FROM shared.api_usage_meters")[0].as<int>(),
+              2);
   }
 }
 

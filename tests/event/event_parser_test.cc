@@ -72,8 +72,8 @@ TEST_F(EventParserTest, ReadsEveryField) {
   EXPECT_EQ(e.quantity, 3);
   EXPECT_EQ(e.id, "e1");
   EXPECT_EQ(e.source, "hs/work-orders");
-  EXPECT_EQ(e.time_micros, (DaysFromCivil(2026, 11, 26) * 86400 + 8 * 3600 + 30 * 60) * 1'000'000 +
-                               500'000);
+  EXPECT_EQ(e.time_micros,
+            (DaysFromCivil(2026, 11, 26) * 86400 + 8 * 3600 + 30 * 60) * 1'000'000 + 500'000);
   EXPECT_EQ(DayToIsoDate(e.UsageDay()), "2026-11-26");
 }
 

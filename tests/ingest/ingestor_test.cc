@@ -121,8 +121,9 @@ TEST_F(IngestorTest, AmbiguousCommitsAreNeitherLostNorDoubleCounted) {
                second_half = true;
              }
              return second_half &&
-                    testing::QueryInt(url_, "SELECT coalesce(sum(quantity), 0) FROM "
-                                            "shared.api_usage_meters") >= testing::SumOf(expected);
+                    testing::QueryInt(url_,
+                                      "SELECT coalesce(sum(quantity), 0) FROM "
+                                      "shared.api_usage_meters") >= testing::SumOf(expected);
            });
   EXPECT_TRUE(second_half);
   EXPECT_GE(AmbiguousCommitWriter::lies_.load(), 1);
@@ -138,8 +139,9 @@ TEST_F(IngestorTest, LateWindowFollowsTheInjectedClock) {
     return testing::QueryInt(url_, "SELECT count(*) FROM shared.rejected_events") >=
            produced.produced;
   });
-  EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) FROM shared.rejected_events "
-                                    "WHERE reason = 'time_too_old'"),
+  EXPECT_EQ(testing::QueryInt(url_,
+                              "SELECT count(*) FROM shared.rejected_events "
+                              "WHERE reason = 'time_too_old'"),
             5'000);
   EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) FROM shared.api_usage_meters"), 0);
 }

@@ -59,8 +59,9 @@ TEST(CliTest, BadFlagsFailWithOneClearLine) {
   EXPECT_EQ(bare_bool.exit_code, 1);
   EXPECT_NE(bare_bool.stderr_text.find("--pg is required"), std::string::npos)
       << bare_bool.stderr_text;
-  Outcome bad_listen = RunMeterd({"run", "--pg", "postgresql://postgres@127.0.0.1:1/x?connect_timeout=1",
-                                  "--brokers", "127.0.0.1:1", "--http-listen", "localhost"});
+  Outcome bad_listen =
+      RunMeterd({"run", "--pg", "postgresql://postgres@127.0.0.1:1/x?connect_timeout=1",
+                 "--brokers", "127.0.0.1:1", "--http-listen", "localhost"});
   EXPECT_EQ(bad_listen.exit_code, 1);
   EXPECT_NE(bad_listen.stderr_text.find("--http-listen expects host:port"), std::string::npos)
       << bad_listen.stderr_text;
@@ -95,8 +96,8 @@ TEST(CliTest, UnmigratedDatabaseAndUnreachableKafkaFailAtStart) {
   unsetenv("METERD_PG");
   EXPECT_EQ(migrate.exit_code, 0) << migrate.stderr_text;
 
-  Outcome no_kafka = RunMeterd(
-      {"run", "--pg", empty, "--brokers", "127.0.0.1:1", "--startup-timeout", "2s"});
+  Outcome no_kafka =
+      RunMeterd({"run", "--pg", empty, "--brokers", "127.0.0.1:1", "--startup-timeout", "2s"});
   EXPECT_EQ(no_kafka.exit_code, 1);
   EXPECT_NE(no_kafka.stderr_text.find("meterd run: cannot reach Kafka at 127.0.0.1:1"),
             std::string::npos)

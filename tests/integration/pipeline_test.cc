@@ -35,13 +35,27 @@ class PipelineTest : public ::testing::Test {
   }
 
   std::unique_ptr<ChildProcess> StartMeterd(const std::string& label,
-                                           const std::string& flush_interval = "300ms",
-                                           std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {MeterdBinary(), "run", "--pg", url_, "--brokers",
-                                     broker_->bootstrap(), "--topic", kTopic, "--group", "it",
-                                     "--shards", "2", "--flush-interval", flush_interval,
-                                     "--stats-interval", "2s", "--kafka-property",
-                                     "session.timeout.ms=6000", "--kafka-property",
+                                            const std::string& flush_interval = "300ms",
+                                            std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {MeterdBinary(),
+                                     "run",
+                                     "--pg",
+                                     url_,
+                                     "--brokers",
+                                     broker_->bootstrap(),
+                                     "--topic",
+                                     kTopic,
+                                     "--group",
+                                     "it",
+                                     "--shards",
+                                     "2",
+                                     "--flush-interval",
+                                     flush_interval,
+                                     "--stats-interval",
+                                     "2s",
+                                     "--kafka-property",
+                                     "session.timeout.ms=6000",
+                                     "--kafka-property",
                                      "heartbeat.interval.ms=500"};
     args.insert(args.end(), extra.begin(), extra.end());
     return std::make_unique<ChildProcess>(args, absl::StrCat(dir_, "/meterd-", label, ".log"));
@@ -116,8 +130,8 @@ TEST_F(PipelineTest, MalformedEventsAreRejectedWithTheirReason) {
   const auto expected = FinishLoadgen(*loadgen);
   ExpectExact(expected);
   // Loadgen's summary names how many of each kind it mixed in.
-  const std::vector<std::string> reasons = {"not_json",     "unknown_meter", "bad_org_id",
-                                            "bad_quantity", "bad_industry",  "missing_field",
+  const std::vector<std::string> reasons = {"not_json",       "unknown_meter", "bad_org_id",
+                                            "bad_quantity",   "bad_industry",  "missing_field",
                                             "time_in_future", "bad_time"};
   const absl::Time deadline = absl::Now() + absl::Seconds(30);
   for (const std::string& reason : reasons) {
@@ -128,13 +142,15 @@ TEST_F(PipelineTest, MalformedEventsAreRejectedWithTheirReason) {
     EXPECT_GT(want, 0);
     int64_t got = 0;
     do {
-      got = QueryInt(url_, "SELECT count(*) FROM shared.rejected_events WHERE reason = '" +
-                               reason + "'");
-    } while (got < want && absl::Now() < deadline && (absl::SleepFor(absl::Milliseconds(100)), true));
+      got = QueryInt(url_,
+                     "SELECT count(*) FROM shared.rejected_events WHERE reason = '" + reason + "'");
+    } while (got < want && absl::Now() < deadline &&
+             (absl::SleepFor(absl::Milliseconds(100)), true));
     EXPECT_EQ(got, want) << reason;
   }
-  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.rejected_events WHERE length(raw) = 0 "
-                           "OR partition < 0 OR kafka_offset < 0"),
+  EXPECT_EQ(QueryInt(url_,
+                     "SELECT count(*) FROM shared.rejected_events WHERE length(raw) = 0 "
+                     "OR partition < 0 OR kafka_offset < 0"),
             0);
   meterd->Signal(SIGTERM);
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
@@ -241,9 +257,12 @@ TEST_F(PipelineTest, HttpEndpointServesMetricsAndReadiness) {
 TEST_F(PipelineTest, KafkaPathBillsLikeTheDirectPathWithinTwoFlushes) {
   const std::string org = "00000000-0000-4000-8000-0000000000aa";
   const std::string subscribe =
-      "INSERT INTO shared.organizations VALUES ('" + org + "', 'Acme', 'hs'); "
+      "INSERT INTO shared.organizations VALUES ('" + org +
+      "', 'Acme', 'hs'); "
       "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
-      "current_period_end) VALUES ('" + org + "', 'basic', date_trunc('month', now()), "
+      "current_period_end) VALUES ('" +
+      org +
+      "', 'basic', date_trunc('month', now()), "
       "date_trunc('month', now()) + interval '1 month')";
   const std::string direct_url = SharedPostgres().CreateMigratedDatabase("it_direct_path");
   for (const std::string& url : {url_, direct_url}) {
@@ -259,23 +278,29 @@ TEST_F(PipelineTest, KafkaPathBillsLikeTheDirectPathWithinTwoFlushes) {
                {UsageEventJson("00000000-0000-4000-8000-0000000000bb", "api_calls", 1, "rest")});
   ASSERT_TRUE(WaitForProgress(0, absl::Seconds(60))) << ReadFile(meterd->log_path());
 
-  const std::vector<std::tuple<std::string, int64_t>> usage = {
-      {"api_calls", 500}, {"api_calls", 500}, {"api_calls", 150}, {"data_exports", 4},
-      {"ai_requests", 3}};
+  const std::vector<std::tuple<std::string, int64_t>> usage = {{"api_calls", 500},
+                                                               {"api_calls", 500},
+                                                               {"api_calls", 150},
+                                                               {"data_exports", 4},
+                                                               {"ai_requests", 3}};
   std::vector<std::string> events;
-  for (const auto& [meter, quantity] : usage) events.push_back(UsageEventJson(org, meter, quantity, "hs"));
+  for (const auto& [meter, quantity] : usage)
+    events.push_back(UsageEventJson(org, meter, quantity, "hs"));
   ProduceOrDie(broker_->bootstrap(), kTopic, org, events);
   const absl::Time produced = absl::Now();
   const int64_t want_micros = 150 * 10'000 + 4 * 100'000 + 3 * 50'000;  // $2.05
-  const std::string charges_sql = "SELECT coalesce(sum(amount_micros), 0) FROM "
-                                  "shared.usage_charges WHERE org_id = '" + org + "'";
+  const std::string charges_sql =
+      "SELECT coalesce(sum(amount_micros), 0) FROM "
+      "shared.usage_charges WHERE org_id = '" +
+      org + "'";
   while (QueryInt(url_, charges_sql) != want_micros && absl::Now() - produced < 4 * flush) {
     absl::SleepFor(absl::Milliseconds(20));
   }
   const absl::Duration visible_after = absl::Now() - produced;
   EXPECT_EQ(QueryInt(url_, charges_sql), want_micros) << ReadFile(meterd->log_path());
   EXPECT_LE(visible_after, 2 * flush) << "charges visible after " << visible_after;
-  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.usage_alerts WHERE org_id = '" + org + "'"), 2);
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.usage_alerts WHERE org_id = '" + org + "'"),
+            2);
 
   for (const auto& [meter, quantity] : usage) {
     pqxx::connection conn(direct_url);
@@ -286,7 +311,8 @@ TEST_F(PipelineTest, KafkaPathBillsLikeTheDirectPathWithinTwoFlushes) {
   // Identical status, but for when each alert was raised and the quantity at that moment.
   const std::string status_sql =
       "SELECT (s - 'alerts')::text || (SELECT jsonb_agg(a - 'raised_at' - 'quantity')::text "
-      "FROM jsonb_array_elements(s->'alerts') a) FROM shared.get_billing_status('" + org + "') s";
+      "FROM jsonb_array_elements(s->'alerts') a) FROM shared.get_billing_status('" +
+      org + "') s";
   auto status_of = [&](const std::string& url) {
     pqxx::connection conn(url);
     pqxx::read_transaction tx(conn);

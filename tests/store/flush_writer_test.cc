@@ -42,10 +42,13 @@ class FlushWriterTest : public ::testing::Test {
     EXPECT_TRUE(writer.ok()) << writer.status();
     return std::move(writer).value();
   }
-  int64_t Total() { return testing::QueryInt(url_, "SELECT sum(quantity) FROM shared.api_usage_meters"); }
+  int64_t Total() {
+    return testing::QueryInt(url_, "SELECT sum(quantity) FROM shared.api_usage_meters");
+  }
   int64_t Offset(int partition) {
-    return testing::QueryInt(url_, "SELECT next_offset FROM shared.ingest_offsets WHERE partition = " +
-                                       std::to_string(partition));
+    return testing::QueryInt(url_,
+                             "SELECT next_offset FROM shared.ingest_offsets WHERE partition = " +
+                                 std::to_string(partition));
   }
 
   std::string url_;
@@ -62,16 +65,18 @@ TEST_F(FlushWriterTest, WritesCountersAndAdvancesOffsets) {
   ASSERT_TRUE(outcome.ok()) << outcome.status();
   EXPECT_EQ(Total(), 12);
   EXPECT_EQ(Offset(0), 150);
-  EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) FROM shared.api_usage_meters WHERE "
-                                    "industry = 'ret' AND usage_date = '2026-11-26'"),
+  EXPECT_EQ(testing::QueryInt(url_,
+                              "SELECT count(*) FROM shared.api_usage_meters WHERE "
+                              "industry = 'ret' AND usage_date = '2026-11-26'"),
             1);
 }
 
 TEST_F(FlushWriterTest, StaleWriterIsFencedAndWritesNothing) {
   auto owner = Writer();
   auto zombie = Writer();
-  ASSERT_TRUE(owner->Write({Sealed(0, SealedPartition::kNoStoredOffset, 100, 7),
-                            Sealed(1, SealedPartition::kNoStoredOffset, 40, 1)})
+  ASSERT_TRUE(owner
+                  ->Write({Sealed(0, SealedPartition::kNoStoredOffset, 100, 7),
+                           Sealed(1, SealedPartition::kNoStoredOffset, 40, 1)})
                   .ok());
   // The zombie still believes partition 0 starts at 50 (it lost the partition long ago);
   // its batch also carries a valid-looking partition 1 advance.
@@ -114,8 +119,9 @@ TEST_F(FlushWriterTest, RejectedEventsKeepRawBytesAndReason) {
   ASSERT_TRUE(writer->Write({s}).ok());
   pqxx::connection conn(url_);
   pqxx::read_transaction tx(conn);
-  auto row = tx.exec1("SELECT topic, partition, kafka_offset, reason, detail, raw, raw_truncated "
-                      "FROM shared.rejected_events");
+  auto row = tx.exec1(
+      "SELECT topic, partition, kafka_offset, reason, detail, raw, raw_truncated "
+      "FROM shared.rejected_events");
   EXPECT_EQ(row[0].as<std::string>(), "t");
   EXPECT_EQ(row[1].as<int>(), 2);
   EXPECT_EQ(row[2].as<int64_t>(), 4);

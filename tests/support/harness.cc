@@ -3,9 +3,9 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
-#include <sys/socket.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -298,8 +298,8 @@ std::string UsageEventJson(const std::string& org, const std::string& meter, int
   static int counter = 0;
   return absl::StrCat(R"({"specversion":"1.0","id":"test-)", counter++,
                       R"(","source":"tests","type":")", meter, R"(","subject":")", org,
-                      R"(","time":")", absl::FormatTime(absl::RFC3339_full, absl::Now(),
-                                                        absl::UTCTimeZone()),
+                      R"(","time":")",
+                      absl::FormatTime(absl::RFC3339_full, absl::Now(), absl::UTCTimeZone()),
                       R"(","data":{"quantity":)", quantity, R"(,"industry":")", industry, R"("}})");
 }
 
