@@ -40,17 +40,11 @@ echo "== (a) raw librdkafka consumption" >&2
 "$e2e" raw --brokers "$brokers" --topic "$topic" --events "$events" >"$work/raw.json"
 
 echo "== (b) meterd, until Postgres totals equal what was produced" >&2
-expected_sum=$(python3 -c 'import json,sys; print(sum(json.load(open(sys.argv[1]))["quantity_by_meter"].values()))' "$work/loadgen.json")
 dev_env_background "$meterd" run --pg "$pg" --brokers "$brokers" --topic "$topic" --group bench \
   --kafka-property session.timeout.ms=6000 --stats-interval 250ms --billing=false 2>"$work/meterd.log"
 meterd_pid=$last_pid
-done_at=""
-for _ in $(seq 6000); do
-  stored=$(psql "$pg" -qAt -c "SELECT coalesce(sum(quantity), 0) FROM shared.api_usage_meters")
-  if [[ "$stored" == "$expected_sum" ]]; then done_at=$(date +%s.%N); break; fi
-  sleep 0.1
-done
-[[ -n "$done_at" ]] || { echo "meterd did not reach the expected totals" >&2; tail "$work/meterd.log" >&2; exit 1; }
+dev_env_wait_for_totals "$work/loadgen.json" 600 \
+  || { echo "meterd did not reach the expected totals" >&2; tail "$work/meterd.log" >&2; exit 1; }
 keys_exact=$(python3 - "$work/expected.csv" "$pg" <<'PY'
 import csv, subprocess, sys
 want = {}

@@ -38,3 +38,18 @@ dev_env_broker() {
   [[ -s "$address_file" ]] || { echo "dev-broker did not start; see $work/broker.log" >&2; exit 1; }
   printf -v "$1" '%s' "$(head -n 1 "$address_file")"
 }
+
+# dev_env_wait_for_totals LOADGEN_JSON SECONDS: polls until SUM(quantity) in $pg equals what
+# loadgen reported producing; sets $done_at (epoch seconds) and returns 0, or returns 1 after
+# SECONDS with $done_at set to the give-up time.
+dev_env_wait_for_totals() {
+  local expected stored tries=$(($2 * 10))
+  expected=$(python3 -c 'import json,sys; print(sum(json.load(open(sys.argv[1]))["quantity_by_meter"].values()))' "$1")
+  for _ in $(seq "$tries"); do
+    stored=$(psql "$pg" -qAt -c "SELECT coalesce(sum(quantity), 0) FROM shared.api_usage_meters")
+    if [[ "$stored" == "$expected" ]]; then done_at=$(date +%s.%N); return 0; fi
+    sleep 0.1
+  done
+  done_at=$(date +%s.%N)
+  return 1
+}

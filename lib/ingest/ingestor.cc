@@ -180,16 +180,14 @@ IngestSnapshot Ingestor::Snapshot() const {
 
 void Ingestor::LogStats(absl::Duration elapsed) {
   const IngestSnapshot s = Snapshot();
-  const int64_t events = s.events, rejected = s.rejected, live = s.unflushed_keys,
-                paused = s.paused_shards;
   const FlushStats& f = flusher_->stats();
   LOG_INFO(
       "stats: {:.0f} events/s, {} events, {} rejected, {} unflushed keys, {} paused shards, "
       "{} flushes ({} failed, {} fenced), last flush {} events as {} rows",
-      static_cast<double>(events - last_logged_events_) / absl::ToDoubleSeconds(elapsed), events,
-      rejected, live, paused, f.flushes.load(), f.failures.load(), f.fenced.load(),
-      f.last_events.load(), f.last_rows.load());
-  last_logged_events_ = events;
+      static_cast<double>(s.events - last_logged_events_) / absl::ToDoubleSeconds(elapsed),
+      s.events, s.rejected, s.unflushed_keys, s.paused_shards, f.flushes.load(), f.failures.load(),
+      f.fenced.load(), f.last_events.load(), f.last_rows.load());
+  last_logged_events_ = s.events;
 }
 
 absl::Status Ingestor::Run(const std::function<bool()>& stop) {
