@@ -135,12 +135,20 @@ absl::Status ClosePeriod() {
     return absl::InvalidArgumentError(
         absl::StrCat("--as-of must be RFC 3339 (e.g. 2026-12-01T00:00:00Z): ", error));
   }
+  // Invoicing a period that has not ended yet bills a partial month as if it were whole.
+  if (as_of > absl::Now() + absl::Minutes(1) && !absl::GetFlag(FLAGS_allow_future)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--as-of ", text,
+                     " is in the future; periods that have not ended would be "
+                     "invoiced (pass --allow-future to do it anyway)"));
+  }
   RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
   ASSIGN_OR_RETURN(billing::CloseSummary summary, billing::ClosePeriods(pg, as_of));
   LOG_INFO("close-period: {} invoice(s) created for periods ended by {}", summary.invoices_created,
            absl::FormatTime(absl::RFC3339_sec, as_of, absl::UTCTimeZone()));
   std::printf("%s\n", billing::CloseSummaryJson(summary).c_str());
-  return absl::OkStatus();
+  std::fflush(stdout);
+  return billing::FailuresStatus(summary);
 }
 
 absl::Status DevBroker() {
@@ -213,7 +221,7 @@ const std::vector<Subcommand>& Subcommands() {
       {"migrate", "apply the embedded schema migrations", {"pg"}, &MigrateCommand},
       {"close-period",
        "invoice every subscription period that has ended (the monthly cron); idempotent",
-       {"pg", "as_of"},
+       {"pg", "as_of", "allow_future"},
        &ClosePeriodCommand},
       {"dev-broker",
        "start an embedded Kafka (librdkafka mock cluster) on 127.0.0.1; prints its address",

@@ -36,4 +36,6 @@ ABSL_FLAG(bool, billing, true,
 ABSL_FLAG(std::string, http_listen, "",
           "Serve /metrics, /healthz, /readyz on host:port (e.g. 0.0.0.0:9464); empty: off");
 ABSL_FLAG(std::string, as_of, "", "Close periods that ended by this RFC 3339 time (default: now)");
+ABSL_FLAG(bool, allow_future, false,
+          "close-period: accept an --as-of in the future (invoices periods not yet ended)");
 ABSL_FLAG(uint64_t, seed, 1, "Seed for organization ids and event mix (same seed, same events)");

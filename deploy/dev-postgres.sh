@@ -3,6 +3,8 @@
 # port on 127.0.0.1, trust auth. Never touches a system cluster.
 #   dev-postgres.sh start DIR   → initdb if needed, start, print the connection URL on stdout
 #   dev-postgres.sh stop DIR
+# DEV_PG_TIMEZONE sets the server's `timezone` (e.g. America/New_York): the billing tests run
+# under non-UTC server zones to prove billing never depends on it.
 # As root, the server runs as the `postgres` user (initdb refuses root).
 set -euo pipefail
 
@@ -28,10 +30,15 @@ case "$cmd" in
         || { echo "dev-postgres: initdb failed, see $dir/initdb.log" >&2; exit 1; }
     fi
     if [[ -f "$dir/port" ]]; then port=$(cat "$dir/port"); else port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); fi
+    tz_option=""
+    if [[ -n "${DEV_PG_TIMEZONE:-}" ]]; then
+      [[ "$DEV_PG_TIMEZONE" =~ ^[A-Za-z0-9_/+-]+$ ]] || { echo "dev-postgres: bad DEV_PG_TIMEZONE" >&2; exit 2; }
+      tz_option=" -c timezone=$DEV_PG_TIMEZONE"
+    fi
     # fsync off: this cluster is disposable; meterd's guarantees are tested against its
     # transactions, not against power loss.
     "${as_owner[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start \
-      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=256MB" >/dev/null \
+      -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=256MB$tz_option" >/dev/null \
       || { echo "dev-postgres: server did not start, see $dir/server.log" >&2; exit 1; }
     echo "$port" >"$dir/port"
     "${as_owner[@]}" "$bindir/psql" -h 127.0.0.1 -p "$port" -U postgres -qAt -c "CREATE DATABASE meterd" postgres >/dev/null 2>&1 || true

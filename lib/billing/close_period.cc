@@ -4,10 +4,29 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
 #include "lib/common/status_macros.h"
 #include "lib/store/pg_connection.h"
 
 namespace meterd::billing {
+namespace {
+
+std::string JsonEscape(std::string_view text) {
+  std::string out;
+  for (char c : text) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      absl::StrAppendFormat(&out, "\\u%04x", static_cast<unsigned char>(c));
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+}  // namespace
 
 absl::StatusOr<CloseSummary> ClosePeriods(const std::string& conninfo, absl::Time as_of) {
   ASSIGN_OR_RETURN(auto conn, store::Connect(conninfo));
@@ -35,6 +54,15 @@ absl::StatusOr<CloseSummary> ClosePeriods(const std::string& conninfo, absl::Tim
       p.usage_micros = row[4].as<int64_t>();
       p.adjustment_micros = row[5].as<int64_t>();
     }
+    for (const auto& row : tx.exec(
+             "SELECT org_id::text, subscription_id, "
+             "to_char(period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), reason "
+             "FROM shared.billing_close_failures "
+             "WHERE last_failed_at = now() AND resolved_at IS NULL "
+             "ORDER BY org_id, subscription_id")) {
+      summary.failures.push_back({row[0].as<std::string>(), row[1].as<int64_t>(),
+                                  row[2].as<std::string>(), row[3].as<std::string>()});
+    }
     tx.commit();
     return absl::OkStatus();
   }));
@@ -50,8 +78,36 @@ std::string CloseSummaryJson(const CloseSummary& summary) {
                                     plan, p.invoices, p.total_micros, p.base_micros, p.usage_micros,
                                     p.adjustment_micros));
   }
-  return absl::StrFormat(R"({"invoices_created":%d,"by_plan":{%s}})", summary.invoices_created,
-                         plans);
+  std::string failures;
+  for (const CloseFailure& f : summary.failures) {
+    absl::StrAppend(
+        &failures, failures.empty() ? "" : ",",
+        absl::StrFormat(R"({"org_id":"%s","subscription_id":%d,"period_start":"%s",)"
+                        R"("reason":"%s"})",
+                        f.org_id, f.subscription_id, f.period_start, JsonEscape(f.reason)));
+  }
+  return absl::StrFormat(R"({"invoices_created":%d,"by_plan":{%s},"failures":[%s]})",
+                         summary.invoices_created, plans, failures);
+}
+
+absl::Status FailuresStatus(const CloseSummary& summary) {
+  if (summary.failures.empty()) return absl::OkStatus();
+  std::string detail;
+  constexpr size_t kNamed = 5;  // One line stays readable; the table has them all.
+  for (size_t i = 0; i < summary.failures.size() && i < kNamed; ++i) {
+    const CloseFailure& f = summary.failures[i];
+    absl::StrAppend(&detail, i == 0 ? "" : "; ", "org ", f.org_id, " (subscription ",
+                    f.subscription_id, ", period from ", f.period_start,
+                    "): ", absl::StrReplaceAll(f.reason, {{"\n", " "}}));
+  }
+  if (summary.failures.size() > kNamed) {
+    absl::StrAppend(&detail, "; and ", summary.failures.size() - kNamed, " more");
+  }
+  return absl::DataLossError(
+      absl::StrCat(summary.failures.size(),
+                   " subscription period(s) not invoiced (every other one was; see "
+                   "shared.billing_close_failures): ",
+                   detail));
 }
 
 std::string FormatDollars(int64_t micros) {

@@ -75,7 +75,15 @@ void OverageWorker::Loop() {
       overflowed_ = false;
       stats_.pending_orgs.store(0, std::memory_order_relaxed);
     }
-    absl::Status status = Refresh(orgs, all_subscribed);
+    absl::Status status = absl::OkStatus();
+    if (all_subscribed) {
+      // After an overflow: every org with a live subscription, refreshed in batches like any
+      // other list (so one that cannot be priced is isolated the same way).
+      absl::StatusOr<std::vector<event::OrgId>> subscribed = SubscribedOrgs();
+      status = subscribed.status();
+      if (subscribed.ok()) orgs.insert(orgs.end(), subscribed->begin(), subscribed->end());
+    }
+    if (status.ok()) status = Refresh(orgs);
     if (status.ok()) {
       backoff = absl::ZeroDuration();
       continue;
@@ -90,48 +98,82 @@ void OverageWorker::Loop() {
   }
 }
 
-absl::Status OverageWorker::Refresh(const std::vector<event::OrgId>& orgs, bool all_subscribed) {
-  if (!conn_ || !conn_->is_open()) {
-    conn_.reset();
-    ASSIGN_OR_RETURN(conn_, store::Connect(conninfo_));
-  }
+absl::Status OverageWorker::EnsureConnected() {
+  if (conn_ && conn_->is_open()) return absl::OkStatus();
+  conn_.reset();
+  ASSIGN_OR_RETURN(conn_, store::Connect(conninfo_));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<event::OrgId>> OverageWorker::SubscribedOrgs() {
+  RETURN_IF_ERROR(EnsureConnected());
+  std::vector<event::OrgId> orgs;
   absl::Status status = store::CatchPq([&]() -> absl::Status {
-    int64_t alerts = 0;
-    if (all_subscribed) {
-      pqxx::work tx(*conn_);
-      alerts += tx.exec1(
-                      "SELECT shared.refresh_usage_charges(array_agg(org_id)) "
-                      "FROM shared.subscriptions WHERE status <> 'ended'")[0]
-                    .as<int64_t>(0);
-      tx.commit();
-    }
-    // Sorted, so concurrent refreshes lock usage_charges rows in the same order.
-    std::vector<event::OrgId> sorted = orgs;
-    std::sort(sorted.begin(), sorted.end());
-    for (size_t start = 0; start < sorted.size(); start += options_.batch_orgs) {
-      const size_t end = std::min(sorted.size(), start + options_.batch_orgs);
-      std::string array = "{";
-      for (size_t i = start; i < end; ++i) {
-        if (i > start) array += ',';
-        array += event::OrgIdToString(sorted[i]);
-      }
-      array += '}';
-      pqxx::work tx(*conn_);
-      alerts +=
-          tx.exec_params1("SELECT shared.refresh_usage_charges($1::uuid[])", array)[0].as<int64_t>(
-              0);
-      tx.commit();
-      stats_.orgs_refreshed.fetch_add(static_cast<int64_t>(end - start), std::memory_order_relaxed);
-    }
-    stats_.refreshes.fetch_add(1, std::memory_order_relaxed);
-    if (alerts > 0) {
-      stats_.alerts_raised.fetch_add(alerts, std::memory_order_relaxed);
-      LOG_INFO("overage worker: raised {} quota alert(s)", alerts);
+    pqxx::read_transaction tx(*conn_);
+    for (const auto& row : tx.exec(
+             "SELECT DISTINCT org_id::text FROM shared.subscriptions WHERE status <> 'ended'")) {
+      if (auto org = event::ParseOrgId(row[0].as<std::string>())) orgs.push_back(*org);
     }
     return absl::OkStatus();
   });
   if (absl::IsUnavailable(status)) conn_.reset();
-  return status;
+  if (!status.ok()) return status;
+  return orgs;
+}
+
+absl::Status OverageWorker::Refresh(const std::vector<event::OrgId>& orgs) {
+  // Sorted, so concurrent refreshes lock usage_charges rows in the same order.
+  std::vector<event::OrgId> sorted = orgs;
+  std::sort(sorted.begin(), sorted.end());
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  for (size_t start = 0; start < sorted.size(); start += options_.batch_orgs) {
+    const size_t end = std::min(sorted.size(), start + options_.batch_orgs);
+    const std::vector<event::OrgId> batch(sorted.begin() + start, sorted.begin() + end);
+    absl::Status status = RefreshBatch(batch);
+    if (absl::IsUnavailable(status)) return status;  // Retried whole, with backoff.
+    if (status.ok()) continue;
+    // Postgres answered but refused the batch: one org (e.g. usage whose charge does not fit
+    // int64 micros) must not hold back the others, nor be retried forever.
+    for (const event::OrgId& org : batch) {
+      status = RefreshBatch({org});
+      if (absl::IsUnavailable(status)) return status;
+      if (!status.ok()) {
+        stats_.failed_orgs.fetch_add(1, std::memory_order_relaxed);
+        LOG_ERROR(
+            "overage worker: charges of org {} cannot be computed; skipped until its next "
+            "usage: {}",
+            event::OrgIdToString(org), status.message());
+      }
+    }
+  }
+  stats_.refreshes.fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+absl::Status OverageWorker::RefreshBatch(const std::vector<event::OrgId>& orgs) {
+  RETURN_IF_ERROR(EnsureConnected());
+  std::string array = "{";
+  for (size_t i = 0; i < orgs.size(); ++i) {
+    if (i > 0) array += ',';
+    array += event::OrgIdToString(orgs[i]);
+  }
+  array += '}';
+  int64_t alerts = 0;
+  absl::Status status = store::CatchPq([&]() -> absl::Status {
+    pqxx::work tx(*conn_);
+    alerts =
+        tx.exec_params1("SELECT shared.refresh_usage_charges($1::uuid[])", array)[0].as<int64_t>(0);
+    tx.commit();
+    return absl::OkStatus();
+  });
+  if (absl::IsUnavailable(status)) conn_.reset();
+  if (!status.ok()) return status;
+  stats_.orgs_refreshed.fetch_add(static_cast<int64_t>(orgs.size()), std::memory_order_relaxed);
+  if (alerts > 0) {
+    stats_.alerts_raised.fetch_add(alerts, std::memory_order_relaxed);
+    LOG_INFO("overage worker: raised {} quota alert(s)", alerts);
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace meterd::billing

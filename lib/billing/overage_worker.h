@@ -31,6 +31,9 @@ struct OverageStats {
   std::atomic<int64_t> orgs_refreshed{0};
   std::atomic<int64_t> alerts_raised{0};
   std::atomic<int64_t> failures{0};
+  // Orgs whose charges could not be computed on their own (e.g. an amount beyond int64
+  // micros): logged and skipped until touched again, never retried in a loop.
+  std::atomic<int64_t> failed_orgs{0};
   std::atomic<int64_t> pending_orgs{0};
 };
 
@@ -55,7 +58,12 @@ class OverageWorker {
   OverageWorker(std::string conninfo, OverageWorkerOptions options)
       : conninfo_(std::move(conninfo)), options_(options) {}
   void Loop();
-  absl::Status Refresh(const std::vector<event::OrgId>& orgs, bool all_subscribed);
+  absl::Status EnsureConnected();
+  // Refreshes `orgs` in batches; a batch Postgres refuses is retried org by org, and an org
+  // that fails alone is logged, counted and dropped. Unavailable: retry everything later.
+  absl::Status Refresh(const std::vector<event::OrgId>& orgs);
+  absl::Status RefreshBatch(const std::vector<event::OrgId>& orgs);
+  absl::StatusOr<std::vector<event::OrgId>> SubscribedOrgs();
 
   const std::string conninfo_;
   const OverageWorkerOptions options_;

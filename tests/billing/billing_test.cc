@@ -7,14 +7,23 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
+#include "absl/time/civil_time.h"
 #include "absl/time/time.h"
 #include "lib/billing/close_period.h"
+#include "lib/billing/overage_worker.h"
 #include "tests/support/harness.h"
 
 namespace meterd::billing {
 namespace {
 
 std::string Org(int n) { return absl::StrFormat("00000000-0000-4000-8000-%012d", n); }
+
+// The anchor day in `month`, or the month's last day when the month is shorter.
+absl::CivilDay AnchorDayIn(absl::CivilMonth month, int anchor_day) {
+  const int month_days = static_cast<int>(absl::CivilDay(month + 1) - absl::CivilDay(month));
+  return absl::CivilDay(month.year(), month.month(), std::min(anchor_day, month_days));
+}
 
 absl::Time At(const std::string& rfc3339) {
   absl::Time t;
@@ -64,9 +73,11 @@ class BillingTest : public ::testing::Test {
     EXPECT_TRUE(summary.ok()) << summary.status();
     return summary.ok() ? *summary : CloseSummary{};
   }
+  // `period_start` is a UTC date: the test's session runs in the server's zone, which the
+  // time-zone variants of this suite set to something other than UTC.
   int64_t InvoiceTotal(const std::string& org, const std::string& period_start) {
     return Int(absl::StrCat("SELECT total_micros FROM shared.invoices WHERE org_id = '", org,
-                            "' AND period_start = '", period_start, "'"));
+                            "' AND period_start = '", period_start, "T00:00:00Z'"));
   }
 
   std::string url_;
@@ -158,7 +169,7 @@ TEST_F(BillingTest, ClosingTwiceCreatesNothingNew) {
   EXPECT_EQ(Int("SELECT count(*) FROM shared.invoices"), invoices);
   EXPECT_EQ(Int("SELECT count(*) FROM shared.invoice_lines"), lines);
   EXPECT_EQ(Int("SELECT count(*) FROM shared.subscriptions WHERE current_period_start = "
-                "'2026-11-01' AND current_period_end = '2026-12-01'"),
+                "'2026-11-01T00:00:00Z' AND current_period_end = '2026-12-01T00:00:00Z'"),
             1);
 }
 
@@ -380,6 +391,375 @@ TEST_F(BillingTest, RowLevelSecurityIsolatesOrganizations) {
     EXPECT_EQ(tx.exec1("SELECT count(DISTINCT org_id) FROM shared.api_usage_meters")[0].as<int>(),
               2);
   }
+}
+
+// Periods are UTC and keep their anchor day whatever the server's zone (this suite also runs
+// with the server in America/New_York and Pacific/Chatham): 24+ monthly closes for anchors on
+// the 1st, 15th, 29th, 30th and 31st; each invoice ends on the anchor day (or the month's last
+// day when shorter), periods are contiguous, and every UTC day is billed exactly once.
+TEST_F(BillingTest, PeriodsKeepTheirAnchorDayAndBillEveryUtcDayOnce) {
+  const std::vector<int> anchor_days = {1, 15, 29, 30, 31};
+  const absl::CivilDay first_day(2027, 1, 1), last_day(2029, 3, 31);
+  for (size_t i = 0; i < anchor_days.size(); ++i) {
+    const std::string org = Org(100 + i);
+    AddOrg(org);
+    const absl::CivilDay anchor(2027, 1, anchor_days[i]);
+    const absl::CivilDay next_end = AnchorDayIn(absl::CivilMonth(2027, 2), anchor_days[i]);
+    Subscribe(org, "basic", absl::StrFormat("%sT00:00:00Z", absl::FormatCivilTime(anchor)),
+              absl::StrFormat("%sT00:00:00Z", absl::FormatCivilTime(next_end)));
+    // One call on every UTC day of the range.
+    Exec(absl::StrCat(
+        "INSERT INTO shared.api_usage_meters (org_id, meter, industry, usage_date, quantity) "
+        "SELECT '",
+        org, "', 'api_calls', 'hs', d::date, 1 FROM generate_series('",
+        absl::FormatCivilTime(first_day), "'::date, '", absl::FormatCivilTime(last_day),
+        "'::date, '1 day') d"));
+  }
+  // The cron: a close on the first of every month, at midnight UTC, for 25 months.
+  for (absl::CivilMonth m(2027, 2); m <= absl::CivilMonth(2029, 2); ++m) {
+    Close(absl::StrFormat("%04d-%02d-01T00:00:00Z", m.year(), m.month()));
+  }
+  for (size_t i = 0; i < anchor_days.size(); ++i) {
+    const std::string org = Org(100 + i);
+    pqxx::work tx(*conn_);
+    const auto rows = tx.exec(absl::StrCat(
+        "SELECT to_char(i.period_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), "
+        "to_char(i.period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), l.quantity, "
+        "(i.period_end AT TIME ZONE 'UTC')::date - (i.period_start AT TIME ZONE 'UTC')::date "
+        "FROM shared.invoices i JOIN shared.invoice_lines l ON l.invoice_id = i.invoice_id "
+        "AND l.kind = 'usage' AND l.meter = 'api_calls' WHERE i.org_id = '",
+        org, "' ORDER BY i.period_start"));
+    // Expected boundaries: the anchor day of each month, clamped to the month's length.
+    std::vector<std::string> boundaries;
+    absl::CivilDay last_boundary;
+    for (absl::CivilMonth m(2027, 1); m <= absl::CivilMonth(2029, 2); ++m) {
+      const absl::CivilDay day = AnchorDayIn(m, anchor_days[i]);
+      if (day > absl::CivilDay(2029, 2, 1)) break;
+      boundaries.push_back(absl::StrCat(absl::FormatCivilTime(day), " 00:00:00"));
+      last_boundary = day;
+    }
+    ASSERT_EQ(rows.size(), boundaries.size() - 1) << "anchor day " << anchor_days[i];
+    ASSERT_GE(rows.size(), 24u);
+    int64_t days_billed = 0;
+    for (size_t r = 0; r < rows.size(); ++r) {
+      EXPECT_EQ(rows[r][0].as<std::string>(), boundaries[r]) << "anchor " << anchor_days[i];
+      EXPECT_EQ(rows[r][1].as<std::string>(), boundaries[r + 1]) << "anchor " << anchor_days[i];
+      // One call a day: the usage line counts exactly the period's days.
+      EXPECT_EQ(rows[r][2].as<int64_t>(), rows[r][3].as<int64_t>()) << boundaries[r];
+      days_billed += rows[r][2].as<int64_t>();
+    }
+    EXPECT_EQ(days_billed, last_boundary - absl::CivilDay(2027, 1, anchor_days[i]))
+        << "anchor " << anchor_days[i];
+    // No adjustment lines: nothing was billed twice or late.
+    EXPECT_EQ(tx.exec1(absl::StrCat("SELECT count(*) FROM shared.invoice_lines WHERE org_id = '",
+                                    org, "' AND kind = 'adjustment'"))[0]
+                  .as<int>(),
+              0);
+  }
+}
+
+// A period closed by a server in any zone ends at the next anchor at midnight UTC, also
+// across a DST change (New York's 2026-11-01).
+TEST_F(BillingTest, NextPeriodEndsAtMidnightUtcAcrossDst) {
+  AddOrg(Org(120));
+  Subscribe(Org(120), "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
+  AddOrg(Org(121));
+  Subscribe(Org(121), "basic", "2027-02-01T00:00:00Z", "2027-03-01T00:00:00Z");
+  Close("2026-11-01T00:00:00Z");
+  Close("2027-03-01T00:00:00Z");
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.subscriptions WHERE (org_id = '" + Org(120) +
+                "' AND current_period_end = '2027-04-01T00:00:00Z') OR (org_id = '" + Org(121) +
+                "' AND current_period_end = '2027-04-01T00:00:00Z')"),
+            2);
+  // Every period that ended by the first of the month is closed on the first.
+  EXPECT_EQ(Close("2027-04-01T00:00:00Z").invoices_created, 2);
+}
+
+// A tenant with its own SQL login, member of meterd_org: reads only its org whatever it sets,
+// writes nothing directly, and records usage only for itself through the functions.
+TEST_F(BillingTest, TenantLoginReadsItsOwnOrgAndWritesNothing) {
+  const std::string a = Org(31), b = Org(32);
+  for (const std::string& org : {a, b}) {
+    AddOrg(org);
+    Subscribe(org, "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
+    Usage(org, "api_calls", 1'500, "2026-10-10");
+    Exec("SELECT shared.refresh_usage_charges(ARRAY['" + org + "'::uuid])");
+  }
+  Close("2026-11-01T00:00:00Z");
+  Exec(
+      "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tenant_a') THEN "
+      "CREATE ROLE tenant_a LOGIN; END IF; "
+      "IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tenant_stray') THEN "
+      "CREATE ROLE tenant_stray LOGIN; END IF; END $$");
+  Exec("GRANT meterd_org TO tenant_a, tenant_stray");
+  Exec("INSERT INTO shared.org_logins (login, org_id) VALUES ('tenant_a', '" + a + "')");
+  const std::string tenant_url = absl::StrReplaceAll(url_, {{"postgres@", "tenant_a@"}});
+  const std::string stray_url = absl::StrReplaceAll(url_, {{"postgres@", "tenant_stray@"}});
+
+  const std::vector<std::string> tables = {
+      "shared.organizations",   "shared.subscriptions",   "shared.api_usage_meters",
+      "shared.api_usage_logs",  "shared.invoices",        "shared.invoice_lines",
+      "shared.usage_charges",   "shared.usage_alerts",    "shared.payments",
+      "shared.payment_methods", "shared.stripe_customers"};
+  pqxx::connection tenant(tenant_url);
+  for (const std::string& setting : {std::string("app.org_id"), std::string("app.org")}) {
+    pqxx::work tx(tenant);
+    tx.exec0("SET LOCAL " + setting + " = '" + b + "'");
+    for (const std::string& t : tables) {
+      EXPECT_EQ(tx.exec1("SELECT count(*) FROM " + t + " WHERE org_id = '" + b + "'")[0].as<int>(),
+                0)
+          << t << " after setting " << setting;
+    }
+    EXPECT_GE(tx.exec1("SELECT count(*) FROM shared.api_usage_meters WHERE org_id = '" + a + "'")[0]
+                  .as<int>(),
+              1);
+  }
+  // Direct writes: refused on every billing and usage table, for its own org too.
+  const std::vector<std::string> writes = {
+      "UPDATE shared.api_usage_meters SET quantity = 0",
+      "DELETE FROM shared.api_usage_meters",
+      "INSERT INTO shared.api_usage_meters (org_id, meter, industry, usage_date, quantity) "
+      "VALUES ('" +
+          a + "', 'api_calls', 'hs', '2026-10-11', 1)",
+      "UPDATE shared.usage_charges SET amount_micros = 0",
+      "INSERT INTO shared.usage_alerts (org_id, period_start, meter, threshold_percent, quantity, "
+      "included_quantity) VALUES ('" +
+          a + "', now(), 'api_calls', 80, 1, 1)",
+      "UPDATE shared.invoices SET total_micros = 0",
+      "DELETE FROM shared.invoice_lines",
+      "UPDATE shared.subscriptions SET plan_id = 'enterprise'",
+      "INSERT INTO shared.payments (org_id, amount_micros, status) VALUES ('" + a +
+          "', 1, 'succeeded')",
+      "SELECT shared.refresh_usage_charges(ARRAY['" + a + "'::uuid])",
+      "SELECT shared.reset_monthly_usage('2030-01-01T00:00:00Z')",
+      "SELECT shared.increment_api_usage('" + b + "', 'api_calls', 5)",
+      "INSERT INTO shared.org_logins (login, org_id) VALUES ('tenant_a2', '" + b + "')"};
+  for (const std::string& sql : writes) {
+    pqxx::work tx(tenant);
+    EXPECT_ANY_THROW(tx.exec(sql)) << sql;
+  }
+  // Through the function, for its own org: counted.
+  {
+    pqxx::work tx(tenant);
+    EXPECT_EQ(
+        tx.exec1("SELECT shared.increment_api_usage('" + a + "', 'api_calls', 5)")[0].as<int64_t>(),
+        5);
+    tx.commit();
+  }
+  EXPECT_EQ(Int("SELECT sum(quantity) FROM shared.api_usage_meters WHERE org_id = '" + a + "'"),
+            1'505);
+  EXPECT_EQ(Int("SELECT sum(quantity) FROM shared.api_usage_meters WHERE org_id = '" + b + "'"),
+            1'500);
+  EXPECT_EQ(InvoiceTotal(a, "2026-10-01"), 55'000'000);
+  // A tenant login not mapped to an org sees nothing, whatever it sets.
+  pqxx::connection stray(stray_url);
+  pqxx::work tx(stray);
+  tx.exec0("SET LOCAL app.org_id = '" + a + "'");
+  for (const std::string& t : tables) {
+    EXPECT_EQ(tx.exec1("SELECT count(*) FROM " + t)[0].as<int>(), 0) << t;
+  }
+}
+
+// One org's usage cannot be priced (1e14 exports overflow int64 micros): every other org is
+// invoiced, the failure is recorded with its reason, and the close says so.
+TEST_F(BillingTest, OneOrgThatCannotBeInvoicedDoesNotBlockTheOthers) {
+  for (int i = 40; i < 45; ++i) {
+    AddOrg(Org(i));
+    Subscribe(Org(i), "pro", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
+    Usage(Org(i), "api_calls", 6'000, "2026-10-05");
+  }
+  Usage(Org(42), "data_exports", 100'000'000'000'000, "2026-10-06");
+  auto summary = ClosePeriods(url_, At("2026-12-01T00:00:00Z"));
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  // Four orgs, two months each; the outlier none.
+  EXPECT_EQ(summary->invoices_created, 8);
+  ASSERT_EQ(summary->failures.size(), 1u);
+  EXPECT_EQ(summary->failures[0].org_id, Org(42));
+  EXPECT_NE(summary->failures[0].reason.find("data_exports"), std::string::npos)
+      << summary->failures[0].reason;
+  for (int i : {40, 41, 43, 44}) {
+    EXPECT_EQ(InvoiceTotal(Org(i), "2026-10-01"), 150'000'000 + 1'000 * 10'000) << i;
+    EXPECT_EQ(InvoiceTotal(Org(i), "2026-11-01"), 150'000'000) << i;
+  }
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.invoices WHERE org_id = '" + Org(42) + "'"), 0);
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.billing_close_failures WHERE org_id = '" + Org(42) +
+                "' AND resolved_at IS NULL AND period_start = '2026-10-01T00:00:00Z'"),
+            1);
+  // Still failing on the next run: recorded once, attempts counted.
+  auto again = ClosePeriods(url_, At("2026-12-01T00:00:00Z"));
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->invoices_created, 0);
+  EXPECT_EQ(again->failures.size(), 1u);
+  EXPECT_EQ(Int("SELECT attempts FROM shared.billing_close_failures"), 2);
+  // Fixed (the usage corrected by an operator): the next close invoices it and resolves it.
+  Exec("UPDATE shared.api_usage_meters SET quantity = 3 WHERE meter = 'data_exports'");
+  auto fixed = ClosePeriods(url_, At("2026-12-01T00:00:00Z"));
+  ASSERT_TRUE(fixed.ok());
+  EXPECT_EQ(fixed->invoices_created, 2);
+  EXPECT_TRUE(fixed->failures.empty());
+  EXPECT_EQ(InvoiceTotal(Org(42), "2026-10-01"), 150'000'000 + 1'000 * 10'000 + 300'000);
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.billing_close_failures WHERE resolved_at IS NULL"), 0);
+}
+
+// The close-period command: one line naming the org on stderr, non-zero exit, others invoiced.
+TEST_F(BillingTest, ClosePeriodCommandExitsNonZeroNamingTheFailedOrg) {
+  for (int i = 46; i < 48; ++i) {
+    AddOrg(Org(i));
+    Subscribe(Org(i), "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
+  }
+  Usage(Org(47), "ai_requests", 900'000'000'000'000'000, "2026-10-06");
+  const std::string dir = testing::TempDir("meterd-close");
+  testing::ChildProcess close(
+      {testing::MeterdBinary(), "close-period", "--pg", url_, "--as-of", "2026-11-01T00:00:00Z"},
+      dir + "/close.log");
+  const std::string out = close.ReadAll();
+  EXPECT_EQ(close.Wait(absl::Seconds(60)), 1);
+  const std::string log = testing::ReadFile(dir + "/close.log");
+  EXPECT_NE(log.find(Org(47)), std::string::npos) << log;
+  EXPECT_NE(out.find("\"invoices_created\":1"), std::string::npos) << out;
+  EXPECT_EQ(InvoiceTotal(Org(46), "2026-10-01"), 50'000'000);
+}
+
+// An invoice already exists for a subscription's current period (created by hand, or the
+// period was moved back): the close reports it instead of skipping it silently forever.
+TEST_F(BillingTest, StuckSubscriptionIsReported) {
+  AddOrg(Org(48));
+  AddOrg(Org(49));
+  Subscribe(Org(48), "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
+  Subscribe(Org(49), "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
+  Exec(
+      "INSERT INTO shared.invoices (org_id, subscription_id, plan_id, period_start, period_end) "
+      "SELECT org_id, subscription_id, plan_id, current_period_start, current_period_end "
+      "FROM shared.subscriptions WHERE org_id = '" +
+      Org(48) + "'");
+  auto summary = ClosePeriods(url_, At("2026-11-01T00:00:00Z"));
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->invoices_created, 1);
+  ASSERT_EQ(summary->failures.size(), 1u);
+  EXPECT_EQ(summary->failures[0].org_id, Org(48));
+  EXPECT_NE(summary->failures[0].reason.find("already"), std::string::npos)
+      << summary->failures[0].reason;
+}
+
+// The overage worker: one org whose charges cannot be computed does not hold back the others
+// and is not retried forever.
+TEST_F(BillingTest, OverageWorkerIsolatesAnOrgItCannotPrice) {
+  std::vector<event::OrgId> orgs;
+  for (int i = 50; i < 54; ++i) {
+    AddOrg(Org(i));
+    Exec(
+        "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
+        "current_period_end) VALUES ('" +
+        Org(i) +
+        "', 'basic', date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', "
+        "(date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE "
+        "'UTC')");
+    Exec("SELECT shared.increment_api_usage('" + Org(i) + "', 'api_calls', 1200)");
+    Exec("DELETE FROM shared.usage_charges");
+    orgs.push_back(*event::ParseOrgId(Org(i)));
+  }
+  // Stored directly (increment_api_usage would refuse it: its own refresh cannot price it).
+  Exec(
+      "INSERT INTO shared.api_usage_meters (org_id, meter, industry, usage_date, quantity) "
+      "VALUES ('" +
+      Org(51) +
+      "', 'data_exports', 'hs', (now() AT TIME ZONE 'UTC')::date, "
+      "500000000000000)");
+  Exec("DELETE FROM shared.usage_charges");
+  auto worker = OverageWorker::Create(url_, {.batch_orgs = 10, .max_backoff = absl::Seconds(1)});
+  ASSERT_TRUE(worker.ok()) << worker.status();
+  (*worker)->Start();
+  (*worker)->OrgsTouched(orgs);
+  const absl::Time give_up = absl::Now() + absl::Seconds(30);
+  while (Int("SELECT count(DISTINCT org_id) FROM shared.usage_charges") < 3 &&
+         absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  absl::SleepFor(absl::Seconds(2));
+  EXPECT_EQ(Int("SELECT count(DISTINCT org_id) FROM shared.usage_charges"), 3);
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.usage_charges WHERE org_id = '" + Org(51) + "'"), 0);
+  EXPECT_EQ((*worker)->stats().failed_orgs.load(), 1);
+  EXPECT_EQ((*worker)->stats().pending_orgs.load(), 0);
+  const int64_t failures = (*worker)->stats().failures.load();
+  absl::SleepFor(absl::Seconds(2));
+  EXPECT_EQ((*worker)->stats().failures.load(), failures) << "still retrying the outlier";
+  (*worker)->Stop();
+}
+
+// Late usage for a subscription that has ended, with no live one to carry it: a final
+// adjustment invoice, once.
+TEST_F(BillingTest, LateUsageAfterTheLastPeriodGetsAFinalAdjustmentInvoice) {
+  AddOrg(Org(60));
+  Subscribe(Org(60), "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
+  Usage(Org(60), "api_calls", 1'000, "2026-10-15");
+  Exec("UPDATE shared.subscriptions SET status = 'canceled', canceled_at = '2026-10-20T00:00:00Z'");
+  EXPECT_EQ(Close("2026-11-01T00:00:00Z").invoices_created, 1);
+  Usage(Org(60), "api_calls", 300, "2026-10-18");
+  Close("2026-11-02T00:00:00Z");
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.invoices WHERE kind = 'adjustment'"), 1);
+  EXPECT_EQ(Int("SELECT total_micros FROM shared.invoices WHERE kind = 'adjustment'"),
+            300 * 10'000);
+  Close("2026-11-03T00:00:00Z");
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.invoices"), 2);
+}
+
+// The late-usage look-back follows the ingest late window (shared.billing_settings, which
+// `meterd run` raises to its --late-window), not a fixed 92 days.
+TEST_F(BillingTest, LateUsageLookBackFollowsTheLateWindow) {
+  AddOrg(Org(61));
+  Subscribe(Org(61), "basic", "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z");
+  Usage(Org(61), "api_calls", 1'000, "2026-01-15");
+  Close("2026-06-01T00:00:00Z");
+  Exec("UPDATE shared.billing_settings SET late_window = interval '200 days'");
+  Usage(Org(61), "api_calls", 40, "2026-01-20");  // 4 months late, inside a 200-day window.
+  Close("2026-07-01T00:00:00Z");
+  EXPECT_EQ(InvoiceTotal(Org(61), "2026-06-01"), 50'000'000 + 40 * 10'000);
+}
+
+// After a plan upgrade mid-period, alerts fire again at 80 % and 100 % of the new quota.
+TEST_F(BillingTest, AlertsFollowTheQuotaInForce) {
+  const std::string org = Org(62);
+  AddOrg(org);
+  Exec(
+      "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
+      "current_period_end) VALUES ('" +
+      org +
+      "', 'basic', date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', "
+      "(date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC')");
+  Exec("SELECT shared.increment_api_usage('" + org + "', 'api_calls', 1000)");
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.usage_alerts"), 2);
+  Exec("UPDATE shared.subscriptions SET plan_id = 'pro'");
+  Exec("SELECT shared.increment_api_usage('" + org + "', 'api_calls', 3100)");
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.usage_alerts WHERE included_quantity = 5000"), 1);
+  Exec("SELECT shared.increment_api_usage('" + org + "', 'api_calls', 900)");
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.usage_alerts WHERE included_quantity = 5000"), 2);
+}
+
+// A notification carries the alert's id: a listener checks it against shared.usage_alerts
+// (which only the owner roles write), so a forged pg_notify matches no row.
+TEST_F(BillingTest, AlertNotificationNamesItsRow) {
+  const std::string org = Org(63);
+  AddOrg(org);
+  Exec(
+      "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
+      "current_period_end) VALUES ('" +
+      org +
+      "', 'basic', date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', "
+      "(date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC')");
+  pqxx::connection listener(url_);
+  std::vector<std::string> payloads;
+  struct Receiver : pqxx::notification_receiver {
+    Receiver(pqxx::connection_base& c, std::vector<std::string>* p)
+        : pqxx::notification_receiver(c, "meterd_usage_alerts"), p_(p) {}
+    void operator()(const std::string& payload, int) override { p_->push_back(payload); }
+    std::vector<std::string>* p_;
+  } receiver(listener, &payloads);
+  Exec("SELECT shared.increment_api_usage('" + org + "', 'api_calls', 850)");
+  for (int i = 0; i < 20 && payloads.empty(); ++i) listener.await_notification(0, 100'000);
+  ASSERT_EQ(payloads.size(), 1u);
+  const int64_t id = Int("SELECT alert_id FROM shared.usage_alerts");
+  EXPECT_NE(payloads[0].find(absl::StrCat("\"alert_id\" : ", id)), std::string::npos)
+      << payloads[0];
 }
 
 }  // namespace
