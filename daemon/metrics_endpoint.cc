@@ -60,6 +60,13 @@ http::Response ServeEndpoint(const std::string& path, const ingest::Ingestor& in
     m.Add("meterd_quota_alerts_total", "counter", "Quota alerts raised", o.alerts_raised.load());
     m.Add("meterd_overage_failures_total", "counter", "Overage refreshes that failed (retried)",
           o.failures.load());
+    m.Add("meterd_overage_failed_orgs_total", "counter",
+          "Orgs whose charges could not be computed alone (logged, skipped until next usage)",
+          o.failed_orgs.load());
+    m.Add("meterd_billing_close_failures", "gauge",
+          "Subscription periods close-period could not invoice, unresolved "
+          "(shared.billing_close_failures)",
+          o.open_close_failures.load());
   }
   m.Add("meterd_peak_rss_bytes", "gauge", "Peak resident set size", PeakRssKib() * 1024.0);
   return {200, "text/plain; version=0.0.4; charset=utf-8", m.text()};

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_replace.h"
+#include "lib/common/logging.h"
 #include "lib/common/status_macros.h"
 #include "lib/store/pg_connection.h"
 
@@ -62,6 +63,9 @@ absl::StatusOr<CloseSummary> ClosePeriods(const std::string& conninfo, absl::Tim
              "ORDER BY org_id, subscription_id")) {
       summary.failures.push_back({row[0].as<std::string>(), row[1].as<int64_t>(),
                                   row[2].as<std::string>(), row[3].as<std::string>()});
+      const CloseFailure& f = summary.failures.back();
+      LOG_ERROR("close-period: org {} subscription {} period from {} not invoiced: {}", f.org_id,
+                f.subscription_id, f.period_start, f.reason);
     }
     tx.commit();
     return absl::OkStatus();

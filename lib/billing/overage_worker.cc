@@ -19,7 +19,10 @@ absl::StatusOr<std::unique_ptr<OverageWorker>> OverageWorker::Create(std::string
 OverageWorker::~OverageWorker() { Stop(absl::ZeroDuration()); }
 
 void OverageWorker::Start() {
-  thread_ = std::thread([this] { Loop(); });
+  thread_ = std::thread([this] {
+    CountOpenCloseFailures();
+    Loop();
+  });
 }
 
 void OverageWorker::Stop(absl::Duration deadline) {
@@ -62,7 +65,12 @@ void OverageWorker::Loop() {
       if (backoff > absl::ZeroDuration()) {
         wake_.wait_for(lock, absl::ToChronoMilliseconds(backoff), [this] { return stopping_; });
       }
-      wake_.wait(lock, ready);
+      if (!wake_.wait_for(lock, absl::ToChronoMilliseconds(kCloseFailuresEvery), ready)) {
+        // Idle: refresh the close-failures gauge (the close is a cron; this is its alarm).
+        lock.unlock();
+        CountOpenCloseFailures();
+        continue;
+      }
       if (pending_.empty() && !overflowed_) return;  // Stopping with nothing to do.
       if (stopping_ && absl::Now() > stop_deadline_) {
         LOG_WARN("overage worker: stopping with {} orgs not refreshed (recomputed on next touch)",
@@ -103,6 +111,19 @@ absl::Status OverageWorker::EnsureConnected() {
   conn_.reset();
   ASSIGN_OR_RETURN(conn_, store::Connect(conninfo_));
   return absl::OkStatus();
+}
+
+void OverageWorker::CountOpenCloseFailures() {
+  if (!EnsureConnected().ok()) return;
+  absl::Status status = store::CatchPq([&]() -> absl::Status {
+    pqxx::read_transaction tx(*conn_);
+    stats_.open_close_failures.store(
+        tx.exec1("SELECT count(*) FROM shared.billing_close_failures WHERE resolved_at IS NULL")[0]
+            .as<int64_t>(),
+        std::memory_order_relaxed);
+    return absl::OkStatus();
+  });
+  if (absl::IsUnavailable(status)) conn_.reset();
 }
 
 absl::StatusOr<std::vector<event::OrgId>> OverageWorker::SubscribedOrgs() {

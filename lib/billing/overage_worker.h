@@ -35,6 +35,9 @@ struct OverageStats {
   // micros): logged and skipped until touched again, never retried in a loop.
   std::atomic<int64_t> failed_orgs{0};
   std::atomic<int64_t> pending_orgs{0};
+  // Subscription periods `meterd close-period` could not invoice and nobody resolved yet
+  // (shared.billing_close_failures), read at start and every minute while idle.
+  std::atomic<int64_t> open_close_failures{0};
 };
 
 // Keeps shared.usage_charges and shared.usage_alerts current for the orgs each flush touched,
@@ -58,7 +61,9 @@ class OverageWorker {
   OverageWorker(std::string conninfo, OverageWorkerOptions options)
       : conninfo_(std::move(conninfo)), options_(options) {}
   void Loop();
+  static constexpr absl::Duration kCloseFailuresEvery = absl::Minutes(1);
   absl::Status EnsureConnected();
+  void CountOpenCloseFailures();
   // Refreshes `orgs` in batches; a batch Postgres refuses is retried org by org, and an org
   // that fails alone is logged, counted and dropped. Unavailable: retry everything later.
   absl::Status Refresh(const std::vector<event::OrgId>& orgs);

@@ -585,6 +585,18 @@ TEST_F(BillingTest, OneOrgThatCannotBeInvoicedDoesNotBlockTheOthers) {
   EXPECT_EQ(Int("SELECT count(*) FROM shared.billing_close_failures WHERE org_id = '" + Org(42) +
                 "' AND resolved_at IS NULL AND period_start = '2026-10-01T00:00:00Z'"),
             1);
+  {
+    // The daemon's gauge of unresolved close failures (read by the overage worker at start).
+    auto worker = OverageWorker::Create(url_, {});
+    ASSERT_TRUE(worker.ok()) << worker.status();
+    (*worker)->Start();
+    const absl::Time give_up = absl::Now() + absl::Seconds(20);
+    while ((*worker)->stats().open_close_failures.load() != 1 && absl::Now() < give_up) {
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    EXPECT_EQ((*worker)->stats().open_close_failures.load(), 1);
+    (*worker)->Stop();
+  }
   // Still failing on the next run: recorded once, attempts counted.
   auto again = ClosePeriods(url_, At("2026-12-01T00:00:00Z"));
   ASSERT_TRUE(again.ok());
@@ -618,6 +630,28 @@ TEST_F(BillingTest, ClosePeriodCommandExitsNonZeroNamingTheFailedOrg) {
   EXPECT_NE(log.find(Org(47)), std::string::npos) << log;
   EXPECT_NE(out.find("\"invoices_created\":1"), std::string::npos) << out;
   EXPECT_EQ(InvoiceTotal(Org(46), "2026-10-01"), 50'000'000);
+}
+
+// A close "as of" a time that has not come yet would invoice periods that have not ended.
+TEST_F(BillingTest, FutureAsOfIsRefusedUnlessAllowed) {
+  AddOrg(Org(45));
+  Subscribe(Org(45), "basic", "2099-01-01T00:00:00Z", "2099-02-01T00:00:00Z");
+  const std::string dir = testing::TempDir("meterd-future");
+  {
+    testing::ChildProcess close(
+        {testing::MeterdBinary(), "close-period", "--pg", url_, "--as-of", "2099-03-01T00:00:00Z"},
+        dir + "/refused.log");
+    close.ReadAll();
+    EXPECT_EQ(close.Wait(absl::Seconds(60)), 1);
+    EXPECT_NE(testing::ReadFile(dir + "/refused.log").find("--allow-future"), std::string::npos);
+    EXPECT_EQ(Int("SELECT count(*) FROM shared.invoices"), 0);
+  }
+  testing::ChildProcess close({testing::MeterdBinary(), "close-period", "--pg", url_, "--as-of",
+                               "2099-03-01T00:00:00Z", "--allow-future"},
+                              dir + "/allowed.log");
+  close.ReadAll();
+  EXPECT_EQ(close.Wait(absl::Seconds(60)), 0);
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.invoices"), 2);  // January and February 2099.
 }
 
 // An invoice already exists for a subscription's current period (created by hand, or the
