@@ -20,6 +20,7 @@
 #include "lib/ingest/ingestor.h"
 #include "lib/store/migrations.h"
 #include "lib/store/pg_flush_writer.h"
+#include "lib/store/rejected_replay.h"
 
 namespace meterd::daemon {
 namespace {
@@ -56,6 +57,16 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   if (absl::GetFlag(FLAGS_max_unflushed_keys) < 1) {
     return absl::InvalidArgumentError("--max-unflushed-keys must be at least 1");
   }
+  store::PgTimeouts timeouts;
+  timeouts.connect = absl::GetFlag(FLAGS_pg_connect_timeout);
+  timeouts.statement = absl::GetFlag(FLAGS_pg_statement_timeout);
+  timeouts.lock = absl::GetFlag(FLAGS_pg_lock_timeout);
+  if (timeouts.connect < absl::Seconds(2) || timeouts.statement < absl::Seconds(1) ||
+      timeouts.lock < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "--pg-connect-timeout must be at least 2s (libpq's minimum), --pg-statement-timeout at "
+        "least 1s, --pg-lock-timeout at least 0 (0: none)");
+  }
   ingest::IngestOptions options;
   options.brokers = absl::GetFlag(FLAGS_brokers);
   options.topic = absl::GetFlag(FLAGS_topic);
@@ -67,6 +78,14 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   options.startup_timeout = absl::GetFlag(FLAGS_startup_timeout);
   options.parse_limits.late_window = absl::GetFlag(FLAGS_late_window);
   options.parse_limits.max_future_skew = absl::GetFlag(FLAGS_max_future_skew);
+  if (absl::GetFlag(FLAGS_dedup_max_ids) < 0) {
+    return absl::InvalidArgumentError("--dedup-max-ids must be >= 0 (0 turns dedup off)");
+  }
+  if (absl::GetFlag(FLAGS_dedup_window) <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--dedup-window must be positive");
+  }
+  options.dedup.max_ids = static_cast<size_t>(absl::GetFlag(FLAGS_dedup_max_ids));
+  options.dedup.window = absl::GetFlag(FLAGS_dedup_window);
   ASSIGN_OR_RETURN(options.kafka_properties, ParseProperties(raw_properties));
 
   // The endpoint starts first, so a bad --http-listen fails before anything connects and
@@ -89,9 +108,11 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   }
 
   RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
+  // The close must look back as far as this instance accepts late events.
+  RETURN_IF_ERROR(billing::RecordLateWindow(pg, options.parse_limits.late_window));
   ASSIGN_OR_RETURN(event::MeterRegistry meters, store::LoadMeters(pg));
-  ASSIGN_OR_RETURN(auto writer,
-                   store::PgFlushWriter::Create(pg, {options.group, options.topic}, &meters));
+  ASSIGN_OR_RETURN(auto writer, store::PgFlushWriter::Create(pg, {options.group, options.topic},
+                                                             &meters, timeouts));
   if (absl::GetFlag(FLAGS_billing)) {
     ASSIGN_OR_RETURN(overage, billing::OverageWorker::Create(pg, {}));
     options.on_committed = [worker = overage.get()](const std::vector<event::OrgId>& orgs) {
@@ -151,6 +172,29 @@ absl::Status ClosePeriod() {
   return billing::FailuresStatus(summary);
 }
 
+absl::Status ReplayRejected() {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  store::ReplayOptions options;
+  options.reason = absl::GetFlag(FLAGS_reason);
+  RETURN_IF_ERROR(Require("reason", options.reason));
+  const std::string since = absl::GetFlag(FLAGS_since);
+  std::string error;
+  if (!since.empty() && !absl::ParseTime(absl::RFC3339_full, since, &options.since, &error)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--since must be RFC 3339 (e.g. 2026-12-01T00:00:00Z): ", error));
+  }
+  options.limits.late_window = absl::GetFlag(FLAGS_late_window);
+  options.limits.max_future_skew = absl::GetFlag(FLAGS_max_future_skew);
+  // Replayed usage may be as old as --late-window: the close must look back that far.
+  RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
+  RETURN_IF_ERROR(billing::RecordLateWindow(pg, options.limits.late_window));
+  // Checks the reason code, then the schema, before reading anything.
+  ASSIGN_OR_RETURN(store::ReplaySummary summary, store::ReplayRejected(pg, options, absl::Now()));
+  std::printf("%s\n", store::ReplaySummaryJson(summary).c_str());
+  return absl::OkStatus();
+}
+
 absl::Status DevBroker() {
   InstallStopSignals();
   ASSIGN_OR_RETURN(auto broker, devtools::DevBroker::Start(absl::GetFlag(FLAGS_topic),
@@ -171,6 +215,7 @@ absl::Status Loadgen(const std::vector<std::string>& raw_properties) {
   options.events = absl::GetFlag(FLAGS_events);
   options.orgs = absl::GetFlag(FLAGS_orgs);
   options.malformed_share = absl::GetFlag(FLAGS_malformed_share);
+  options.duplicate_share = absl::GetFlag(FLAGS_duplicate_share);
   options.days = absl::GetFlag(FLAGS_days);
   options.seed = absl::GetFlag(FLAGS_seed);
   options.rate = absl::GetFlag(FLAGS_rate);
@@ -199,6 +244,10 @@ int ClosePeriodCommand(const std::vector<std::string>&) {
   absl::Status s = ClosePeriod();
   return s.ok() ? 0 : Fail("close-period", s);
 }
+int ReplayRejectedCommand(const std::vector<std::string>&) {
+  absl::Status s = ReplayRejected();
+  return s.ok() ? 0 : Fail("replay-rejected", s);
+}
 int DevBrokerCommand(const std::vector<std::string>&) {
   absl::Status s = DevBroker();
   return s.ok() ? 0 : Fail("dev-broker", s);
@@ -215,7 +264,8 @@ const std::vector<Subcommand>& Subcommands() {
       {"run",
        "consume usage events from Kafka into Postgres, exactly once",
        {"pg", "brokers", "topic", "group", "shards", "flush_interval", "max_unflushed_keys",
-        "late_window", "max_future_skew", "stats_interval", "startup_timeout", "billing",
+        "late_window", "max_future_skew", "dedup_window", "dedup_max_ids", "pg_connect_timeout",
+        "pg_statement_timeout", "pg_lock_timeout", "stats_interval", "startup_timeout", "billing",
         "http_listen", "kafka_property"},
        &RunCommand},
       {"migrate", "apply the embedded schema migrations", {"pg"}, &MigrateCommand},
@@ -223,14 +273,19 @@ const std::vector<Subcommand>& Subcommands() {
        "invoice every subscription period that has ended (the monthly cron); idempotent",
        {"pg", "as_of", "allow_future"},
        &ClosePeriodCommand},
+      {"replay-rejected",
+       "count the rejected events of one reason that parse now (new meter, raised maximum); "
+       "each row at most once",
+       {"pg", "reason", "since", "late_window", "max_future_skew"},
+       &ReplayRejectedCommand},
       {"dev-broker",
        "start an embedded Kafka (librdkafka mock cluster) on 127.0.0.1; prints its address",
        {"topic", "partitions"},
        &DevBrokerCommand},
       {"loadgen",
        "produce generated usage events and print the expected totals as JSON",
-       {"brokers", "topic", "events", "orgs", "malformed_share", "expected_out", "days", "seed",
-        "rate", "kafka_property"},
+       {"brokers", "topic", "events", "orgs", "malformed_share", "duplicate_share", "expected_out",
+        "days", "seed", "rate", "kafka_property"},
        &LoadgenCommand},
   };
   return kSubcommands;

@@ -25,12 +25,34 @@ ABSL_FLAG(int, partitions, 16, "Partitions of the topic the embedded broker crea
 ABSL_FLAG(int64_t, events, 100'000, "Events to produce");
 ABSL_FLAG(int, orgs, 1000, "Distinct organizations the events are spread over");
 ABSL_FLAG(double, malformed_share, 0.0, "Share (0..1) of malformed events mixed in");
+ABSL_FLAG(absl::Duration, pg_connect_timeout, absl::Seconds(10),
+          "Give up connecting to Postgres after this long (then retry with backoff)");
+ABSL_FLAG(absl::Duration, pg_statement_timeout, absl::Seconds(60),
+          "A flush (or offset load) not finished within this is abandoned and retried: set on "
+          "the server as statement_timeout and enforced on the client, so a Postgres that "
+          "stopped answering cannot stall ingestion");
+ABSL_FLAG(absl::Duration, pg_lock_timeout, absl::Seconds(10),
+          "Postgres lock_timeout of the flush (0: none): a flush blocked on a row lock fails "
+          "and is retried instead of waiting behind it");
+ABSL_FLAG(double, duplicate_share, 0.0,
+          "Share (0..1) of valid events produced again later with the same source and id "
+          "(a retrying producer); not in the expected totals");
+ABSL_FLAG(absl::Duration, dedup_window, absl::Hours(24),
+          "An event with the (source, id) of one its partition counted within this much event "
+          "time is a duplicate and not counted");
+ABSL_FLAG(int64_t, dedup_max_ids, 100'000,
+          "Ids remembered per partition for dedup (about 40 bytes each; 0 turns dedup off); "
+          "also how many messages are re-read on assignment to rebuild the window");
 ABSL_FLAG(std::string, expected_out, "",
           "Write the expected per-(org, meter, industry, day) totals to this CSV file");
 ABSL_FLAG(int, days, 3, "Spread event times over the last N days");
 ABSL_FLAG(int64_t, rate, 0, "Events per second to produce at; 0 = as fast as possible");
 ABSL_FLAG(absl::Duration, startup_timeout, absl::Seconds(15),
           "How long to wait for Kafka metadata at start before failing");
+ABSL_FLAG(std::string, reason, "",
+          "replay-rejected: the shared.rejected_events.reason code to replay (required)");
+ABSL_FLAG(std::string, since, "",
+          "replay-rejected: only rows rejected at or after this RFC 3339 time (default: all)");
 ABSL_FLAG(bool, billing, true,
           "Run the overage worker: keep shared.usage_charges and quota alerts current");
 ABSL_FLAG(std::string, http_listen, "",

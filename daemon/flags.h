@@ -21,6 +21,12 @@ ABSL_DECLARE_FLAG(int, partitions);
 ABSL_DECLARE_FLAG(int64_t, events);
 ABSL_DECLARE_FLAG(int, orgs);
 ABSL_DECLARE_FLAG(double, malformed_share);
+ABSL_DECLARE_FLAG(double, duplicate_share);
+ABSL_DECLARE_FLAG(absl::Duration, pg_connect_timeout);
+ABSL_DECLARE_FLAG(absl::Duration, pg_statement_timeout);
+ABSL_DECLARE_FLAG(absl::Duration, pg_lock_timeout);
+ABSL_DECLARE_FLAG(absl::Duration, dedup_window);
+ABSL_DECLARE_FLAG(int64_t, dedup_max_ids);
 ABSL_DECLARE_FLAG(std::string, expected_out);
 ABSL_DECLARE_FLAG(int, days);
 ABSL_DECLARE_FLAG(uint64_t, seed);
@@ -30,6 +36,8 @@ ABSL_DECLARE_FLAG(std::string, http_listen);
 ABSL_DECLARE_FLAG(std::string, as_of);
 ABSL_DECLARE_FLAG(bool, allow_future);
 ABSL_DECLARE_FLAG(absl::Duration, startup_timeout);
+ABSL_DECLARE_FLAG(std::string, reason);
+ABSL_DECLARE_FLAG(std::string, since);
 
 namespace meterd::daemon {
 

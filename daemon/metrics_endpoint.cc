@@ -26,6 +26,11 @@ http::Response ServeEndpoint(const std::string& path, const ingest::Ingestor& in
   m.Add("meterd_events_total", "counter", "Valid usage events counted", s.events);
   m.Add("meterd_rejected_events_total", "counter", "Events refused (to shared.rejected_events)",
         s.rejected);
+  m.Add("meterd_duplicate_events_total", "counter",
+        "Events not counted because the partition counted the same (source, id) within the "
+        "dedup window",
+        s.duplicates);
+  m.Add("meterd_dedup_ids", "gauge", "(source, id) fingerprints remembered for dedup", s.dedup_ids);
   m.Add("meterd_unflushed_keys", "gauge", "Counter keys not yet written to Postgres",
         s.unflushed_keys);
   m.Add("meterd_paused_shards", "gauge", "Shards not draining (Postgres down or key cap reached)",

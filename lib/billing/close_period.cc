@@ -1,7 +1,9 @@
 #include "lib/billing/close_period.h"
 
 #include <cstdlib>
+#include <sstream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_replace.h"
@@ -11,6 +13,12 @@
 
 namespace meterd::billing {
 namespace {
+
+std::string Int128Text(absl::int128 value) {
+  std::ostringstream out;
+  out << value;
+  return out.str();
+}
 
 std::string JsonEscape(std::string_view text) {
   std::string out;
@@ -42,18 +50,22 @@ absl::StatusOr<CloseSummary> ClosePeriods(const std::string& conninfo, absl::Tim
     // Invoices created by this transaction carry its start time.
     for (const auto& row :
          tx.exec("SELECT i.plan_id, count(DISTINCT i.invoice_id), "
-                 "coalesce(sum(l.amount_micros), 0), "
-                 "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'base_fee'), 0), "
-                 "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'usage'), 0), "
-                 "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'adjustment'), 0) "
+                 "coalesce(sum(l.amount_micros), 0)::text, "
+                 "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'base_fee'), 0)::text, "
+                 "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'usage'), 0)::text, "
+                 "coalesce(sum(l.amount_micros) FILTER (WHERE l.kind = 'adjustment'), 0)::text "
                  "FROM shared.invoices i JOIN shared.invoice_lines l USING (invoice_id) "
                  "WHERE i.created_at = now() GROUP BY i.plan_id ORDER BY i.plan_id")) {
       PlanInvoices& p = summary.by_plan[row[0].as<std::string>()];
       p.invoices = row[1].as<int64_t>();
-      p.total_micros = row[2].as<int64_t>();
-      p.base_micros = row[3].as<int64_t>();
-      p.usage_micros = row[4].as<int64_t>();
-      p.adjustment_micros = row[5].as<int64_t>();
+      // Each invoice fits int64 micros (checked in SQL); a sum over many may not. Reporting
+      // must never be what rolls the close back.
+      for (auto [column, target] : {std::pair{2, &p.total_micros},
+                                    {3, &p.base_micros},
+                                    {4, &p.usage_micros},
+                                    {5, &p.adjustment_micros}}) {
+        if (!absl::SimpleAtoi(row[column].c_str(), target)) *target = 0;
+      }
     }
     for (const auto& row : tx.exec(
              "SELECT org_id::text, subscription_id, "
@@ -73,14 +85,26 @@ absl::StatusOr<CloseSummary> ClosePeriods(const std::string& conninfo, absl::Tim
   return summary;
 }
 
+absl::Status RecordLateWindow(const std::string& conninfo, absl::Duration late_window) {
+  ASSIGN_OR_RETURN(auto conn, store::Connect(conninfo));
+  return store::CatchPq([&]() -> absl::Status {
+    pqxx::work tx(*conn);
+    tx.exec_params1("SELECT shared.note_late_window(make_interval(secs => $1))",
+                    absl::ToInt64Seconds(late_window));
+    tx.commit();
+    return absl::OkStatus();
+  });
+}
+
 std::string CloseSummaryJson(const CloseSummary& summary) {
   std::string plans;
   for (const auto& [plan, p] : summary.by_plan) {
-    absl::StrAppend(&plans, plans.empty() ? "" : ",",
-                    absl::StrFormat(R"("%s":{"invoices":%d,"total_micros":%d,"base_micros":%d,)"
-                                    R"("usage_micros":%d,"adjustment_micros":%d})",
-                                    plan, p.invoices, p.total_micros, p.base_micros, p.usage_micros,
-                                    p.adjustment_micros));
+    absl::StrAppend(
+        &plans, plans.empty() ? "" : ",",
+        absl::StrFormat(R"("%s":{"invoices":%d,"total_micros":%s,"base_micros":%s,)"
+                        R"("usage_micros":%s,"adjustment_micros":%s})",
+                        plan, p.invoices, Int128Text(p.total_micros), Int128Text(p.base_micros),
+                        Int128Text(p.usage_micros), Int128Text(p.adjustment_micros)));
   }
   std::string failures;
   for (const CloseFailure& f : summary.failures) {
@@ -114,16 +138,16 @@ absl::Status FailuresStatus(const CloseSummary& summary) {
                    detail));
 }
 
-std::string FormatDollars(int64_t micros) {
+std::string FormatDollars(absl::int128 micros) {
   const bool negative = micros < 0;
-  const int64_t cents = (std::llabs(micros) + 5'000) / 10'000;
-  const std::string digits = absl::StrCat(cents / 100);
+  const absl::int128 cents = ((negative ? -micros : micros) + 5'000) / 10'000;
+  const std::string digits = Int128Text(cents / 100);
   std::string whole;
   for (size_t i = 0; i < digits.size(); ++i) {
     if (i > 0 && (digits.size() - i) % 3 == 0) whole += ',';
     whole += digits[i];
   }
-  return absl::StrFormat("%s$%s.%02d", negative ? "-" : "", whole, cents % 100);
+  return absl::StrFormat("%s$%s.%02d", negative ? "-" : "", whole, static_cast<int>(cents % 100));
 }
 
 }  // namespace meterd::billing

@@ -4,17 +4,19 @@
 #include <string>
 #include <vector>
 
+#include "absl/numeric/int128.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 
 namespace meterd::billing {
 
+// Sums over many invoices: 128-bit, since each invoice may be up to int64 micros.
 struct PlanInvoices {
   int64_t invoices = 0;
-  int64_t total_micros = 0;
-  int64_t base_micros = 0;
-  int64_t usage_micros = 0;
-  int64_t adjustment_micros = 0;
+  absl::int128 total_micros = 0;
+  absl::int128 base_micros = 0;
+  absl::int128 usage_micros = 0;
+  absl::int128 adjustment_micros = 0;
 };
 
 // A subscription period this run could not invoice (shared.billing_close_failures).
@@ -37,10 +39,14 @@ struct CloseSummary {
 // shared.billing_close_failures) and every other one is invoiced.
 absl::StatusOr<CloseSummary> ClosePeriods(const std::string& conninfo, absl::Time as_of);
 
+// Raises shared.billing_settings.late_window to at least `late_window` (never lowers it), so
+// the close looks back as far as events are accepted.
+absl::Status RecordLateWindow(const std::string& conninfo, absl::Duration late_window);
+
 std::string CloseSummaryJson(const CloseSummary& summary);
 // OK when every due period was invoiced; otherwise one line naming the failed orgs.
 absl::Status FailuresStatus(const CloseSummary& summary);
 // Money as "$1,234.56" from micros (rounded half away from zero to cents).
-std::string FormatDollars(int64_t micros);
+std::string FormatDollars(absl::int128 micros);
 
 }  // namespace meterd::billing

@@ -84,6 +84,9 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
   if (options.malformed_share < 0 || options.malformed_share > 1) {
     return absl::InvalidArgumentError("--malformed-share must be between 0 and 1");
   }
+  if (options.duplicate_share < 0 || options.duplicate_share > 1) {
+    return absl::InvalidArgumentError("--duplicate-share must be between 0 and 1");
+  }
   if (options.days < 1) return absl::InvalidArgumentError("--days must be at least 1");
   if (options.rate < 0) return absl::InvalidArgumentError("--rate must be >= 0");
 
@@ -139,6 +142,51 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
   std::string payload;
   payload.reserve(512);
   int malformed_kind = 0;
+
+  struct Resend {
+    int64_t due;  // Sent once this many events have been produced.
+    int partition;
+    std::string key;
+    std::string payload;
+  };
+  std::vector<Resend> resends;  // Unordered; scanned only when one is due.
+  int64_t next_resend_due = INT64_MAX;
+  const int64_t max_resend_delay = std::max<int64_t>(1, options.events / 5);
+  absl::Status produce_error;
+  auto produce = [&](int partition, const std::string& key, const std::string& value) {
+    while (true) {
+      rd_kafka_resp_err_t err =
+          rd_kafka_producev(producer, RD_KAFKA_V_TOPIC(options.topic.c_str()),
+                            RD_KAFKA_V_PARTITION(partition), RD_KAFKA_V_KEY(key.data(), key.size()),
+                            RD_KAFKA_V_VALUE(const_cast<char*>(value.data()), value.size()),
+                            RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+      if (err == RD_KAFKA_RESP_ERR_NO_ERROR) break;
+      if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL) {
+        produce_error =
+            absl::UnavailableError(absl::StrCat("produce failed: ", rd_kafka_err2str(err)));
+        return false;
+      }
+      rd_kafka_poll(producer, 10);  // Local queue full: serve deliveries, then retry.
+    }
+    rd_kafka_poll(producer, 0);
+    return true;
+  };
+  auto send_due_resends = [&](int64_t produced_so_far) {
+    if (produced_so_far < next_resend_due) return true;
+    next_resend_due = INT64_MAX;
+    for (size_t i = 0; i < resends.size();) {
+      if (resends[i].due <= produced_so_far) {
+        if (!produce(resends[i].partition, resends[i].key, resends[i].payload)) return false;
+        ++result.duplicates;
+        resends[i] = std::move(resends.back());
+        resends.pop_back();
+      } else {
+        next_resend_due = std::min(next_resend_due, resends[i].due);
+        ++i;
+      }
+    }
+    return true;
+  };
 
   for (int64_t n = 0; n < options.events && !StopRequested(); ++n) {
     const int org = static_cast<int>(SplitMix64(rng) % options.orgs);
@@ -207,20 +255,10 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
         time_text, quantity_text, industry_text);
     if (reason == "not_json") payload.resize(payload.size() / 2);
 
-    while (true) {
-      rd_kafka_resp_err_t err = rd_kafka_producev(
-          producer, RD_KAFKA_V_TOPIC(options.topic.c_str()), RD_KAFKA_V_PARTITION(org % partitions),
-          RD_KAFKA_V_KEY(subject.data(), subject.size()),
-          RD_KAFKA_V_VALUE(payload.data(), payload.size()),
-          RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
-      if (err == RD_KAFKA_RESP_ERR_NO_ERROR) break;
-      if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL) {
-        rd_kafka_destroy(producer);
-        return absl::UnavailableError(absl::StrCat("produce failed: ", rd_kafka_err2str(err)));
-      }
-      rd_kafka_poll(producer, 10);  // Local queue full: serve deliveries, then retry.
+    if (!produce(org % partitions, subject, payload) || !send_due_resends(n)) {
+      rd_kafka_destroy(producer);
+      return produce_error;
     }
-    rd_kafka_poll(producer, 0);
     ++result.produced;
     if (malformed) {
       ++result.malformed;
@@ -232,6 +270,18 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
       result.totals[{subject, kMeters[meter], std::string(industry), event::DayToIsoDate(day)}] +=
           quantity;
     }
+    if (!malformed && options.duplicate_share > 0 &&
+        static_cast<double>(SplitMix64(rng) % 1'000'000) < options.duplicate_share * 1e6) {
+      // Half go out right after the original, the rest up to a fifth of the run later.
+      const int64_t delay =
+          SplitMix64(rng) % 2 == 0 ? 0 : static_cast<int64_t>(SplitMix64(rng) % max_resend_delay);
+      resends.push_back({n + delay, org % partitions, subject, payload});
+      next_resend_due = std::min(next_resend_due, n + delay);
+      if (!send_due_resends(n)) {
+        rd_kafka_destroy(producer);
+        return produce_error;
+      }
+    }
     if (options.rate > 0 && result.produced % 500 == 0) {
       // Pace to the requested rate: sleep until this many events are due.
       const absl::Time due =
@@ -242,6 +292,11 @@ absl::StatusOr<LoadgenResult> RunLoadgen(const LoadgenOptions& options) {
       options.progress(result.produced, options.events);
       last_progress = absl::Now();
     }
+  }
+  // Re-sends still due go out now (unless stopped early).
+  if (!StopRequested() && !send_due_resends(INT64_MAX - 1)) {
+    rd_kafka_destroy(producer);
+    return produce_error;
   }
   // Wait for every delivery report, bounded.
   rd_kafka_flush(producer, 120'000);
@@ -264,9 +319,9 @@ std::string SummaryJson(const LoadgenResult& result) {
     return out + "}";
   };
   return absl::StrFormat(
-      R"({"interrupted":%s,"produced":%d,"valid":%d,"malformed":%d,"distinct_keys":%d,"seconds":%.3f,"events_per_second":%.0f,"quantity_by_meter":%s,"malformed_by_reason":%s})",
+      R"({"interrupted":%s,"produced":%d,"valid":%d,"malformed":%d,"duplicates":%d,"distinct_keys":%d,"seconds":%.3f,"events_per_second":%.0f,"quantity_by_meter":%s,"malformed_by_reason":%s})",
       result.interrupted ? "true" : "false", result.produced, result.valid, result.malformed,
-      result.totals.size(), result.seconds,
+      result.duplicates, result.totals.size(), result.seconds,
       result.seconds > 0 ? result.produced / result.seconds : 0.0, object(result.quantity_by_meter),
       object(result.malformed_by_reason));
 }

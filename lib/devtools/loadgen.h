@@ -19,6 +19,11 @@ struct LoadgenOptions {
   int64_t events = 100'000;
   int orgs = 1000;
   double malformed_share = 0;
+  // Share (0..1) of valid events produced a second time, byte for byte (same source and id),
+  // as a producer retrying after a timeout does; each re-send goes out a random number of
+  // events later (up to a fifth of the run), so some cross a restart or a rebalance. They do
+  // not add to the expected totals.
+  double duplicate_share = 0;
   int days = 3;  // Event times spread over the last `days` days.
   uint64_t seed = 1;
   int64_t rate = 0;  // Events per second; 0 = as fast as possible.
@@ -34,6 +39,7 @@ struct LoadgenResult {
   int64_t produced = 0;
   int64_t valid = 0;
   int64_t malformed = 0;
+  int64_t duplicates = 0;  // Re-sends of valid events (not in the totals).
   std::map<std::string, int64_t> quantity_by_meter;
   std::map<std::string, int64_t> malformed_by_reason;
   ExpectedTotals totals;

@@ -1,5 +1,6 @@
 #include "lib/event/event_parser.h"
 
+#include <cctype>
 #include <cstring>
 
 #include <simdjson.h>
@@ -95,15 +96,22 @@ bool ReadRawString(od::value value, std::string_view* out) {
 
 using StringReader = bool (*)(od::value, std::string_view*);
 
+// Batch mode is recognised by the first non-space byte, before handing the bytes to simdjson.
+bool StartsArray(std::string_view bytes) {
+  size_t first = 0;
+  while (first < bytes.size() && std::isspace(static_cast<unsigned char>(bytes[first]))) ++first;
+  return first < bytes.size() && bytes[first] == '[';
+}
+
 std::optional<int64_t> ParseQuantity(od::value value, Refusal* refusal) {
   int64_t quantity = 0;
   if (value.get_int64().get(quantity) != simdjson::SUCCESS) {
     *refusal = {RejectReason::kBadQuantity, "data.quantity must be a non-negative integer"};
     return std::nullopt;
   }
-  // Bounded so a day's sum of int64 cannot overflow from one event.
-  if (quantity < 0 || quantity > 1'000'000'000) {
-    *refusal = {RejectReason::kBadQuantity, "data.quantity must be between 0 and 1e9"};
+  // The upper bound is the meter's (checked once the meter is known): quantity_too_large.
+  if (quantity < 0) {
+    *refusal = {RejectReason::kBadQuantity, "data.quantity must be a non-negative integer"};
     return std::nullopt;
   }
   return quantity;
@@ -212,7 +220,7 @@ EventParser::EventParser(const MeterRegistry* meters, ParseLimits limits)
 
 EventParser::~EventParser() = default;
 
-const ParsedMessage& EventParser::Parse(std::string_view bytes, absl::Time now) {
+std::string_view EventParser::CopyPadded(std::string_view bytes) {
   result_.events.clear();
   result_.rejections.clear();
   const size_t needed = bytes.size() + simdjson::SIMDJSON_PADDING;
@@ -222,17 +230,33 @@ const ParsedMessage& EventParser::Parse(std::string_view bytes, absl::Time now) 
   }
   std::memcpy(buffer_.get(), bytes.data(), bytes.size());
   std::memset(buffer_.get() + bytes.size(), 0, simdjson::SIMDJSON_PADDING);
-  const std::string_view padded(buffer_.get(), bytes.size());
+  return std::string_view(buffer_.get(), bytes.size());
+}
 
-  const Window window{absl::ToUnixMicros(now - limits_.late_window),
-                      absl::ToUnixMicros(now + limits_.max_future_skew)};
-  // Batch mode is recognised by its first non-space byte, before handing the bytes to simdjson.
-  size_t first = 0;
-  while (first < padded.size() && std::isspace(static_cast<unsigned char>(padded[first]))) ++first;
-  if (first < padded.size() && padded[first] == '[') {
+EventParser::Window EventParser::WindowAt(absl::Time now) const {
+  return {absl::ToUnixMicros(now - limits_.late_window),
+          absl::ToUnixMicros(now + limits_.max_future_skew)};
+}
+
+const ParsedMessage& EventParser::Parse(std::string_view bytes, absl::Time now) {
+  const std::string_view padded = CopyPadded(bytes);
+  const Window window = WindowAt(now);
+  if (StartsArray(padded)) {
     ParseBatch(padded, window);
   } else {
     ParseOne(/*element=*/false, padded, buffer_capacity_, window);
+  }
+  return result_;
+}
+
+const ParsedMessage& EventParser::ParseElement(std::string_view bytes, absl::Time now) {
+  const std::string_view padded = CopyPadded(bytes);
+  if (StartsArray(padded)) {
+    // What ParseBatch says of an element that is not an object.
+    result_.rejections.push_back(
+        {RejectReason::kNotObject, "batch element is not an object", padded});
+  } else {
+    ParseOne(/*element=*/false, padded, buffer_capacity_, WindowAt(now));
   }
   return result_;
 }
@@ -396,9 +420,15 @@ bool EventParser::ParseOneWith(bool element, std::string_view bytes, size_t capa
   if (!have_time) return refuse(RejectReason::kMissingField, "time");
   if (!have_data) return refuse(RejectReason::kMissingField, "data");
 
-  auto meter = meters_->Find(meter_name);
+  const auto meter = meters_->Lookup(meter_name);
   if (!meter) return refuse(RejectReason::kUnknownMeter, "type is not a meter in shared.meters");
-  event.meter = *meter;
+  event.meter = meter->id;
+  // The registry holds every maximum at or below MeterRegistry::kMaxEventQuantity, so this also
+  // keeps a day's int64 sum from overflowing.
+  if (event.quantity > meter->max_quantity) {
+    return refuse(RejectReason::kQuantityTooLarge,
+                  "data.quantity is above the meter's max_event_quantity");
+  }
   auto org = ParseOrgId(subject);
   if (!org) return refuse(RejectReason::kBadOrgId, "subject must be an organization UUID");
   event.org = *org;

@@ -30,7 +30,9 @@ struct ParsedMessage {
 
 // CloudEvents JSON (one object, or a batch array) → UsageEvents or rejections, with simdjson
 // On-Demand. Owned by one shard thread; not thread-safe. Views in the result point into this
-// parser's buffers and are valid until the next Parse.
+// parser's buffers and are valid until the next Parse. `meters` may grow and change its
+// maxima while the parser runs (another thread writes it; see MeterRegistry): each event
+// sees the registry as it is when that event's meter is looked up.
 class EventParser {
  public:
   EventParser(const MeterRegistry* meters, ParseLimits limits);
@@ -38,7 +40,11 @@ class EventParser {
   EventParser(const EventParser&) = delete;
   EventParser& operator=(const EventParser&) = delete;
 
+  // One Kafka message: an event, or a batch when the first non-space byte is '['.
   const ParsedMessage& Parse(std::string_view bytes, absl::Time now);
+  // Exactly one event, never a batch: what a batch element is parsed as (an array is
+  // not_object). For re-reading a stored rejection's raw bytes when they were one element.
+  const ParsedMessage& ParseElement(std::string_view bytes, absl::Time now);
 
  private:
   struct Window {
@@ -46,6 +52,9 @@ class EventParser {
     int64_t max_micros;
   };
   struct SimdParsers;  // simdjson's types stay out of this header.
+  // Copies `bytes` into the padded buffer simdjson reads and clears the result.
+  std::string_view CopyPadded(std::string_view bytes);
+  Window WindowAt(absl::Time now) const;
   void ParseBatch(std::string_view padded_bytes, const Window& window);
   void ParseOne(bool element, std::string_view bytes, size_t capacity, const Window& window);
   // One pass; false when the event was refused on a value holding a JSON escape and was not

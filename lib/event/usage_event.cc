@@ -1,6 +1,7 @@
 #include "lib/event/usage_event.h"
 
 #include <cstdio>
+#include <cstring>
 
 #include "absl/strings/str_format.h"
 
@@ -24,9 +25,10 @@ constexpr std::string_view kIndustryCodes[kIndustryCount] = {"hs",  "rest", "aut
                                                              "ret", "edu",  "payroll"};
 
 constexpr std::string_view kReasonCodes[] = {
-    "not_json",        "not_object",     "empty_batch", "missing_field", "wrong_type",
-    "bad_specversion", "unknown_meter",  "bad_org_id",  "bad_industry",  "bad_quantity",
-    "bad_time",        "time_in_future", "time_too_old"};
+    "not_json",        "not_object",     "empty_batch",  "missing_field",     "wrong_type",
+    "bad_specversion", "unknown_meter",  "bad_org_id",   "bad_industry",      "bad_quantity",
+    "bad_time",        "time_in_future", "time_too_old", "quantity_too_large"};
+static_assert(std::size(kReasonCodes) == kRejectReasonCount, "one code per RejectReason");
 
 }  // namespace
 
@@ -74,6 +76,22 @@ std::string_view IndustryCode(Industry industry) {
   return kIndustryCodes[static_cast<int>(industry)];
 }
 
+MeterRegistry::MeterRegistry(const MeterRegistry& other) { *this = other; }
+
+MeterRegistry& MeterRegistry::operator=(const MeterRegistry& other) {
+  if (this == &other) return *this;
+  const size_t count = other.size();
+  for (size_t i = 0; i < count; ++i) {
+    slots_[i].id = other.slots_[i].id;
+    slots_[i].length = other.slots_[i].length;
+    std::memcpy(slots_[i].name, other.slots_[i].name, kMaxNameLength);
+    slots_[i].max_quantity.store(other.slots_[i].max_quantity.load(std::memory_order_relaxed),
+                                 std::memory_order_relaxed);
+  }
+  size_.store(count, std::memory_order_release);
+  return *this;
+}
+
 MeterRegistry MeterRegistry::Defaults() {
   MeterRegistry registry;
   registry.Add(1, "api_calls");
@@ -82,29 +100,77 @@ MeterRegistry MeterRegistry::Defaults() {
   return registry;
 }
 
-void MeterRegistry::Add(MeterId id, std::string name) {
-  for (auto& [known_name, known_id] : meters_) {
-    if (known_name == name || known_id == id) {
-      known_name = std::move(name);
-      known_id = id;
-      return;
+MeterRegistry::AddResult MeterRegistry::Add(MeterId id, std::string_view name,
+                                            int64_t max_quantity) {
+  if (name.empty() || name.size() > kMaxNameLength || max_quantity < 1 ||
+      max_quantity > kMaxEventQuantity) {
+    return AddResult::kInvalid;
+  }
+  // Only this (the writer's) thread stores size_, so a relaxed load sees its own latest value.
+  const size_t count = size_.load(std::memory_order_relaxed);
+  for (size_t i = 0; i < count; ++i) {
+    Slot& slot = slots_[i];
+    const bool same_id = slot.id == id;
+    const bool same_name = std::string_view(slot.name, slot.length) == name;
+    if (same_id && same_name) {
+      if (slot.max_quantity.load(std::memory_order_relaxed) == max_quantity) {
+        return AddResult::kUnchanged;
+      }
+      slot.max_quantity.store(max_quantity, std::memory_order_relaxed);
+      return AddResult::kUpdated;
+    }
+    if (same_id || same_name) return AddResult::kConflict;
+  }
+  if (count == kCapacity) return AddResult::kFull;
+  Slot& slot = slots_[count];
+  slot.id = id;
+  slot.length = static_cast<uint8_t>(name.size());
+  std::memcpy(slot.name, name.data(), name.size());
+  slot.max_quantity.store(max_quantity, std::memory_order_relaxed);
+  // Publishes the slot: a reader that sees the new size sees everything written above.
+  size_.store(count + 1, std::memory_order_release);
+  return AddResult::kAdded;
+}
+
+const MeterRegistry::Slot* MeterRegistry::FindSlot(std::string_view name) const {
+  const size_t count = size_.load(std::memory_order_acquire);
+  for (size_t i = 0; i < count; ++i) {
+    const Slot& slot = slots_[i];
+    if (slot.length == name.size() && std::memcmp(slot.name, name.data(), name.size()) == 0) {
+      return &slot;
     }
   }
-  meters_.emplace_back(std::move(name), id);
+  return nullptr;
+}
+
+const MeterRegistry::Slot* MeterRegistry::FindSlot(MeterId id) const {
+  const size_t count = size_.load(std::memory_order_acquire);
+  for (size_t i = 0; i < count; ++i) {
+    if (slots_[i].id == id) return &slots_[i];
+  }
+  return nullptr;
 }
 
 std::optional<MeterId> MeterRegistry::Find(std::string_view name) const {
-  for (const auto& [known_name, id] : meters_) {
-    if (known_name == name) return id;
-  }
-  return std::nullopt;
+  const Slot* slot = FindSlot(name);
+  if (slot == nullptr) return std::nullopt;
+  return slot->id;
+}
+
+std::optional<MeterRegistry::Match> MeterRegistry::Lookup(std::string_view name) const {
+  const Slot* slot = FindSlot(name);
+  if (slot == nullptr) return std::nullopt;
+  return Match{slot->id, slot->max_quantity.load(std::memory_order_relaxed)};
 }
 
 std::string_view MeterRegistry::Name(MeterId id) const {
-  for (const auto& [name, known_id] : meters_) {
-    if (known_id == id) return name;
-  }
-  return {};
+  const Slot* slot = FindSlot(id);
+  return slot == nullptr ? std::string_view() : std::string_view(slot->name, slot->length);
+}
+
+int64_t MeterRegistry::MaxQuantity(MeterId id) const {
+  const Slot* slot = FindSlot(id);
+  return slot == nullptr ? 0 : slot->max_quantity.load(std::memory_order_relaxed);
 }
 
 int32_t UsageEvent::UsageDay() const {

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -37,19 +38,73 @@ std::string_view IndustryCode(Industry industry);
 
 using MeterId = uint16_t;
 
-// Meter names known to this process (from shared.meters). Immutable after load; shared by shards.
-// A handful of meters: a linear scan of short strings is faster than hashing the name.
+// Meters known to this process (shared.meters), able to grow while shards read it.
+//
+// Thread rules: ONE writer (the flusher thread, through FlushWriter::RefreshMeters, or the
+// loader before any reader exists) calls Add; any number of readers (the shard threads'
+// parsers) call Find, Lookup, Name, MaxQuantity and size concurrently, with no lock and no
+// allocation. Slots are append-only in a fixed array: a slot's id and name are written before
+// the size that publishes it (release store, read with an acquire load) and never change
+// afterwards, so a reader holding a name view or an id keeps a valid one. Only the maximum
+// quantity of a published slot may change (an atomic). Copying is for set-up and tests: it is
+// not safe while the writer runs.
+//
+// A handful of meters: a linear scan of short names is faster than hashing the name.
 class MeterRegistry {
  public:
+  // Meters beyond this are refused by Add (logged by the loader); far above any catalogue.
+  static constexpr size_t kCapacity = 256;
+  // shared.meters CHECK: ^[a-z][a-z0-9_]{0,62}$.
+  static constexpr size_t kMaxNameLength = 63;
+  // The most one event may carry (also the ceiling of shared.meters.max_event_quantity): keeps
+  // a day's int64 sum from overflowing whatever producers send.
+  static constexpr int64_t kMaxEventQuantity = 1'000'000'000;
+
+  enum class AddResult {
+    kAdded,      // A new slot was published.
+    kUpdated,    // Known meter; its maximum quantity changed.
+    kUnchanged,  // Known meter, same maximum.
+    kConflict,   // The id is known under another name, or the name under another id: ignored.
+    kFull,       // kCapacity meters already: ignored.
+    kInvalid,    // Empty or too long a name, or a maximum outside [1, kMaxEventQuantity].
+  };
+
+  // What the parser needs from one scan: the id and the current per-event maximum.
+  struct Match {
+    MeterId id;
+    int64_t max_quantity;
+  };
+
+  MeterRegistry() = default;
+  MeterRegistry(const MeterRegistry& other);
+  MeterRegistry& operator=(const MeterRegistry& other);
+
   // The three meters seeded by the first migration; what the loader starts from.
   static MeterRegistry Defaults();
-  void Add(MeterId id, std::string name);
+  // Writer only. Publishes a new meter, or updates a known meter's maximum quantity. A name
+  // never changes once published: a rename or an id clash is reported, not applied.
+  AddResult Add(MeterId id, std::string_view name, int64_t max_quantity = kMaxEventQuantity);
+
   std::optional<MeterId> Find(std::string_view name) const;
+  std::optional<Match> Lookup(std::string_view name) const;
+  // Empty if the id is unknown. The view stays valid for the registry's lifetime.
   std::string_view Name(MeterId id) const;
-  size_t size() const { return meters_.size(); }
+  // The meter's current per-event maximum; 0 if the id is unknown.
+  int64_t MaxQuantity(MeterId id) const;
+  size_t size() const { return size_.load(std::memory_order_acquire); }
 
  private:
-  std::vector<std::pair<std::string, MeterId>> meters_;
+  struct Slot {
+    MeterId id = 0;
+    uint8_t length = 0;
+    char name[kMaxNameLength] = {};
+    std::atomic<int64_t> max_quantity{kMaxEventQuantity};
+  };
+  const Slot* FindSlot(std::string_view name) const;
+  const Slot* FindSlot(MeterId id) const;
+
+  std::array<Slot, kCapacity> slots_;
+  std::atomic<size_t> size_{0};
 };
 
 // One billable action, as read from a CloudEvent. String views point into the parser's buffer
@@ -83,7 +138,9 @@ enum class RejectReason : uint8_t {
   kBadTime,
   kTimeInFuture,
   kTimeTooOld,
+  kQuantityTooLarge,  // Above the meter's shared.meters.max_event_quantity.
 };
+inline constexpr int kRejectReasonCount = static_cast<int>(RejectReason::kQuantityTooLarge) + 1;
 std::string_view RejectReasonCode(RejectReason reason);
 std::optional<RejectReason> ParseRejectReason(std::string_view code);
 

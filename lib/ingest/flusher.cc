@@ -80,6 +80,10 @@ void Flusher::Loop() {
         std::move(part.begin(), part.end(), std::back_inserter(sealed));
       }
       status = WritePendingLocked(std::move(sealed));
+      // After the flush, so it never delays one; skipped while flushes fail (Postgres is
+      // down: the failure is already reported, and a second connection attempt would only
+      // stretch the tick).
+      if (status.ok()) RefreshMetersLocked();
     }
     stats_.last_ok.store(status.ok(), std::memory_order_relaxed);
     if (status.ok()) {
@@ -158,6 +162,21 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
     }
   }
   return absl::AbortedError("offset fence kept failing");
+}
+
+void Flusher::RefreshMetersLocked() {
+  const absl::Status status = writer_->RefreshMeters();
+  if (status.ok()) {
+    if (meters_refresh_failing_) LOG_INFO("meters: refresh works again");
+    meters_refresh_failing_ = false;
+    return;
+  }
+  // Once per failure streak: the next tick retries, and counting goes on with the meters
+  // already loaded.
+  if (!meters_refresh_failing_) {
+    LOG_WARN("meters: refresh failed, keeping the meters loaded so far: {}", status.message());
+  }
+  meters_refresh_failing_ = true;
 }
 
 void Flusher::ResumeShardsLocked() {

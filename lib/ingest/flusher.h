@@ -42,8 +42,10 @@ struct FlushStats {
 // Every interval (or when a shard hits its key cap) seals every shard's counters by message
 // passing and writes them in ONE Postgres transaction through the FlushWriter. Sealed deltas
 // that could not be written stay pending and are merged with the next seal; while Postgres is
-// down the shards are paused. Owned by the Ingestor; runs its own thread. `mu_` serialises the
-// writer between that thread and the rebalance callback.
+// down the shards are paused. After each successful flush the writer refreshes the meter
+// registry the shards parse with, so a meter inserted into shared.meters is counted within one
+// interval; this thread is that registry's only writer. Owned by the Ingestor; runs its own
+// thread. `mu_` serialises the writer between that thread and the rebalance callback.
 class Flusher {
  public:
   Flusher(std::vector<Shard*> shards, std::unique_ptr<store::FlushWriter> writer,
@@ -70,6 +72,8 @@ class Flusher {
   // With mu_ held: merge `fresh` into pending_, write, handle fenced partitions.
   absl::Status WritePendingLocked(std::vector<aggregate::SealedPartition> fresh);
   void ResumeShardsLocked();
+  // With mu_ held: has the writer bring the shared MeterRegistry up to shared.meters.
+  void RefreshMetersLocked();
   Shard* ShardFor(int32_t partition) const { return shards_[partition % shards_.size()]; }
 
   const std::vector<Shard*> shards_;
@@ -79,6 +83,7 @@ class Flusher {
   std::unique_ptr<store::FlushWriter> writer_;       // Guarded by mu_.
   std::vector<aggregate::SealedPartition> pending_;  // Guarded by mu_.
   bool shards_paused_ = false;                       // Guarded by mu_.
+  bool meters_refresh_failing_ = false;              // Guarded by mu_.
 
   std::mutex wake_mu_;
   std::condition_variable wake_;

@@ -83,6 +83,7 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::Create(
   ShardOptions shard_options;
   shard_options.topic = o.topic;
   shard_options.parse_limits = o.parse_limits;
+  shard_options.dedup = o.dedup;
   shard_options.max_unflushed_keys = std::max<size_t>(1, o.max_unflushed_keys / o.shards);
   Ingestor* self = ingestor.get();
   for (int i = 0; i < o.shards; ++i) {
@@ -131,16 +132,19 @@ void Ingestor::Assign(rd_kafka_topic_partition_list_t* partitions) {
     auto it = offsets->find(tp.partition);
     const int64_t stored = it == offsets->end() ? SealedPartition::kNoStoredOffset : it->second;
     Shard* shard = ShardFor(tp.partition);
-    shard->AddPartition(tp.partition, stored);
+    const int64_t read_from = shard->AddPartition(tp.partition, stored);
     // Forward before assigning, on every assignment (librdkafka clears it on revoke).
     rd_kafka_queue_t* partition_queue =
         rd_kafka_queue_get_partition(consumer_, tp.topic, tp.partition);
     rd_kafka_queue_forward(partition_queue, shard->queue());
     rd_kafka_queue_destroy(partition_queue);
-    tp.offset = stored == SealedPartition::kNoStoredOffset ? RD_KAFKA_OFFSET_BEGINNING : stored;
-    LOG_INFO("assigned partition {} to shard {} at offset {}", tp.partition, shard->index(),
+    tp.offset = read_from;
+    LOG_INFO("assigned partition {} to shard {} at offset {}{}", tp.partition, shard->index(),
              stored == SealedPartition::kNoStoredOffset ? std::string("beginning")
-                                                        : std::to_string(stored));
+                                                        : std::to_string(stored),
+             read_from >= 0 && read_from < stored
+                 ? absl::StrCat(" (re-reading from ", read_from, " to rebuild the dedup window)")
+                 : "");
   }
   if (rd_kafka_error_t* error = rd_kafka_incremental_assign(consumer_, partitions)) {
     LOG_ERROR("incremental assign failed: {}", rd_kafka_error_string(error));
@@ -170,6 +174,8 @@ IngestSnapshot Ingestor::Snapshot() const {
     s.messages += shard->stats().messages.load(std::memory_order_relaxed);
     s.events += shard->stats().events.load(std::memory_order_relaxed);
     s.rejected += shard->stats().rejected.load(std::memory_order_relaxed);
+    s.duplicates += shard->stats().duplicates.load(std::memory_order_relaxed);
+    s.dedup_ids += shard->stats().dedup_ids.load(std::memory_order_relaxed);
     s.unflushed_keys += shard->stats().live_keys.load(std::memory_order_relaxed);
     s.paused_shards += shard->stats().paused.load(std::memory_order_relaxed) ? 1 : 0;
   }
@@ -182,11 +188,11 @@ void Ingestor::LogStats(absl::Duration elapsed) {
   const IngestSnapshot s = Snapshot();
   const FlushStats& f = flusher_->stats();
   LOG_INFO(
-      "stats: {:.0f} events/s, {} events, {} rejected, {} unflushed keys, {} paused shards, "
-      "{} flushes ({} failed, {} fenced), last flush {} events as {} rows",
+      "stats: {:.0f} events/s, {} events, {} rejected, {} duplicates, {} unflushed keys, {} "
+      "paused shards, {} flushes ({} failed, {} fenced), last flush {} events as {} rows",
       static_cast<double>(s.events - last_logged_events_) / absl::ToDoubleSeconds(elapsed),
-      s.events, s.rejected, s.unflushed_keys, s.paused_shards, f.flushes.load(), f.failures.load(),
-      f.fenced.load(), f.last_events.load(), f.last_rows.load());
+      s.events, s.rejected, s.duplicates, s.unflushed_keys, s.paused_shards, f.flushes.load(),
+      f.failures.load(), f.fenced.load(), f.last_events.load(), f.last_rows.load());
   last_logged_events_ = s.events;
 }
 

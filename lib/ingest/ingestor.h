@@ -28,6 +28,7 @@ struct IngestOptions {
   absl::Duration stats_interval = absl::Seconds(10);
   absl::Duration startup_timeout = absl::Seconds(15);
   event::ParseLimits parse_limits;
+  aggregate::DedupLimits dedup;      // Per partition.
   KafkaProperties kafka_properties;  // Passed through to librdkafka, after our defaults.
   CommitListener on_committed;       // Told which orgs each committed flush touched.
 };
@@ -35,6 +36,7 @@ struct IngestOptions {
 // A consistent-enough view of the counters for /metrics and logs (each value is read atomically).
 struct IngestSnapshot {
   int64_t messages = 0, events = 0, rejected = 0, unflushed_keys = 0, paused_shards = 0;
+  int64_t duplicates = 0, dedup_ids = 0;
   int64_t assigned_partitions = 0, shards = 0;
 };
 

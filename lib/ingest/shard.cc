@@ -94,6 +94,9 @@ void Shard::Drain() {
                           std::memory_order_relaxed);
     const size_t live = LiveKeys();
     stats_.live_keys.store(static_cast<int64_t>(live), std::memory_order_relaxed);
+    size_t ids = 0;
+    for (const auto& [partition, owned] : partitions_) ids += owned.dedup.size();
+    stats_.dedup_ids.store(static_cast<int64_t>(ids), std::memory_order_relaxed);
     if (live >= options_.max_unflushed_keys) {
       // Backpressure: stop draining; librdkafka stops fetching once its own buffer is full.
       paused_ = true;
@@ -117,6 +120,20 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   auto it = partitions_.find(message.partition);
   if (it == partitions_.end()) return;  // Revoked meanwhile: its new owner counts it.
   OwnedPartition& owned = it->second;
+  // The dedup window ages by when messages were produced (the same on a re-read), not by event
+  // time, which a producer sets and may be days old for late data.
+  const int64_t timestamp_ms = rd_kafka_message_timestamp(&message, nullptr);
+  const int64_t sent_micros = timestamp_ms >= 0 ? timestamp_ms * 1000 : absl::ToUnixMicros(now);
+  if (message.offset < owned.warm_until) {
+    // Counted before (by us or an earlier owner): only its ids go into the window.
+    if (message.payload == nullptr) return;
+    const event::ParsedMessage& parsed = parser_.Parse(
+        std::string_view(static_cast<const char*>(message.payload), message.len), now);
+    for (const event::UsageEvent& e : parsed.events) {
+      owned.dedup.SeenOrRemember(e.source, e.id, sent_micros);
+    }
+    return;
+  }
   // After a seek back, messages already counted may be delivered again.
   if (owned.next_offset != SealedPartition::kNoStoredOffset && message.offset < owned.next_offset) {
     return;
@@ -131,12 +148,24 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   const std::string_view bytes(static_cast<const char*>(message.payload), message.len);
   const event::ParsedMessage& parsed = parser_.Parse(bytes, now);
   adder_.Apply();  // The previous message's events, whose slots were prefetched meanwhile.
-  for (const event::UsageEvent& e : parsed.events) adder_.Stage(&owned.deltas, e);
+  size_t duplicates = 0;
+  for (const event::UsageEvent& e : parsed.events) {
+    if (owned.dedup.SeenOrRemember(e.source, e.id, sent_micros)) {
+      ++duplicates;  // A producer's re-send: counted already (or in this interval's deltas).
+      continue;
+    }
+    adder_.Stage(&owned.deltas, e);
+  }
   for (const event::Rejection& r : parsed.rejections) {
     owned.deltas.Reject(message.offset, r.reason, r.detail, r.raw);
   }
-  stats_.events.store(stats_.events.load(std::memory_order_relaxed) + parsed.events.size(),
-                      std::memory_order_relaxed);
+  stats_.events.store(
+      stats_.events.load(std::memory_order_relaxed) + parsed.events.size() - duplicates,
+      std::memory_order_relaxed);
+  if (duplicates > 0) {
+    stats_.duplicates.store(stats_.duplicates.load(std::memory_order_relaxed) + duplicates,
+                            std::memory_order_relaxed);
+  }
   if (!parsed.rejections.empty()) {
     stats_.rejected.store(
         stats_.rejected.load(std::memory_order_relaxed) + parsed.rejections.size(),
@@ -150,8 +179,19 @@ size_t Shard::LiveKeys() const {
   return live;
 }
 
-void Shard::AddPartition(int32_t partition, int64_t stored_offset) {
-  RunOnShard([&] { partitions_[partition] = OwnedPartition{stored_offset, stored_offset, {}}; });
+int64_t Shard::ReadFrom(int64_t stored_offset) const {
+  if (stored_offset == SealedPartition::kNoStoredOffset) return RD_KAFKA_OFFSET_BEGINNING;
+  // Messages hold one event or more, so max_ids messages back hold at least max_ids events.
+  // Below the log start librdkafka resets to the earliest offset (auto.offset.reset).
+  return std::max<int64_t>(0, stored_offset - static_cast<int64_t>(options_.dedup.max_ids));
+}
+
+int64_t Shard::AddPartition(int32_t partition, int64_t stored_offset) {
+  return RunOnShard([&] {
+    partitions_.erase(partition);
+    partitions_.emplace(partition, OwnedPartition(stored_offset, options_.dedup));
+    return ReadFrom(stored_offset);
+  });
 }
 
 std::vector<SealedPartition> Shard::Seal(const std::vector<int32_t>& partitions, bool release) {
@@ -196,15 +236,15 @@ void Shard::ResetPartition(int32_t partition, int64_t stored_offset) {
     // between the seek and the reset. librdkafka drops messages fetched before the seek.
     rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(list, options_.topic.c_str(), partition)->offset =
-        stored_offset == SealedPartition::kNoStoredOffset ? RD_KAFKA_OFFSET_BEGINNING
-                                                          : stored_offset;
+        ReadFrom(stored_offset);
     if (rd_kafka_error_t* error = rd_kafka_seek_partitions(consumer_, list, 10'000)) {
       LOG_ERROR("shard {}: seek of partition {} failed: {}", index_, partition,
                 rd_kafka_error_string(error));
       rd_kafka_error_destroy(error);
     }
     rd_kafka_topic_partition_list_destroy(list);
-    it->second = OwnedPartition{stored_offset, stored_offset, {}};
+    // The window remembered ids of the dropped deltas: rebuild it from the log.
+    it->second = OwnedPartition(stored_offset, options_.dedup);
     LOG_WARN("shard {}: partition {} fenced; dropped unflushed deltas, resuming at offset {}",
              index_, partition, stored_offset);
   });

@@ -19,6 +19,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "lib/aggregate/counters.h"
+#include "lib/aggregate/dedup_window.h"
 #include "lib/common/clock.h"
 #include "lib/event/event_parser.h"
 
@@ -30,6 +31,8 @@ struct ShardOptions {
   size_t max_unflushed_keys = 1'000'000;
   size_t consume_batch = 1000;
   event::ParseLimits parse_limits;
+  // Per-partition memory of counted (source, id) pairs; max_ids 0 turns dedup off.
+  aggregate::DedupLimits dedup;
 };
 
 // Counters published by the shard thread once per batch (single writer, relaxed).
@@ -37,6 +40,8 @@ struct ShardStats {
   std::atomic<int64_t> messages{0};
   std::atomic<int64_t> events{0};
   std::atomic<int64_t> rejected{0};
+  std::atomic<int64_t> duplicates{0};  // Events not counted: same (source, id) seen before.
+  std::atomic<int64_t> dedup_ids{0};   // Ids remembered over the shard's partitions.
   std::atomic<int64_t> live_keys{0};
   std::atomic<bool> paused{false};
 };
@@ -61,7 +66,9 @@ class Shard {
 
   // Takes ownership of a partition whose next offset in Postgres is `stored_offset`
   // (SealedPartition::kNoStoredOffset when none). Call before forwarding its queue here.
-  void AddPartition(int32_t partition, int64_t stored_offset);
+  // Returns the offset to start fetching at: up to dedup.max_ids messages before the stored
+  // offset, re-read to rebuild the dedup window and not counted.
+  int64_t AddPartition(int32_t partition, int64_t stored_offset);
   // Seals the deltas of `partitions` (all owned ones when empty) and returns them; with
   // `release`, also gives the partitions up (revoke).
   std::vector<aggregate::SealedPartition> Seal(const std::vector<int32_t>& partitions,
@@ -76,9 +83,18 @@ class Shard {
 
  private:
   struct OwnedPartition {
+    OwnedPartition(int64_t stored_offset, const aggregate::DedupLimits& limits)
+        : expected_offset(stored_offset),
+          next_offset(stored_offset),
+          warm_until(stored_offset),
+          dedup(limits) {}
     int64_t expected_offset;  // What Postgres holds for the deltas not yet sealed.
     int64_t next_offset;      // After the last message counted; kNoStoredOffset before any.
+    // Messages below this offset were counted before this shard owned the partition (or
+    // before a fence reset): they are re-read only to remember their ids, never counted.
+    int64_t warm_until;
     aggregate::PartitionCounters deltas;
+    aggregate::DedupWindow dedup;
   };
 
   Shard(int index, rd_kafka_t* consumer, const event::MeterRegistry* meters, const Clock* clock,
@@ -87,6 +103,9 @@ class Shard {
   void ArmWakeup();
   void Drain();
   void Process(const rd_kafka_message_t& message, absl::Time now);
+  // Where to start reading a partition whose next offset in Postgres is `stored_offset`: far
+  // enough back to rebuild its dedup window.
+  int64_t ReadFrom(int64_t stored_offset) const;
   size_t LiveKeys() const;
 
   template <typename F>

@@ -38,6 +38,11 @@ class FlushWriter {
 
   // Stored next offsets of the writer's (group, topic), by partition.
   virtual absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> LoadOffsets() = 0;
+
+  // Brings the writer's MeterRegistry (the one the shards' parsers read) up to shared.meters:
+  // new meters are published, changed max_event_quantity values applied. Called by the flusher
+  // every tick, outside any flush transaction; the registry has one writer, this caller.
+  virtual absl::Status RefreshMeters() = 0;
 };
 
 }  // namespace meterd::store

@@ -1,5 +1,6 @@
 #include "lib/store/migrations.h"
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "lib/common/logging.h"
 #include "lib/common/status_macros.h"
@@ -50,13 +51,16 @@ absl::Status CheckSchemaCurrent(const std::string& conninfo) {
   return CatchPq([&]() -> absl::Status {
     pqxx::read_transaction tx(*conn);
     auto ledger = tx.exec1("SELECT to_regclass('shared.schema_migrations') IS NOT NULL");
-    int max_applied = 0;
+    // Every version, not the newest: migrations written in parallel may land out of order
+    // (0006 applied before 0005 exists), and a gap below the newest is still missing.
+    absl::flat_hash_set<int> applied;
     if (ledger[0].as<bool>()) {
-      max_applied =
-          tx.exec1("SELECT coalesce(max(version), 0) FROM shared.schema_migrations")[0].as<int>();
+      for (const auto& row : tx.exec("SELECT version FROM shared.schema_migrations")) {
+        applied.insert(row[0].as<int>());
+      }
     }
     for (const Migration& m : EmbeddedMigrations()) {
-      if (m.version > max_applied) {
+      if (!applied.contains(m.version)) {
         return absl::FailedPreconditionError(absl::StrCat(
             "database schema is missing migration ", m.name, "; run `meterd migrate --pg ...`"));
       }

@@ -1,7 +1,10 @@
 #include "lib/store/pg_flush_writer.h"
 
+#include <limits>
+
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "lib/common/logging.h"
 #include "lib/common/status_macros.h"
 #include "lib/store/pg_connection.h"
 
@@ -17,6 +20,10 @@ constexpr char kUpsertCounters[] = "meterd_upsert_counters";
 constexpr char kInsertRejected[] = "meterd_insert_rejected";
 constexpr char kLoadOffsets[] = "meterd_load_offsets";
 constexpr char kFlushRows[] = "meterd_flush_rows";
+constexpr char kLoadMeters[] = "meterd_load_meters";
+
+constexpr char kSelectMeters[] =
+    "SELECT meter_id, name, max_event_quantity FROM shared.meters ORDER BY meter_id";
 
 // COPY text format, many rows per write. Every value is a UUID, an identifier-safe meter name
 // (CHECK in shared.meters), an industry code or an integer: none needs escaping.
@@ -51,6 +58,47 @@ void CopyRows(pqxx::work& tx, const std::vector<std::pair<aggregate::CounterKey,
   copy.complete();
 }
 
+// Applies shared.meters rows to `registry` (its one writer). New meters and changed maxima
+// are logged when `log_changes`; a row the registry refuses is logged once per distinct row
+// (`refused` remembers them), since a refresh sees it again every tick.
+void ApplyMeterRows(const pqxx::result& rows, event::MeterRegistry& registry, bool log_changes,
+                    absl::flat_hash_set<std::string>& refused) {
+  using Result = event::MeterRegistry::AddResult;
+  for (const auto& row : rows) {
+    const auto id = row[0].as<int>();
+    const std::string name = row[1].as<std::string>();
+    const auto max_quantity = row[2].as<int64_t>();
+    const Result result = id < 0 || id > std::numeric_limits<event::MeterId>::max()
+                              ? Result::kInvalid
+                              : registry.Add(static_cast<event::MeterId>(id), name, max_quantity);
+    switch (result) {
+      case Result::kAdded:
+        if (log_changes) {
+          LOG_INFO("meters: loaded new meter {} (id {}, max quantity {})", name, id, max_quantity);
+        }
+        break;
+      case Result::kUpdated:
+        if (log_changes) LOG_INFO("meters: {} (id {}) max quantity now {}", name, id, max_quantity);
+        break;
+      case Result::kUnchanged:
+        break;
+      case Result::kConflict:
+      case Result::kFull:
+      case Result::kInvalid:
+        if (refused.insert(absl::StrCat(id, ":", name)).second) {
+          LOG_WARN(
+              "meters: shared.meters row (id {}, name {}) ignored: {}; a loaded meter's name and "
+              "id never change while meterd runs (restart to apply a rename)",
+              id, name,
+              result == Result::kConflict ? "its id or name belongs to another loaded meter"
+              : result == Result::kFull   ? "the registry is full"
+                                          : "invalid id, name or max quantity");
+        }
+        break;
+    }
+  }
+}
+
 std::string Hex(std::string_view bytes) {
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
@@ -64,18 +112,32 @@ std::string Hex(std::string_view bytes) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<PgFlushWriter>> PgFlushWriter::Create(
-    std::string conninfo, WriterIdentity identity, const event::MeterRegistry* meters) {
+absl::StatusOr<std::unique_ptr<PgFlushWriter>> PgFlushWriter::Create(std::string conninfo,
+                                                                     WriterIdentity identity,
+                                                                     event::MeterRegistry* meters,
+                                                                     PgTimeouts timeouts) {
   std::unique_ptr<PgFlushWriter> writer(
-      new PgFlushWriter(std::move(conninfo), std::move(identity), meters));
+      new PgFlushWriter(std::move(conninfo), std::move(identity), meters, timeouts));
   RETURN_IF_ERROR(writer->EnsureConnected());
   return writer;
+}
+
+absl::Status PgFlushWriter::Guarded(const char* what, const std::function<absl::Status()>& body) {
+  watchdog_.Arm(conn_->sock(), timeouts_.statement);
+  absl::Status status = CatchPq(body);
+  if (watchdog_.Disarm()) {
+    status = absl::UnavailableError(
+        absl::StrCat(what, " did not finish within ", absl::FormatDuration(timeouts_.statement),
+                     " (--pg-statement-timeout); connection abandoned, retrying"));
+  }
+  if (absl::IsUnavailable(status)) conn_.reset();
+  return status;
 }
 
 absl::Status PgFlushWriter::EnsureConnected() {
   if (conn_ && conn_->is_open()) return absl::OkStatus();
   conn_.reset();
-  ASSIGN_OR_RETURN(auto conn, Connect(conninfo_));
+  ASSIGN_OR_RETURN(auto conn, Connect(conninfo_, timeouts_));
   RETURN_IF_ERROR(CatchPq([&]() -> absl::Status {
     // Rows arrive by COPY into this per-session table, emptied at every commit or rollback.
     pqxx::nontransaction setup(*conn);
@@ -107,6 +169,7 @@ absl::Status PgFlushWriter::EnsureConnected() {
     conn->prepare(kInsertRejected,
                   "INSERT INTO shared.rejected_events (topic, partition, kafka_offset, reason, "
                   "detail, raw, raw_truncated) VALUES ($1, $2, $3, $4, $5, decode($6, 'hex'), $7)");
+    conn->prepare(kLoadMeters, kSelectMeters);
     conn->prepare(kLoadOffsets,
                   "SELECT partition, next_offset FROM shared.ingest_offsets "
                   "WHERE consumer_group = $1 AND topic = $2");
@@ -119,7 +182,7 @@ absl::Status PgFlushWriter::EnsureConnected() {
 absl::StatusOr<FlushOutcome> PgFlushWriter::Write(const std::vector<SealedPartition>& batch) {
   RETURN_IF_ERROR(EnsureConnected());
   FlushOutcome outcome;
-  absl::Status status = CatchPq([&]() -> absl::Status {
+  absl::Status status = Guarded("flush", [&]() -> absl::Status {
     pqxx::work tx(*conn_);
     // Fence first: a stale writer learns it before doing any heavy work.
     std::string partitions = "{", expected = "{", next = "{";
@@ -163,10 +226,7 @@ absl::StatusOr<FlushOutcome> PgFlushWriter::Write(const std::vector<SealedPartit
     tx.commit();
     return absl::OkStatus();
   });
-  if (!status.ok()) {
-    if (absl::IsUnavailable(status)) conn_.reset();
-    return status;
-  }
+  if (!status.ok()) return status;
   if (!outcome.fenced.empty()) {
     ASSIGN_OR_RETURN(auto stored, LoadOffsets());
     for (FencedPartition& f : outcome.fenced) {
@@ -180,29 +240,34 @@ absl::StatusOr<FlushOutcome> PgFlushWriter::Write(const std::vector<SealedPartit
 absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> PgFlushWriter::LoadOffsets() {
   RETURN_IF_ERROR(EnsureConnected());
   absl::flat_hash_map<int32_t, int64_t> offsets;
-  absl::Status status = CatchPq([&]() -> absl::Status {
+  RETURN_IF_ERROR(Guarded("loading offsets", [&]() -> absl::Status {
     pqxx::read_transaction tx(*conn_);
     for (const auto& row :
          tx.exec_prepared(kLoadOffsets, identity_.consumer_group, identity_.topic)) {
       offsets[row[0].as<int32_t>()] = row[1].as<int64_t>();
     }
     return absl::OkStatus();
-  });
-  if (!status.ok()) {
-    if (absl::IsUnavailable(status)) conn_.reset();
-    return status;
-  }
+  }));
   return offsets;
+}
+
+absl::Status PgFlushWriter::RefreshMeters() {
+  RETURN_IF_ERROR(EnsureConnected());
+  return Guarded("reloading meters", [&]() -> absl::Status {
+    // One autocommit statement on the writer's connection, never inside a flush transaction.
+    pqxx::nontransaction tx(*conn_);
+    ApplyMeterRows(tx.exec_prepared(kLoadMeters), *meters_, /*log_changes=*/true, refused_meters_);
+    return absl::OkStatus();
+  });
 }
 
 absl::StatusOr<event::MeterRegistry> LoadMeters(const std::string& conninfo) {
   ASSIGN_OR_RETURN(auto conn, Connect(conninfo));
   event::MeterRegistry registry;
+  absl::flat_hash_set<std::string> refused;
   RETURN_IF_ERROR(CatchPq([&]() -> absl::Status {
     pqxx::read_transaction tx(*conn);
-    for (const auto& row : tx.exec("SELECT meter_id, name FROM shared.meters ORDER BY meter_id")) {
-      registry.Add(row[0].as<event::MeterId>(), row[1].as<std::string>());
-    }
+    ApplyMeterRows(tx.exec(kSelectMeters), registry, /*log_changes=*/false, refused);
     return absl::OkStatus();
   }));
   return registry;

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "tests/support/harness.h"
 
@@ -141,6 +142,79 @@ TEST_F(EventParserTest, LateWindowAndSkewFollowTheClock) {
             RejectReason::kTimeInFuture);
   EXPECT_EQ(parser_.Parse(bytes, kNow + absl::Hours(24 * 63)).rejections.at(0).reason,
             RejectReason::kTimeTooOld);
+}
+
+std::string EventWith(const std::string& meter, const std::string& quantity) {
+  return absl::StrCat(R"({"specversion":"1.0","id":"q","source":"s","type":")", meter,
+                      R"(","subject":"5f0d2c1e-8a4b-4c3d-9e2f-1a2b3c4d5e6f",)",
+                      R"("time":"2026-11-26T08:00:00Z","data":{"quantity":)", quantity,
+                      R"(,"industry":"hs"}})");
+}
+
+RejectReason ReasonOf(const ParsedMessage& parsed) {
+  return parsed.rejections.empty() ? RejectReason::kNotJson : parsed.rejections.at(0).reason;
+}
+
+TEST_F(EventParserTest, QuantityAboveTheMeterMaximumIsRefused) {
+  ASSERT_EQ(meters_.Add(3, "ai_requests", 100), MeterRegistry::AddResult::kUpdated);
+  const ParsedMessage& at_max = parser_.Parse(EventWith("ai_requests", "100"), kNow);
+  ASSERT_EQ(at_max.events.size(), 1u);
+  EXPECT_EQ(at_max.events[0].quantity, 100);
+  const ParsedMessage& above = parser_.Parse(EventWith("ai_requests", "101"), kNow);
+  EXPECT_TRUE(above.events.empty());
+  EXPECT_EQ(ReasonOf(above), RejectReason::kQuantityTooLarge);
+  // The maximum is the meter's: another meter takes the same quantity.
+  EXPECT_EQ(parser_.Parse(EventWith("api_calls", "101"), kNow).events.size(), 1u);
+  EXPECT_EQ(ReasonOf(parser_.Parse(EventWith("api_calls", "1000000001"), kNow)),
+            RejectReason::kQuantityTooLarge);
+  EXPECT_EQ(parser_.Parse(EventWith("api_calls", "1000000000"), kNow).events.size(), 1u);
+  // Not a usable integer at all stays bad_quantity, whatever the meter allows.
+  for (const char* bad : {"-1", "1.5", "100000000000000000000", "\"7\""}) {
+    const RejectReason reason = ReasonOf(parser_.Parse(EventWith("ai_requests", bad), kNow));
+    EXPECT_TRUE(reason == RejectReason::kBadQuantity || reason == RejectReason::kWrongType)
+        << bad << ": " << RejectReasonCode(reason);
+    EXPECT_NE(reason, RejectReason::kQuantityTooLarge) << bad;
+  }
+  // In a batch only the outlier element is refused, with its own bytes.
+  const std::string outlier = EventWith("ai_requests", "250");
+  const ParsedMessage& batch =
+      parser_.Parse(absl::StrCat("[", EventWith("ai_requests", "40"), ",", outlier, "]"), kNow);
+  ASSERT_EQ(batch.events.size(), 1u);
+  ASSERT_EQ(batch.rejections.size(), 1u);
+  EXPECT_EQ(batch.rejections[0].reason, RejectReason::kQuantityTooLarge);
+  EXPECT_EQ(batch.rejections[0].raw, outlier);
+  // Raised while the parser lives: the next event sees it.
+  meters_.Add(3, "ai_requests", 250);
+  EXPECT_EQ(parser_.Parse(outlier, kNow).events.size(), 1u);
+}
+
+TEST_F(EventParserTest, MeterAddedAfterTheParserWasBuiltIsCounted) {
+  const std::string bytes = EventWith("gpu_seconds", "3");
+  EXPECT_EQ(ReasonOf(parser_.Parse(bytes, kNow)), RejectReason::kUnknownMeter);
+  meters_.Add(10, "gpu_seconds");
+  const ParsedMessage& parsed = parser_.Parse(bytes, kNow);
+  ASSERT_EQ(parsed.events.size(), 1u);
+  EXPECT_EQ(parsed.events[0].meter, 10);
+}
+
+TEST_F(EventParserTest, ParseElementNeverReadsABatch) {
+  const std::string event = EventWith("api_calls", "2");
+  EXPECT_EQ(parser_.ParseElement(event, kNow).events.size(), 1u);
+  const std::string nested = absl::StrCat("[", event, "]");
+  EXPECT_EQ(parser_.Parse(nested, kNow).events.size(), 1u);
+  const ParsedMessage& element = parser_.ParseElement(nested, kNow);
+  EXPECT_TRUE(element.events.empty());
+  EXPECT_EQ(ReasonOf(element), RejectReason::kNotObject);
+  EXPECT_EQ(ReasonOf(parser_.ParseElement("42", kNow)), RejectReason::kNotObject);
+}
+
+TEST(RejectReasonTest, EveryCodeRoundTrips) {
+  for (int i = 0; i < kRejectReasonCount; ++i) {
+    const auto reason = static_cast<RejectReason>(i);
+    EXPECT_EQ(ParseRejectReason(RejectReasonCode(reason)), reason) << i;
+  }
+  EXPECT_EQ(RejectReasonCode(RejectReason::kQuantityTooLarge), "quantity_too_large");
+  EXPECT_FALSE(ParseRejectReason("no_such_reason").has_value());
 }
 
 TEST(OrgIdTest, RoundTripsAndRefusesMalformed) {

@@ -40,6 +40,7 @@ class AmbiguousCommitWriter final : public store::FlushWriter {
   absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> LoadOffsets() override {
     return inner_->LoadOffsets();
   }
+  absl::Status RefreshMeters() override { return inner_->RefreshMeters(); }
   static std::atomic<int> lies_;
 
  private:

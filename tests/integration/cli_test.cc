@@ -31,7 +31,7 @@ Outcome RunMeterd(std::vector<std::string> args, absl::Duration timeout = absl::
 TEST(CliTest, HelpListsCommandsAndFlags) {
   Outcome top = RunMeterd({"--help"});
   EXPECT_EQ(top.exit_code, 0);
-  for (const char* command : {"run", "migrate", "dev-broker", "loadgen"}) {
+  for (const char* command : {"run", "migrate", "dev-broker", "loadgen", "replay-rejected"}) {
     EXPECT_NE(top.stdout_text.find(command), std::string::npos) << command;
   }
   Outcome run = RunMeterd({"run", "--help"});
@@ -41,6 +41,11 @@ TEST(CliTest, HelpListsCommandsAndFlags) {
     EXPECT_NE(run.stdout_text.find(flag), std::string::npos) << flag;
   }
   EXPECT_EQ(run.stdout_text.find("--partitions"), std::string::npos);
+  Outcome replay = RunMeterd({"replay-rejected", "--help"});
+  EXPECT_EQ(replay.exit_code, 0);
+  for (const char* flag : {"--pg", "--reason", "--since", "--late-window", "--max-future-skew"}) {
+    EXPECT_NE(replay.stdout_text.find(flag), std::string::npos) << flag;
+  }
 }
 
 TEST(CliTest, BadFlagsFailWithOneClearLine) {

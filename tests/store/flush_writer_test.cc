@@ -154,6 +154,60 @@ TEST_F(FlushWriterTest, MigrationsAreIdempotentAndSchemaCheckPasses) {
   EXPECT_NE(status.message().find("meterd migrate"), absl::string_view::npos);
 }
 
+TEST_F(FlushWriterTest, RefreshMetersPublishesNewMetersAndMaximaButNoRenames) {
+  auto writer = Writer();
+  auto exec = [&](const std::string& sql) {
+    pqxx::connection conn(url_);
+    pqxx::work tx(conn);
+    tx.exec0(sql);
+    tx.commit();
+  };
+  exec(
+      "INSERT INTO shared.meters (meter_id, name, unit, max_event_quantity) VALUES "
+      "(10, 'gpu_seconds', 'second', 50), (11, 'storage_gb', 'gigabyte', 5)");
+  EXPECT_FALSE(meters_.Find("gpu_seconds").has_value());
+  ASSERT_TRUE(writer->RefreshMeters().ok());
+  EXPECT_EQ(meters_.Find("gpu_seconds"), event::MeterId{10});
+  EXPECT_EQ(meters_.MaxQuantity(10), 50);
+  EXPECT_EQ(meters_.size(), 5u);
+
+  // The new meter's counters flush under its name.
+  SealedPartition s;
+  s.partition = 0;
+  s.next_offset = 1;
+  event::UsageEvent e = Event(1, 40);
+  e.meter = 10;
+  s.deltas.Add(e);
+  ASSERT_TRUE(writer->Write({s}).ok());
+  EXPECT_EQ(testing::QueryInt(
+                url_, "SELECT quantity FROM shared.api_usage_meters WHERE meter = 'gpu_seconds'"),
+            40);
+
+  exec("UPDATE shared.meters SET max_event_quantity = 70 WHERE meter_id = 10");
+  exec("UPDATE shared.meters SET name = 'storage_gib' WHERE meter_id = 11");
+  ASSERT_TRUE(writer->RefreshMeters().ok());
+  EXPECT_EQ(meters_.MaxQuantity(10), 70);
+  // A published name never changes under the parsers; the rename waits for a restart.
+  EXPECT_EQ(meters_.Name(11), "storage_gb");
+  EXPECT_FALSE(meters_.Find("storage_gib").has_value());
+  auto loaded = LoadMeters(url_);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->Find("storage_gib"), event::MeterId{11});
+  EXPECT_EQ(loaded->MaxQuantity(10), 70);
+}
+
+TEST_F(FlushWriterTest, SchemaCheckNamesAMissingMigrationEvenBelowTheNewest) {
+  {
+    pqxx::connection conn(url_);
+    pqxx::work tx(conn);
+    tx.exec0("DELETE FROM shared.schema_migrations WHERE version = 2");
+    tx.commit();
+  }
+  absl::Status status = CheckSchemaCurrent(url_);
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(status.message().find("0002_billing_schema"), absl::string_view::npos) << status;
+}
+
 TEST_F(FlushWriterTest, UnreachablePostgresIsUnavailable) {
   auto writer = PgFlushWriter::Create("postgresql://postgres@127.0.0.1:1/x?connect_timeout=2",
                                       {"g", "t"}, &meters_);
