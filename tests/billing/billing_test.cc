@@ -792,8 +792,153 @@ TEST_F(BillingTest, AlertNotificationNamesItsRow) {
   for (int i = 0; i < 20 && payloads.empty(); ++i) listener.await_notification(0, 100'000);
   ASSERT_EQ(payloads.size(), 1u);
   const int64_t id = Int("SELECT alert_id FROM shared.usage_alerts");
-  EXPECT_NE(payloads[0].find(absl::StrCat("\"alert_id\" : ", id)), std::string::npos)
-      << payloads[0];
+  // Nothing else: LISTEN needs no privilege, so a tenant may hear it too; the row is read
+  // with the listener's own rights.
+  EXPECT_EQ(payloads[0], absl::StrCat("{\"alert_id\" : ", id, "}"));
+}
+
+// The close's summary sums many invoices: each fits int64 micros, their sum need not, and
+// reporting it must not roll the close back.
+TEST_F(BillingTest, SummaryOfInvoicesBeyondInt64IsReportedNotFatal) {
+  for (int i = 70; i < 72; ++i) {
+    AddOrg(Org(i));
+    Subscribe(Org(i), "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
+    Usage(Org(i), "ai_requests", 184'467'440'736'095, "2026-10-03");
+  }
+  auto summary = ClosePeriods(url_, At("2026-11-01T00:00:00Z"));
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(summary->invoices_created, 2);
+  EXPECT_TRUE(summary->failures.empty());
+  const absl::int128 each = absl::int128(184'467'440'736'095) * 50'000 + 50'000'000;
+  EXPECT_EQ(summary->by_plan.at("basic").total_micros, 2 * each);
+  EXPECT_NE(CloseSummaryJson(*summary).find("18446744073709500000"), std::string::npos)
+      << CloseSummaryJson(*summary);
+}
+
+// A cancellation ends the subscription in the period it falls in: a catch-up close bills the
+// months before it in full.
+TEST_F(BillingTest, CatchUpCloseBillsTheMonthsBeforeACancellation) {
+  AddOrg(Org(72));
+  Subscribe(Org(72), "pro", "2026-07-01T00:00:00Z", "2026-08-01T00:00:00Z");
+  Usage(Org(72), "api_calls", 6'000, "2026-07-10");
+  Usage(Org(72), "api_calls", 7'000, "2026-08-10");
+  Usage(Org(72), "api_calls", 5'500, "2026-09-10");
+  Usage(Org(72), "api_calls", 9'000, "2026-09-20");  // After the cancel day: not billed.
+  Exec(
+      "UPDATE shared.subscriptions SET status = 'canceled', canceled_at = "
+      "'2026-09-15T10:00:00Z'");
+  EXPECT_EQ(Close("2026-10-01T00:00:00Z").invoices_created, 3);
+  EXPECT_EQ(InvoiceTotal(Org(72), "2026-07-01"), 150'000'000 + 1'000 * 10'000);
+  EXPECT_EQ(InvoiceTotal(Org(72), "2026-08-01"), 150'000'000 + 2'000 * 10'000);
+  EXPECT_EQ(InvoiceTotal(Org(72), "2026-09-01"), 150'000'000 + 500 * 10'000);
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.subscriptions WHERE status = 'ended'"), 1);
+}
+
+// canceled_at on a subscription that is not canceled (a cancellation undone, or one mirrored
+// for the period end) cuts no usage.
+TEST_F(BillingTest, CanceledAtWithoutCanceledStatusCutsNothing) {
+  AddOrg(Org(73));
+  Subscribe(Org(73), "basic", "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z");
+  Exec("UPDATE shared.subscriptions SET canceled_at = '2026-01-05T00:00:00Z'");
+  Usage(Org(73), "api_calls", 1'100, "2026-02-10");
+  EXPECT_EQ(Close("2026-03-01T00:00:00Z").invoices_created, 2);
+  EXPECT_EQ(InvoiceTotal(Org(73), "2026-02-01"), 50'000'000 + 100 * 10'000);
+}
+
+// A first period shorter than the interval (calendar billing from mid-month) anchors the
+// subscription on its end: the next periods are whole months.
+TEST_F(BillingTest, StubFirstPeriodAnchorsOnItsEnd) {
+  AddOrg(Org(74));
+  Subscribe(Org(74), "basic", "2026-01-10T00:00:00Z", "2026-02-01T00:00:00Z");
+  Close("2026-03-01T00:00:00Z");
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.invoices WHERE org_id = '" + Org(74) +
+                "' AND period_start = '2026-02-01T00:00:00Z' AND period_end = "
+                "'2026-03-01T00:00:00Z'"),
+            1);
+}
+
+// Lines of a voided invoice do not count as billed: the usage is billed again, as late usage.
+TEST_F(BillingTest, VoidInvoiceLinesAreNotCountedAsBilled) {
+  AddOrg(Org(75));
+  Subscribe(Org(75), "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
+  Usage(Org(75), "api_calls", 1'200, "2026-10-05");
+  Close("2026-11-01T00:00:00Z");
+  Exec("UPDATE shared.invoices SET status = 'void'");
+  Close("2026-12-01T00:00:00Z");
+  EXPECT_EQ(InvoiceTotal(Org(75), "2026-11-01"), 50'000'000 + 200 * 10'000);
+}
+
+// A failure the operator resolves another way (moving the period) is marked resolved, so the
+// alarm clears.
+TEST_F(BillingTest, FailureResolvedByMovingThePeriodIsMarkedResolved) {
+  AddOrg(Org(76));
+  Subscribe(Org(76), "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
+  Exec(
+      "INSERT INTO shared.invoices (org_id, subscription_id, plan_id, period_start, period_end) "
+      "SELECT org_id, subscription_id, plan_id, current_period_start, current_period_end "
+      "FROM shared.subscriptions");
+  EXPECT_EQ(ClosePeriods(url_, At("2026-11-01T00:00:00Z"))->failures.size(), 1u);
+  Exec(
+      "UPDATE shared.subscriptions SET current_period_start = '2026-11-01T00:00:00Z', "
+      "current_period_end = '2026-12-01T00:00:00Z'");
+  auto next = ClosePeriods(url_, At("2026-12-01T00:00:00Z"));
+  ASSERT_TRUE(next.ok());
+  EXPECT_TRUE(next->failures.empty());
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.billing_close_failures WHERE resolved_at IS NULL"), 0);
+}
+
+// Final adjustment invoices are isolated like periods: one ended org that cannot be priced is
+// recorded, the others are invoiced.
+TEST_F(BillingTest, FinalAdjustmentOfOneEndedOrgDoesNotBlockTheOthers) {
+  for (int i = 77; i < 80; ++i) {
+    AddOrg(Org(i));
+    Subscribe(Org(i), "basic", "2026-09-01T00:00:00Z", "2026-10-01T00:00:00Z");
+  }
+  Exec(
+      "UPDATE shared.subscriptions SET status = 'canceled', canceled_at = "
+      "'2026-09-20T00:00:00Z'");
+  Close("2026-10-01T00:00:00Z");
+  for (int i = 77; i < 80; ++i) Usage(Org(i), "api_calls", 1'500, "2026-09-10");
+  Usage(Org(79), "ai_requests", 900'000'000'000'000'000, "2026-09-11");
+  auto summary = ClosePeriods(url_, At("2026-10-02T00:00:00Z"));
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(summary->invoices_created, 2);
+  ASSERT_EQ(summary->failures.size(), 1u);
+  EXPECT_EQ(summary->failures[0].org_id, Org(79));
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.invoices WHERE kind = 'adjustment' AND "
+                "total_micros = 500 * 10000"),
+            2);
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.billing_close_failures WHERE stage = "
+                "'final_adjustment' AND resolved_at IS NULL"),
+            1);
+}
+
+// A lock or statement timeout is not a subscription's fault: the close fails as a whole
+// (the cron retries) and records no billing failure.
+TEST_F(BillingTest, TransientErrorsFailTheCloseInsteadOfBeingRecorded) {
+  AddOrg(Org(80));
+  Subscribe(Org(80), "basic", "2026-10-01T00:00:00Z", "2026-11-01T00:00:00Z");
+  const std::string db = url_.substr(url_.rfind('/') + 1);
+  Exec("ALTER DATABASE " + db + " SET lock_timeout = '300ms'");
+  pqxx::connection holder(url_);
+  pqxx::work hold(holder);
+  hold.exec("SELECT 1 FROM shared.subscriptions FOR UPDATE");
+  auto summary = ClosePeriods(url_, At("2026-11-01T00:00:00Z"));
+  EXPECT_FALSE(summary.ok());
+  hold.abort();
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.billing_close_failures"), 0);
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.invoices"), 0);
+  EXPECT_EQ(Close("2026-11-01T00:00:00Z").invoices_created, 1);
+}
+
+// The direct path refuses what the Kafka parser refuses: a quantity above the meter's limit.
+TEST_F(BillingTest, DirectUsagePathEnforcesTheMeterMaximum) {
+  AddOrg(Org(81));
+  Exec("UPDATE shared.meters SET max_event_quantity = 1000 WHERE name = 'data_exports'");
+  pqxx::work tx(*conn_);
+  EXPECT_THROW(
+      tx.exec("SELECT shared.increment_api_usage('" + Org(81) + "', 'data_exports', 1001)"),
+      pqxx::data_exception);
 }
 
 }  // namespace
