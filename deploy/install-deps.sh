@@ -12,6 +12,7 @@ packages=(
   libspdlog-dev libfmt-dev libssl-dev
   postgresql-15 postgresql-client-15
   python3
+  python3-jsonschema python3-fastjsonschema nodejs node-ajv
 )
 
 missing=()

@@ -56,6 +56,10 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::Create(
       {"bootstrap.servers", o.brokers},
       {"group.id", o.group},
       {"partition.assignment.strategy", "cooperative-sticky"},
+      // A crashed member's partitions move after its session times out: 10 s, not librdkafka's
+      // 45 s, so a restart resumes within seconds (heartbeats must be well inside it).
+      {"session.timeout.ms", "10000"},
+      {"heartbeat.interval.ms", "1000"},
       {"enable.auto.commit", "false"},
       {"enable.auto.offset.store", "false"},
       {"auto.offset.reset", "earliest"},
@@ -102,7 +106,17 @@ Ingestor::~Ingestor() {
   if (flusher_) flusher_->Stop();
   for (auto& shard : shards_) shard->Stop();
   shards_.clear();
-  if (consumer_ != nullptr) rd_kafka_destroy(consumer_);
+  if (consumer_ == nullptr) return;
+  if (subscribed_ && !ever_assigned_.load()) {
+    // librdkafka 2.0.2 aborts in rd_kafka_sticky_assignor_state_destroy when a
+    // cooperative-sticky consumer that never received an assignment is destroyed (upstream
+    // issue 4312, fixed in 2.3.0). consumer_close has already left the group and nothing was
+    // consumed, so the handle is left to the process exit instead of destroyed.
+    LOG_INFO("leaving the Kafka handle to process exit: no assignment was ever received "
+             "(librdkafka 2.0.2 bug 4312)");
+    return;
+  }
+  rd_kafka_destroy(consumer_);
 }
 
 void Ingestor::OnRebalance(rd_kafka_t* rk, rd_kafka_resp_err_t err,
@@ -119,6 +133,7 @@ void Ingestor::OnRebalance(rd_kafka_t* rk, rd_kafka_resp_err_t err,
 }
 
 void Ingestor::Assign(rd_kafka_topic_partition_list_t* partitions) {
+  ever_assigned_.store(true);
   auto offsets = flusher_->LoadOffsets(kRebalanceDeadline);
   if (!offsets.ok()) {
     // Without the stored offsets no safe start exists; take nothing and let the group
@@ -204,6 +219,7 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
   if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
     return absl::UnavailableError(absl::StrCat("subscribe failed: ", rd_kafka_err2str(err)));
   }
+  subscribed_ = true;
   LOG_INFO("consuming topic {} as group {} with {} shards, flush every {}", options_.topic,
            options_.group, shards_.size(), absl::FormatDuration(options_.flush_interval));
   flusher_->Start();

@@ -73,6 +73,9 @@ class Ingestor {
   std::unique_ptr<Flusher> flusher_;
   int64_t last_logged_events_ = 0;
   std::atomic<int64_t> assigned_partitions_{0};
+  // Poll thread only (read again in the destructor, after the poll loop ended).
+  bool subscribed_ = false;
+  std::atomic<bool> ever_assigned_{false};
   absl::Status last_revoke_status_;  // Of the last revoke's flush; poll thread only.
 };
 

@@ -35,9 +35,12 @@ class PipelineTest : public ::testing::Test {
     if (!HasFailure()) std::filesystem::remove_all(dir_);
   }
 
+  // With `test_group_timing`, a short session timeout so rebalances in these tests are quick;
+  // without, meterd's own defaults (what an SRE runs).
   std::unique_ptr<ChildProcess> StartMeterd(const std::string& label,
                                             const std::string& flush_interval = "300ms",
-                                            std::vector<std::string> extra = {}) {
+                                            std::vector<std::string> extra = {},
+                                            bool test_group_timing = true) {
     std::vector<std::string> args = {MeterdBinary(),
                                      "run",
                                      "--pg",
@@ -53,11 +56,13 @@ class PipelineTest : public ::testing::Test {
                                      "--flush-interval",
                                      flush_interval,
                                      "--stats-interval",
-                                     "2s",
-                                     "--kafka-property",
-                                     "session.timeout.ms=6000",
-                                     "--kafka-property",
-                                     "heartbeat.interval.ms=500"};
+                                     "2s"};
+    if (test_group_timing) {
+      for (const char* property : {"session.timeout.ms=6000", "heartbeat.interval.ms=500"}) {
+        args.push_back("--kafka-property");
+        args.push_back(property);
+      }
+    }
     args.insert(args.end(), extra.begin(), extra.end());
     return std::make_unique<ChildProcess>(args, absl::StrCat(dir_, "/meterd-", label, ".log"));
   }
@@ -272,6 +277,68 @@ TEST_F(PipelineTest, BlackHoledPostgresTimesOutAndRetriesExactly) {
   EXPECT_NE(log.find("did not finish within"), std::string::npos) << log;
   meterd->Signal(SIGTERM);
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
+// With default flags, a crashed instance's replacement resumes consumption within 30 s.
+TEST_F(PipelineTest, RestartAfterKillResumesWithin30sWithDefaults) {
+  auto loadgen = StartLoadgen(150'000, 500, 0.0, 3'000);
+  auto first = StartMeterd("first", "300ms", {}, /*test_group_timing=*/false);
+  ASSERT_TRUE(WaitForProgress(0, absl::Seconds(60))) << ReadFile(first->log_path());
+  first->Signal(SIGKILL);
+  EXPECT_EQ(first->Wait(absl::Seconds(10)), 128 + SIGKILL);
+  const int64_t at_crash = StoredOffsetSum();
+  const absl::Time restarted_at = absl::Now();
+  auto second = StartMeterd("second", "300ms", {}, /*test_group_timing=*/false);
+  ASSERT_TRUE(WaitForProgress(at_crash, absl::Seconds(60))) << ReadFile(second->log_path());
+  const absl::Duration resumed_after = absl::Now() - restarted_at;
+  EXPECT_LE(resumed_after, absl::Seconds(30)) << ReadFile(second->log_path());
+  std::fprintf(stderr, "resumed %s after the restart\n",
+               absl::FormatDuration(resumed_after).c_str());
+  loadgen->Signal(SIGTERM);
+  ExpectExact(FinishLoadgen(*loadgen));
+  second->Signal(SIGTERM);
+  EXPECT_EQ(second->Wait(absl::Seconds(60)), 0) << ReadFile(second->log_path());
+}
+
+// librdkafka 2.0.2 aborts when a cooperative-sticky consumer is closed before its first
+// assignment (upstream issue 4312). Five quick crash-restarts leave dead members the group
+// must wait out; a sixth instance stopped while it waits for its first assignment must still
+// exit 0, at any moment of the wait.
+TEST_F(PipelineTest, SigtermBeforeTheFirstAssignmentExitsCleanly) {
+  for (int delay_ms : {500, 6'000, 12'000, 18'000}) {
+    SCOPED_TRACE(absl::StrCat("SIGTERM ", delay_ms, " ms after start"));
+    for (int i = 0; i < 5; ++i) {
+      auto crashing = StartMeterd(absl::StrCat("crash", delay_ms, "-", i), "300ms", {},
+                                  /*test_group_timing=*/false);
+      absl::SleepFor(absl::Milliseconds(1'200));
+      crashing->Signal(SIGKILL);
+      crashing->Wait(absl::Seconds(10));
+    }
+    auto sixth = StartMeterd(absl::StrCat("sixth", delay_ms), "300ms", {},
+                             /*test_group_timing=*/false);
+    absl::SleepFor(absl::Milliseconds(delay_ms));
+    sixth->Signal(SIGTERM);
+    EXPECT_EQ(sixth->Wait(absl::Seconds(60)), 0) << ReadFile(sixth->log_path());
+  }
+}
+
+// Three instances on two partitions: one of them owns nothing, and all stop with exit 0.
+TEST_F(PipelineTest, MoreInstancesThanPartitionsAllStopCleanly) {
+  broker_.reset();
+  broker_ = std::make_unique<DevBrokerProcess>(kTopic, 2, dir_);
+  auto loadgen = StartLoadgen(20'000, 100, 0.0, 2'000);
+  std::vector<std::unique_ptr<ChildProcess>> instances;
+  for (int i = 0; i < 3; ++i) instances.push_back(StartMeterd(absl::StrCat("i", i)));
+  ASSERT_TRUE(WaitForProgress(0, absl::Seconds(60)));
+  absl::SleepFor(absl::Seconds(8));  // Let the group settle on 2 owners and 1 idle member.
+  for (auto& instance : instances) instance->Signal(SIGTERM);
+  for (auto& instance : instances) {
+    EXPECT_EQ(instance->Wait(absl::Seconds(60)), 0) << ReadFile(instance->log_path());
+  }
+  auto last = StartMeterd("last");
+  ExpectExact(FinishLoadgen(*loadgen));
+  last->Signal(SIGTERM);
+  EXPECT_EQ(last->Wait(absl::Seconds(60)), 0) << ReadFile(last->log_path());
 }
 
 TEST_F(PipelineTest, PostgresOutagePausesAndLosesNothing) {
