@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
+
 namespace meterd::aggregate {
 
 void PartitionCounters::Reject(int64_t offset, event::RejectReason reason, std::string_view detail,
@@ -12,7 +14,29 @@ void PartitionCounters::Reject(int64_t offset, event::RejectReason reason, std::
   r.detail = std::string(detail);
   r.truncated = raw.size() > RejectedEvent::kMaxRawBytes;
   r.raw = std::string(raw.substr(0, RejectedEvent::kMaxRawBytes));
+  rejected_bytes += r.raw.size() + r.detail.size();
   ++events;
+}
+
+void PartitionCounters::RejectMessage(int64_t offset,
+                                      const std::vector<event::Rejection>& rejections,
+                                      size_t elements, std::string_view raw) {
+  int64_t by_reason[event::kRejectReasonCount] = {};
+  for (const event::Rejection& r : rejections) ++by_reason[static_cast<int>(r.reason)];
+  std::string detail =
+      absl::StrCat(rejections.size(), " of ", elements, " batch elements refused:");
+  for (int i = 0; i < event::kRejectReasonCount; ++i) {
+    if (by_reason[i] == 0) continue;
+    absl::StrAppend(&detail, " ",
+                    std::string(event::RejectReasonCode(static_cast<event::RejectReason>(i))), "=",
+                    by_reason[i]);
+  }
+  absl::StrAppend(&detail,
+                  "; first: ", std::string(event::RejectReasonCode(rejections.front().reason)),
+                  " (", std::string(rejections.front().detail), ")");
+  Reject(offset, event::RejectReason::kBatchRejected, detail, raw);
+  // Reject counted one event; the refused elements are many.
+  events += static_cast<int64_t>(rejections.size()) - 1;
 }
 
 void MergeInto(SealedPartition& earlier, SealedPartition&& later) {
@@ -24,6 +48,7 @@ void MergeInto(SealedPartition& earlier, SealedPartition&& later) {
       earlier.deltas.counters[key] += quantity;
   }
   for (auto& r : later.deltas.rejected) earlier.deltas.rejected.push_back(std::move(r));
+  earlier.deltas.rejected_bytes += later.deltas.rejected_bytes;
   earlier.deltas.events += later.deltas.events;
 }
 

@@ -7,6 +7,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/hash/hash.h"
+#include "lib/event/event_parser.h"
 #include "lib/event/usage_event.h"
 
 namespace meterd::aggregate {
@@ -63,6 +64,14 @@ struct PartitionCounters {
   }
   void Reject(int64_t offset, event::RejectReason reason, std::string_view detail,
               std::string_view raw);
+  // A message whose batch had more than kMaxRejectionsPerMessage refused elements: ONE row
+  // (reason batch_rejected, the counts per reason in its detail, the message's first bytes),
+  // so a poison message costs one row and bounded memory, not one row per element.
+  static constexpr size_t kMaxRejectionsPerMessage = 100;
+  void RejectMessage(int64_t offset, const std::vector<event::Rejection>& rejections,
+                     size_t elements, std::string_view raw);
+  // Raw bytes held by `rejected`: counted toward the shard's memory bound.
+  size_t rejected_bytes = 0;
   bool empty() const { return counters.empty() && rejected.empty() && events == 0; }
 };
 

@@ -139,8 +139,11 @@ enum class RejectReason : uint8_t {
   kTimeInFuture,
   kTimeTooOld,
   kQuantityTooLarge,  // Above the meter's shared.meters.max_event_quantity.
+  // One row for a batch message with many refused elements (the shard's summary: counts per
+  // reason in the detail); never produced by the parser for one event.
+  kBatchRejected,
 };
-inline constexpr int kRejectReasonCount = static_cast<int>(RejectReason::kQuantityTooLarge) + 1;
+inline constexpr int kRejectReasonCount = static_cast<int>(RejectReason::kBatchRejected) + 1;
 std::string_view RejectReasonCode(RejectReason reason);
 std::optional<RejectReason> ParseRejectReason(std::string_view code);
 

@@ -143,16 +143,23 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
       ResumeShardsLocked();
       return absl::OkStatus();
     }
+    std::vector<SealedPartition> committed_before;  // An earlier, ambiguous commit landed.
     for (const store::FencedPartition& f : outcome->fenced) {
       LOG_WARN("partition {}: offset fence failed (Postgres holds {}); another writer owns it",
                f.partition, f.stored_offset);
       stats_.fenced.fetch_add(1, std::memory_order_relaxed);
-      std::erase_if(pending_, [&](const SealedPartition& p) {
+      std::erase_if(pending_, [&](SealedPartition& p) {
         if (p.partition != f.partition) return false;
         events -= p.deltas.events;
+        if (f.stored_offset == p.next_offset) committed_before.push_back(std::move(p));
         return true;
       });
       ShardFor(f.partition)->ResetPartition(f.partition, f.stored_offset);
+    }
+    if (!committed_before.empty() && options_.on_committed) {
+      // Postgres holds exactly what these deltas would have advanced to: the commit that
+      // looked failed (a cut connection) went through, so their orgs' charges are due.
+      options_.on_committed(TouchedOrgs(committed_before));
     }
     if (pending_.empty()) {
       // Everything was fenced (e.g. the retry of a commit that did succeed): nothing left to

@@ -1,5 +1,7 @@
 #include "lib/ingest/ingestor.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "lib/common/logging.h"
@@ -112,8 +114,9 @@ Ingestor::~Ingestor() {
     // cooperative-sticky consumer that never received an assignment is destroyed (upstream
     // issue 4312, fixed in 2.3.0). consumer_close has already left the group and nothing was
     // consumed, so the handle is left to the process exit instead of destroyed.
-    LOG_INFO("leaving the Kafka handle to process exit: no assignment was ever received "
-             "(librdkafka 2.0.2 bug 4312)");
+    LOG_INFO(
+        "leaving the Kafka handle to process exit: no assignment was ever received "
+        "(librdkafka 2.0.2 bug 4312)");
     return;
   }
   rd_kafka_destroy(consumer_);
@@ -147,7 +150,20 @@ void Ingestor::Assign(rd_kafka_topic_partition_list_t* partitions) {
     auto it = offsets->find(tp.partition);
     const int64_t stored = it == offsets->end() ? SealedPartition::kNoStoredOffset : it->second;
     Shard* shard = ShardFor(tp.partition);
-    const int64_t read_from = shard->AddPartition(tp.partition, stored);
+    int64_t read_from = shard->AddPartition(tp.partition, stored);
+    if (read_from >= 0 && read_from < stored) {
+      // Re-read only what the log still holds: starting below its start would hand the
+      // position to auto.offset.reset, which an SRE may have set to latest (a silent skip).
+      int64_t low = -1, high = -1;
+      const rd_kafka_resp_err_t err =
+          rd_kafka_query_watermark_offsets(consumer_, tp.topic, tp.partition, &low, &high, 5'000);
+      read_from =
+          err == RD_KAFKA_RESP_ERR_NO_ERROR ? std::max(read_from, std::min(low, stored)) : stored;
+      if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        LOG_WARN("partition {}: cannot read its log start ({}); dedup window starts empty",
+                 tp.partition, rd_kafka_err2str(err));
+      }
+    }
     // Forward before assigning, on every assignment (librdkafka clears it on revoke).
     rd_kafka_queue_t* partition_queue =
         rd_kafka_queue_get_partition(consumer_, tp.topic, tp.partition);

@@ -122,8 +122,15 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   OwnedPartition& owned = it->second;
   // The dedup window ages by when messages were produced (the same on a re-read), not by event
   // time, which a producer sets and may be days old for late data.
+  // Clamped to this host's clock plus the accepted skew: one producer stamping the future (or
+  // microseconds as milliseconds) must not age every other id out of the window.
+  const int64_t now_micros = absl::ToUnixMicros(now);
   const int64_t timestamp_ms = rd_kafka_message_timestamp(&message, nullptr);
-  const int64_t sent_micros = timestamp_ms >= 0 ? timestamp_ms * 1000 : absl::ToUnixMicros(now);
+  const int64_t sent_micros =
+      timestamp_ms >= 0
+          ? std::min(timestamp_ms * 1000,
+                     now_micros + absl::ToInt64Microseconds(options_.parse_limits.max_future_skew))
+          : now_micros;
   if (message.offset < owned.warm_until) {
     // Counted before (by us or an earlier owner): only its ids go into the window.
     if (message.payload == nullptr) return;
@@ -156,8 +163,13 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
     }
     adder_.Stage(&owned.deltas, e);
   }
-  for (const event::Rejection& r : parsed.rejections) {
-    owned.deltas.Reject(message.offset, r.reason, r.detail, r.raw);
+  if (parsed.rejections.size() > aggregate::PartitionCounters::kMaxRejectionsPerMessage) {
+    owned.deltas.RejectMessage(message.offset, parsed.rejections,
+                               parsed.events.size() + parsed.rejections.size(), bytes);
+  } else {
+    for (const event::Rejection& r : parsed.rejections) {
+      owned.deltas.Reject(message.offset, r.reason, r.detail, r.raw);
+    }
   }
   stats_.events.store(
       stats_.events.load(std::memory_order_relaxed) + parsed.events.size() - duplicates,
@@ -174,8 +186,13 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
 }
 
 size_t Shard::LiveKeys() const {
+  // Rejected rows are unflushed state too: each counts as a key, and each KiB of raw bytes
+  // they hold counts as another, so refused input is bounded like counted input.
   size_t live = 0;
-  for (const auto& [partition, owned] : partitions_) live += owned.deltas.counters.size();
+  for (const auto& [partition, owned] : partitions_) {
+    live += owned.deltas.counters.size() + owned.deltas.rejected.size() +
+            owned.deltas.rejected_bytes / 1024;
+  }
   return live;
 }
 

@@ -1,9 +1,12 @@
 #include "lib/store/pg_connection.h"
 
+#include <fcntl.h>
 #include <libpq-fe.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -34,6 +37,21 @@ std::string BoundedConninfo(const std::string& conninfo, const PgTimeouts& timeo
     if (o->val != nullptr) given[o->keyword] = o->val;
   }
   PQconninfoFree(parsed);
+  // What the environment sets (PGCONNECT_TIMEOUT, PGSERVICE, …) wins over our defaults too.
+  std::map<std::string, bool> from_environment;
+  if (PQconninfoOption* defaults = PQconndefaults()) {
+    for (PQconninfoOption* o = defaults; o->keyword != nullptr; ++o) {
+      if (o->envvar != nullptr && std::getenv(o->envvar) != nullptr) {
+        from_environment[o->keyword] = true;
+      }
+    }
+    PQconninfoFree(defaults);
+  }
+  if (given.count("service") || from_environment.count("service")) {
+    // A service file may set any of these; libpq applies it after the string, and we cannot
+    // tell which it sets, so it is left as the SRE wrote it.
+    return conninfo;
+  }
   auto seconds = [](absl::Duration d) {
     return absl::StrCat(std::max<int64_t>(1, absl::ToInt64Seconds(d)));
   };
@@ -45,24 +63,9 @@ std::string BoundedConninfo(const std::string& conninfo, const PgTimeouts& timeo
       {"keepalives_count", absl::StrCat(timeouts.keepalive_count)},
       {"tcp_user_timeout", absl::StrCat(absl::ToInt64Milliseconds(timeouts.tcp_user_timeout))},
   };
-  for (const auto& [key, value] : defaults) given.emplace(key, value);
-  // Server-side settings go in `options`, after any the caller gave (theirs come first, ours
-  // only add what they did not set).
-  std::string options = given.count("options") ? given["options"] : "";
-  auto add_setting = [&](const std::string& name, const std::string& value) {
-    if (options.find(name) != std::string::npos) return;
-    absl::StrAppend(&options, options.empty() ? "" : " ", "-c ", name, "=", value);
-  };
-  auto millis = [](absl::Duration d) { return absl::StrCat(absl::ToInt64Milliseconds(d)); };
-  if (timeouts.statement > absl::ZeroDuration()) {
-    add_setting("statement_timeout", millis(timeouts.statement));
+  for (const auto& [key, value] : defaults) {
+    if (!from_environment.count(key)) given.emplace(key, value);
   }
-  if (timeouts.lock > absl::ZeroDuration()) add_setting("lock_timeout", millis(timeouts.lock));
-  add_setting("tcp_keepalives_idle", seconds(timeouts.keepalive_idle));
-  add_setting("tcp_keepalives_interval", seconds(timeouts.keepalive_interval));
-  add_setting("tcp_keepalives_count", absl::StrCat(timeouts.keepalive_count));
-  if (!options.empty()) given["options"] = options;
-
   std::string out;
   for (const auto& [key, value] : given) {
     std::string quoted;
@@ -75,14 +78,45 @@ std::string BoundedConninfo(const std::string& conninfo, const PgTimeouts& timeo
   return out;
 }
 
+namespace {
+
+// Server-side bounds for this session, set after connecting so the caller's `options` (in the
+// string, PGOPTIONS or a service file) stay untouched; a setting the client already chose
+// (pg_settings.source = 'client') is kept.
+void ApplySessionBounds(pqxx::connection& conn, const PgTimeouts& timeouts) {
+  auto millis = [](absl::Duration d) { return absl::StrCat(absl::ToInt64Milliseconds(d)); };
+  std::string values = absl::StrCat(
+      "('tcp_keepalives_idle', '", absl::ToInt64Seconds(timeouts.keepalive_idle), "'), ",
+      "('tcp_keepalives_interval', '", absl::ToInt64Seconds(timeouts.keepalive_interval), "'), ",
+      "('tcp_keepalives_count', '", timeouts.keepalive_count, "')");
+  if (timeouts.statement > absl::ZeroDuration()) {
+    absl::StrAppend(&values, ", ('statement_timeout', '", millis(timeouts.statement), "')");
+  }
+  if (timeouts.lock > absl::ZeroDuration()) {
+    absl::StrAppend(&values, ", ('lock_timeout', '", millis(timeouts.lock), "')");
+  }
+  pqxx::nontransaction tx(conn);
+  tx.exec(absl::StrCat("SELECT set_config(v.name, v.value, false) FROM (VALUES ", values,
+                       ") AS v (name, value) JOIN pg_settings s ON s.name = v.name "
+                       "WHERE s.source <> 'client'"));
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<pqxx::connection>> Connect(const std::string& conninfo,
                                                           const PgTimeouts& timeouts) {
+  std::unique_ptr<pqxx::connection> conn;
   try {
-    auto conn = std::make_unique<pqxx::connection>(BoundedConninfo(conninfo, timeouts));
-    return conn;
+    conn = std::make_unique<pqxx::connection>(BoundedConninfo(conninfo, timeouts));
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("cannot connect to Postgres: ", OneLine(e.what())));
   }
+  absl::Status status = CatchPq([&]() -> absl::Status {
+    ApplySessionBounds(*conn, timeouts);
+    return absl::OkStatus();
+  });
+  if (!status.ok()) return status;
+  return conn;
 }
 
 SocketWatchdog::SocketWatchdog() : thread_([this] { Loop(); }) {}
@@ -91,6 +125,8 @@ SocketWatchdog::~SocketWatchdog() {
   {
     std::lock_guard lock(mu_);
     stopping_ = true;
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
   }
   wake_.notify_all();
   thread_.join();
@@ -100,11 +136,12 @@ void SocketWatchdog::Arm(int fd, absl::Duration timeout) {
   {
     std::lock_guard lock(mu_);
     fired_ = false;
-    if (timeout <= absl::ZeroDuration() || fd < 0) {
-      fd_ = -1;
-      return;
-    }
-    fd_ = fd;
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+    if (timeout <= absl::ZeroDuration() || fd < 0) return;
+    // Our own descriptor of the socket: libpq may close its own (on EOF) before Disarm, and
+    // the number could then be reused by another connection we must not cut.
+    fd_ = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     deadline_ = absl::Now() + timeout;
   }
   wake_.notify_all();
@@ -112,6 +149,7 @@ void SocketWatchdog::Arm(int fd, absl::Duration timeout) {
 
 bool SocketWatchdog::Disarm() {
   std::lock_guard lock(mu_);
+  if (fd_ >= 0) close(fd_);
   fd_ = -1;
   return fired_;
 }
@@ -128,8 +166,9 @@ void SocketWatchdog::Loop() {
       wake_.wait_for(lock, absl::ToChronoNanoseconds(deadline - absl::Now()));
       continue;  // Re-check: disarmed, re-armed or stopping meanwhile.
     }
-    // Not closed: the owner still holds the descriptor, so it cannot be reused under us.
+    // shutdown(2) acts on the socket, so it reaches libpq's descriptor through our duplicate.
     shutdown(fd_, SHUT_RDWR);
+    close(fd_);
     fired_ = true;
     fd_ = -1;
   }

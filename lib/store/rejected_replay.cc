@@ -86,6 +86,13 @@ absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,
     return absl::InvalidArgumentError(absl::StrCat("unknown reason '", options.reason,
                                                    "'; one of: ", absl::StrJoin(codes, ", ")));
   }
+  if (*reason == RejectReason::kBatchRejected) {
+    // The row summarises a batch whose valid elements were counted when it arrived: replaying
+    // the message would count them again.
+    return absl::InvalidArgumentError(
+        "batch_rejected rows cannot be replayed: their batch's valid elements were already "
+        "counted; re-send the fixed elements instead");
+  }
   if (options.chunk_rows < 1) return absl::InvalidArgumentError("chunk_rows must be positive");
   RETURN_IF_ERROR(CheckSchemaCurrent(conninfo));
 
@@ -96,6 +103,9 @@ absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,
   const bool whole_message = WasWholeMessage(*reason);
 
   ReplaySummary summary;
+  // (source, id) fingerprints counted by this replay: a producer's re-send that was rejected
+  // too is one event, counted once (the duplicate row is marked replayed, counting nothing).
+  absl::flat_hash_set<uint64_t> counted_ids;
   std::string cursor_at =
       options.since == absl::InfinitePast()
           ? "-infinity"
@@ -134,11 +144,17 @@ absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,
           continue;
         }
         for (const event::UsageEvent& e : parsed.events) {
+          const uint64_t fingerprint = absl::Hash<std::pair<std::string_view, std::string_view>>{}(
+              std::make_pair(e.source, e.id));
+          if (!counted_ids.insert(fingerprint).second) {
+            ++chunk_summary.duplicates;
+            continue;
+          }
           counted.deltas.Add(e);
           chunk_summary.quantity_counted += e.quantity;
+          ++chunk_summary.events_counted;
           orgs.insert(e.org);
         }
-        chunk_summary.events_counted += static_cast<int64_t>(parsed.events.size());
         ++chunk_summary.rows_replayed;
         replayed_ids.Add(absl::StrCat(chunk.last_id));
       }
@@ -178,6 +194,7 @@ absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,
     summary.rows_replayed += chunk_summary.rows_replayed;
     summary.events_counted += chunk_summary.events_counted;
     summary.quantity_counted += chunk_summary.quantity_counted;
+    summary.duplicates += chunk_summary.duplicates;
     summary.truncated += chunk_summary.truncated;
     for (const auto& [code, rows] : chunk_summary.still_rejected) {
       summary.still_rejected[code] += rows;
@@ -217,9 +234,9 @@ std::string ReplaySummaryJson(const ReplaySummary& summary) {
   }
   return absl::StrFormat(
       R"({"rows_examined":%d,"rows_replayed":%d,"events_counted":%d,"quantity_counted":%d,)"
-      R"("still_rejected":{%s},"truncated":%d})",
+      R"("duplicates":%d,"still_rejected":{%s},"truncated":%d})",
       summary.rows_examined, summary.rows_replayed, summary.events_counted,
-      summary.quantity_counted, still, summary.truncated);
+      summary.quantity_counted, summary.duplicates, still, summary.truncated);
 }
 
 }  // namespace meterd::store

@@ -27,6 +27,8 @@ struct ReplaySummary {
   int64_t rows_replayed = 0;  // Counted now, and marked replayed_at.
   int64_t events_counted = 0;
   int64_t quantity_counted = 0;
+  // Events whose (source, id) this replay had already counted from another row: not counted.
+  int64_t duplicates = 0;
   // Rows that still fail, by the reason they fail with now; they stay unreplayed.
   std::map<std::string, int64_t> still_rejected;
   // raw_truncated rows: their bytes are incomplete, so they can never be counted.

@@ -2,8 +2,10 @@
 // embedded Kafka (librdkafka's mock cluster, real protocol) from `meterd dev-broker`.
 #include <signal.h>
 
+#include <atomic>
 #include <filesystem>
 #include <random>
+#include <thread>
 
 #include <gtest/gtest.h>
 #include <pqxx/pqxx>
@@ -339,6 +341,65 @@ TEST_F(PipelineTest, MoreInstancesThanPartitionsAllStopCleanly) {
   ExpectExact(FinishLoadgen(*loadgen));
   last->Signal(SIGTERM);
   EXPECT_EQ(last->Wait(absl::Seconds(60)), 0) << ReadFile(last->log_path());
+}
+
+// Twenty poison messages, each a batch of 250,000 invalid elements, among 100,000 valid
+// events: each costs one rejected row (not 250,000), flushes keep their pace, the valid totals
+// are exact and memory stays bounded.
+TEST_F(PipelineTest, PoisonBatchesCostOneRowEachAndStallNothing) {
+  auto meterd = StartMeterd("poison", "500ms", {"--http-listen", "127.0.0.1:0"});
+  int port = -1;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (port < 0 && absl::Now() < deadline) {
+    const std::string log = ReadFile(meterd->log_path());
+    const size_t at = log.find("(port ");
+    if (at != std::string::npos) port = std::stoi(log.substr(at + 6));
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_GT(port, 0) << ReadFile(meterd->log_path());
+  auto loadgen = StartLoadgen(100'000, 500, 0.0, 8'000);
+  ASSERT_TRUE(WaitForProgress(0, absl::Seconds(60))) << ReadFile(meterd->log_path());
+  std::string poison = "[";
+  for (int i = 0; i < 250'000; ++i) poison += i == 0 ? "{}" : ",{}";
+  poison += "]";
+  // While the poison goes in, the stored offsets must keep advancing at the flush pace.
+  std::atomic<bool> producing{true};
+  absl::Duration longest_gap;
+  std::thread watch([&] {
+    int64_t last = StoredOffsetSum();
+    absl::Time last_change = absl::Now();
+    while (producing.load()) {
+      absl::SleepFor(absl::Milliseconds(100));
+      const int64_t now = StoredOffsetSum();
+      if (now != last) {
+        longest_gap = std::max(longest_gap, absl::Now() - last_change);
+        last = now;
+        last_change = absl::Now();
+      }
+    }
+  });
+  for (int i = 0; i < 20; ++i) {
+    ProduceOrDie(broker_->bootstrap(), kTopic, absl::StrCat("poison-", i), {poison});
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  const auto expected = FinishLoadgen(*loadgen);
+  producing.store(false);
+  watch.join();
+  ExpectExact(expected);
+  EXPECT_LE(longest_gap, absl::Milliseconds(1'500)) << "flush interval 500 ms";
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.rejected_events WHERE reason = "
+                           "'batch_rejected' AND detail LIKE '250000 of 250000 %'"),
+            20);
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.rejected_events"), 20);
+  const auto [status, metrics] = HttpGet(port, "/metrics");
+  ASSERT_EQ(status, 200);
+  const size_t at = metrics.find("\nmeterd_peak_rss_bytes ");
+  ASSERT_NE(at, std::string::npos) << metrics;
+  const double rss = std::stod(metrics.substr(at + 23));
+  // Before: 1.5M rejections held in memory (165 MB). Now: bounded by one row per message.
+  EXPECT_LT(rss, 120.0 * 1024 * 1024);
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
 }
 
 TEST_F(PipelineTest, PostgresOutagePausesAndLosesNothing) {

@@ -116,7 +116,7 @@ TEST_F(RejectedReplayTest, CountsEachRowOnceAndLeavesWhatStillFails) {
   EXPECT_EQ(first.truncated, 1);
   EXPECT_EQ(ReplaySummaryJson(first),
             R"({"rows_examined":7,"rows_replayed":5,"events_counted":5,"quantity_counted":21,)"
-            R"("still_rejected":{"unknown_meter":1},"truncated":1})");
+            R"("duplicates":0,"still_rejected":{"unknown_meter":1},"truncated":1})");
   // One row per distinct key, the same as a flush would have written.
   const std::string today = "(now() AT TIME ZONE 'UTC')::date";
   EXPECT_EQ(Query(absl::StrCat("SELECT quantity FROM shared.api_usage_meters WHERE org_id = '",
@@ -204,6 +204,26 @@ TEST_F(RejectedReplayTest, SinceSkipsOlderRows) {
   EXPECT_EQ(summary.quantity_counted, 2);
   EXPECT_EQ(Replay("unknown_meter").quantity_counted, 1);
   EXPECT_EQ(Total("gpu_seconds"), 3);
+}
+
+// A producer's retry of a refused event is two rows with the same (source, id): one event.
+TEST_F(RejectedReplayTest, RetriedEventRejectedTwiceIsCountedOnce) {
+  const std::string event = Event(kOrg, "gpu_seconds", 7);
+  Ingest({event, event, Event(kOrg, "gpu_seconds", 1)});
+  Exec("INSERT INTO shared.meters (meter_id, name, unit) VALUES (10, 'gpu_seconds', 'second')");
+  const ReplaySummary summary = Replay("unknown_meter");
+  EXPECT_EQ(summary.rows_replayed, 3);
+  EXPECT_EQ(summary.duplicates, 1);
+  EXPECT_EQ(Total("gpu_seconds"), 8);
+  EXPECT_EQ(Replay("unknown_meter").rows_examined, 0);
+}
+
+// A batch_rejected row summarises a batch whose valid elements were counted: never replayed.
+TEST_F(RejectedReplayTest, BatchSummaryRowsAreRefused) {
+  ReplayOptions options;
+  options.reason = "batch_rejected";
+  auto summary = ReplayRejected(url_, options, absl::Now());
+  EXPECT_TRUE(absl::IsInvalidArgument(summary.status())) << summary.status();
 }
 
 TEST_F(RejectedReplayTest, ConcurrentReplaysCountEachRowOnce) {
