@@ -31,6 +31,12 @@ http::Response ServeEndpoint(const std::string& path, const ingest::Ingestor& in
         "dedup window",
         s.duplicates);
   m.Add("meterd_dedup_ids", "gauge", "(source, id) fingerprints remembered for dedup", s.dedup_ids);
+  m.Add("meterd_offset_gaps_total", "counter",
+        "Log ranges found missing (retention, recreated topic); each is a rejected_events row "
+        "with reason offset_gap",
+        s.offset_gaps);
+  m.Add("meterd_seek_failures_total", "counter", "Partition seeks that failed (retried)",
+        s.seek_failures);
   m.Add("meterd_unflushed_keys", "gauge", "Counter keys not yet written to Postgres",
         s.unflushed_keys);
   m.Add("meterd_paused_shards", "gauge", "Shards not draining (Postgres down or key cap reached)",

@@ -25,9 +25,10 @@ constexpr std::string_view kIndustryCodes[kIndustryCount] = {"hs",  "rest", "aut
                                                              "ret", "edu",  "payroll"};
 
 constexpr std::string_view kReasonCodes[] = {
-    "not_json",        "not_object",     "empty_batch",  "missing_field",     "wrong_type",
-    "bad_specversion", "unknown_meter",  "bad_org_id",   "bad_industry",      "bad_quantity",
-    "bad_time",        "time_in_future", "time_too_old", "quantity_too_large", "batch_rejected"};
+    "not_json",     "not_object",         "empty_batch",    "missing_field",
+    "wrong_type",   "bad_specversion",    "unknown_meter",  "bad_org_id",
+    "bad_industry", "bad_quantity",       "bad_time",       "time_in_future",
+    "time_too_old", "quantity_too_large", "batch_rejected", "offset_gap"};
 static_assert(std::size(kReasonCodes) == kRejectReasonCount, "one code per RejectReason");
 
 }  // namespace

@@ -142,8 +142,12 @@ enum class RejectReason : uint8_t {
   // One row for a batch message with many refused elements (the shard's summary: counts per
   // reason in the detail); never produced by the parser for one event.
   kBatchRejected,
+  // Not an event: a range of the partition's log meterd could not read (deleted by retention
+  // before it was consumed, or the topic recreated under a stored offset). Offset and detail
+  // name the range; written by the shard, never by the parser.
+  kOffsetGap,
 };
-inline constexpr int kRejectReasonCount = static_cast<int>(RejectReason::kBatchRejected) + 1;
+inline constexpr int kRejectReasonCount = static_cast<int>(RejectReason::kOffsetGap) + 1;
 std::string_view RejectReasonCode(RejectReason reason);
 std::optional<RejectReason> ParseRejectReason(std::string_view code);
 

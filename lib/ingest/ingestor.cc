@@ -150,20 +150,23 @@ void Ingestor::Assign(rd_kafka_topic_partition_list_t* partitions) {
     auto it = offsets->find(tp.partition);
     const int64_t stored = it == offsets->end() ? SealedPartition::kNoStoredOffset : it->second;
     Shard* shard = ShardFor(tp.partition);
-    int64_t read_from = shard->AddPartition(tp.partition, stored);
-    if (read_from >= 0 && read_from < stored) {
-      // Re-read only what the log still holds: starting below its start would hand the
-      // position to auto.offset.reset, which an SRE may have set to latest (a silent skip).
-      int64_t low = -1, high = -1;
+    // The log's bounds: the dedup re-read starts no lower than the log start (below it
+    // auto.offset.reset would decide, and an SRE may have set it to latest: a silent skip),
+    // and a stored offset outside them is a gap the shard reports.
+    int64_t low = -1, high = -1;
+    if (stored != SealedPartition::kNoStoredOffset) {
       const rd_kafka_resp_err_t err =
           rd_kafka_query_watermark_offsets(consumer_, tp.topic, tp.partition, &low, &high, 5'000);
-      read_from =
-          err == RD_KAFKA_RESP_ERR_NO_ERROR ? std::max(read_from, std::min(low, stored)) : stored;
       if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-        LOG_WARN("partition {}: cannot read its log start ({}); dedup window starts empty",
-                 tp.partition, rd_kafka_err2str(err));
+        LOG_WARN(
+            "partition {}: cannot read its log bounds ({}); starting at the stored offset "
+            "with an empty dedup window",
+            tp.partition, rd_kafka_err2str(err));
+        low = high = -1;
       }
     }
+    int64_t read_from = shard->AddPartition(tp.partition, stored, low, high);
+    if (low < 0 && stored != SealedPartition::kNoStoredOffset) read_from = stored;
     // Forward before assigning, on every assignment (librdkafka clears it on revoke).
     rd_kafka_queue_t* partition_queue =
         rd_kafka_queue_get_partition(consumer_, tp.topic, tp.partition);
@@ -206,6 +209,8 @@ IngestSnapshot Ingestor::Snapshot() const {
     s.events += shard->stats().events.load(std::memory_order_relaxed);
     s.rejected += shard->stats().rejected.load(std::memory_order_relaxed);
     s.duplicates += shard->stats().duplicates.load(std::memory_order_relaxed);
+    s.offset_gaps += shard->stats().offset_gaps.load(std::memory_order_relaxed);
+    s.seek_failures += shard->stats().seek_failures.load(std::memory_order_relaxed);
     s.dedup_ids += shard->stats().dedup_ids.load(std::memory_order_relaxed);
     s.unflushed_keys += shard->stats().live_keys.load(std::memory_order_relaxed);
     s.paused_shards += shard->stats().paused.load(std::memory_order_relaxed) ? 1 : 0;

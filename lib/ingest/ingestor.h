@@ -36,7 +36,7 @@ struct IngestOptions {
 // A consistent-enough view of the counters for /metrics and logs (each value is read atomically).
 struct IngestSnapshot {
   int64_t messages = 0, events = 0, rejected = 0, unflushed_keys = 0, paused_shards = 0;
-  int64_t duplicates = 0, dedup_ids = 0;
+  int64_t duplicates = 0, dedup_ids = 0, offset_gaps = 0, seek_failures = 0;
   int64_t assigned_partitions = 0, shards = 0;
 };
 

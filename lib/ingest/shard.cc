@@ -6,6 +6,7 @@
 #include <boost/asio/read.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "lib/common/logging.h"
 
 namespace meterd::ingest {
@@ -81,7 +82,16 @@ void Shard::ArmWakeup() {
 }
 
 void Shard::Drain() {
-  while (!paused_) {
+  // Fair to posted work: after kDrainBatchesPerTurn batches the rest of the queue waits behind
+  // whatever was posted meanwhile (a seal, an assignment, a revoke), so a queue that never runs
+  // dry (a broker catching up faster than we parse) cannot hold a flush or a rebalance back for
+  // more than a few milliseconds.
+  constexpr int kDrainBatchesPerTurn = 4;
+  for (int turn = 0; !paused_; ++turn) {
+    if (turn == kDrainBatchesPerTurn) {
+      boost::asio::post(io_, [this] { Drain(); });
+      return;
+    }
     const ssize_t count = rd_kafka_consume_batch_queue(queue_, 0, batch_.data(), batch_.size());
     if (count <= 0) break;
     const absl::Time now = clock_->Now();  // Once per batch, not per event.
@@ -111,6 +121,19 @@ void Shard::Drain() {
 
 void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   if (message.err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+    if (message.err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET) {
+      // The position fell out of the log while we read it (retention overtook us, or the
+      // topic was recreated): librdkafka jumped; the jump is recorded, not stepped over.
+      auto it = partitions_.find(message.partition);
+      if (it != partitions_.end()) {
+        RecordGap(it->second, message.partition, it->second.next_offset,
+                  absl::StrCat("offset reset by the client: ", rd_kafka_message_errstr(&message)));
+        // Whatever comes next is new: accept it from wherever the reset lands.
+        it->second.after_reset = true;
+        it->second.warm_until = SealedPartition::kNoStoredOffset;
+      }
+      return;
+    }
     if (message.err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
       LOG_WARN("shard {}: consume error on partition {}: {}", index_, message.partition,
                rd_kafka_message_errstr(&message));
@@ -142,9 +165,11 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
     return;
   }
   // After a seek back, messages already counted may be delivered again.
-  if (owned.next_offset != SealedPartition::kNoStoredOffset && message.offset < owned.next_offset) {
+  if (owned.next_offset != SealedPartition::kNoStoredOffset && message.offset < owned.next_offset &&
+      !owned.after_reset) {
     return;
   }
+  owned.after_reset = false;
   owned.next_offset = message.offset + 1;
   if (message.payload == nullptr) {  // A tombstone or empty message.
     owned.deltas.Reject(message.offset, event::RejectReason::kNotJson, "empty message", "");
@@ -203,12 +228,41 @@ int64_t Shard::ReadFrom(int64_t stored_offset) const {
   return std::max<int64_t>(0, stored_offset - static_cast<int64_t>(options_.dedup.max_ids));
 }
 
-int64_t Shard::AddPartition(int32_t partition, int64_t stored_offset) {
+int64_t Shard::AddPartition(int32_t partition, int64_t stored_offset, int64_t log_start,
+                            int64_t log_end) {
   return RunOnShard([&] {
     partitions_.erase(partition);
-    partitions_.emplace(partition, OwnedPartition(stored_offset, options_.dedup));
-    return ReadFrom(stored_offset);
+    OwnedPartition& owned =
+        partitions_.emplace(partition, OwnedPartition(stored_offset, options_.dedup)).first->second;
+    const int64_t read_from = ReadFrom(stored_offset);
+    if (stored_offset == SealedPartition::kNoStoredOffset || log_start < 0 || log_end < 0) {
+      return read_from;
+    }
+    std::string gap;
+    if (stored_offset > log_end) {
+      gap = absl::StrCat("stored next offset ", stored_offset, " is past the log end ", log_end,
+                         " (topic deleted and recreated, or truncated); counting restarts at the "
+                         "log start ",
+                         log_start);
+    } else if (stored_offset < log_start) {
+      gap = absl::StrCat("messages [", stored_offset, ", ", log_start,
+                         ") were deleted (retention) before meterd read them");
+    }
+    if (gap.empty()) return std::max(read_from, log_start);
+    // The CAS still expects what Postgres holds; the next flush moves it to the log start.
+    owned.next_offset = log_start;
+    owned.warm_until = log_start;
+    RecordGap(owned, partition, stored_offset, gap);
+    return log_start;
   });
+}
+
+void Shard::RecordGap(OwnedPartition& owned, int32_t partition, int64_t at,
+                      const std::string& what) {
+  LOG_ERROR("shard {}: partition {}: offset gap: {}", index_, partition, what);
+  owned.deltas.Reject(at, event::RejectReason::kOffsetGap, what, "");
+  stats_.offset_gaps.store(stats_.offset_gaps.load(std::memory_order_relaxed) + 1,
+                           std::memory_order_relaxed);
 }
 
 std::vector<SealedPartition> Shard::Seal(const std::vector<int32_t>& partitions, bool release) {
@@ -254,10 +308,20 @@ void Shard::ResetPartition(int32_t partition, int64_t stored_offset) {
     rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(list, options_.topic.c_str(), partition)->offset =
         ReadFrom(stored_offset);
-    if (rd_kafka_error_t* error = rd_kafka_seek_partitions(consumer_, list, 10'000)) {
-      LOG_ERROR("shard {}: seek of partition {} failed: {}", index_, partition,
-                rd_kafka_error_string(error));
-      rd_kafka_error_destroy(error);
+    // A failed seek would leave the partition reading past the dropped deltas: retry, then
+    // say so loudly (and count it) rather than go on.
+    for (int attempt = 1; attempt <= 3; ++attempt) {
+      rd_kafka_error_t* error = rd_kafka_seek_partitions(consumer_, list, 10'000);
+      if (error == nullptr && list->elems[0].err == RD_KAFKA_RESP_ERR_NO_ERROR) break;
+      LOG_ERROR(
+          "shard {}: seek of partition {} to {} failed (attempt {} of 3): {}", index_, partition,
+          list->elems[0].offset, attempt,
+          error != nullptr ? rd_kafka_error_string(error) : rd_kafka_err2str(list->elems[0].err));
+      if (error != nullptr) rd_kafka_error_destroy(error);
+      stats_.seek_failures.store(stats_.seek_failures.load(std::memory_order_relaxed) + 1,
+                                 std::memory_order_relaxed);
+      list->elems[0].err = RD_KAFKA_RESP_ERR_NO_ERROR;
+      absl::SleepFor(absl::Milliseconds(100 * attempt));
     }
     rd_kafka_topic_partition_list_destroy(list);
     // The window remembered ids of the dropped deltas: rebuild it from the log.

@@ -40,8 +40,10 @@ struct ShardStats {
   std::atomic<int64_t> messages{0};
   std::atomic<int64_t> events{0};
   std::atomic<int64_t> rejected{0};
-  std::atomic<int64_t> duplicates{0};  // Events not counted: same (source, id) seen before.
-  std::atomic<int64_t> dedup_ids{0};   // Ids remembered over the shard's partitions.
+  std::atomic<int64_t> duplicates{0};   // Events not counted: same (source, id) seen before.
+  std::atomic<int64_t> offset_gaps{0};  // Log ranges found missing (see AddPartition).
+  std::atomic<int64_t> seek_failures{0};
+  std::atomic<int64_t> dedup_ids{0};  // Ids remembered over the shard's partitions.
   std::atomic<int64_t> live_keys{0};
   std::atomic<bool> paused{false};
 };
@@ -68,7 +70,13 @@ class Shard {
   // (SealedPartition::kNoStoredOffset when none). Call before forwarding its queue here.
   // Returns the offset to start fetching at: up to dedup.max_ids messages before the stored
   // offset, re-read to rebuild the dedup window and not counted.
-  int64_t AddPartition(int32_t partition, int64_t stored_offset);
+  // `log_start`/`log_end` (the partition's watermarks, -1 when unknown) reveal a gap: a stored
+  // offset below the log start (retention deleted unread messages) or past its end (the
+  // topic was recreated). A gap is never stepped over silently: it is logged, counted and
+  // written to shared.rejected_events (reason offset_gap) with the next flush, and reading
+  // restarts at the log start.
+  int64_t AddPartition(int32_t partition, int64_t stored_offset, int64_t log_start = -1,
+                       int64_t log_end = -1);
   // Seals the deltas of `partitions` (all owned ones when empty) and returns them; with
   // `release`, also gives the partitions up (revoke).
   std::vector<aggregate::SealedPartition> Seal(const std::vector<int32_t>& partitions,
@@ -93,6 +101,9 @@ class Shard {
     // Messages below this offset were counted before this shard owned the partition (or
     // before a fence reset): they are re-read only to remember their ids, never counted.
     int64_t warm_until;
+    // librdkafka reset the position (auto.offset.reset): the next message starts anew even if
+    // its offset is below next_offset (a recreated topic).
+    bool after_reset = false;
     aggregate::PartitionCounters deltas;
     aggregate::DedupWindow dedup;
   };
@@ -103,6 +114,7 @@ class Shard {
   void ArmWakeup();
   void Drain();
   void Process(const rd_kafka_message_t& message, absl::Time now);
+  void RecordGap(OwnedPartition& owned, int32_t partition, int64_t at, const std::string& what);
   // Where to start reading a partition whose next offset in Postgres is `stored_offset`: far
   // enough back to rebuild its dedup window.
   int64_t ReadFrom(int64_t stored_offset) const;

@@ -86,6 +86,10 @@ absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,
     return absl::InvalidArgumentError(absl::StrCat("unknown reason '", options.reason,
                                                    "'; one of: ", absl::StrJoin(codes, ", ")));
   }
+  if (*reason == RejectReason::kOffsetGap) {
+    return absl::InvalidArgumentError(
+        "offset_gap rows record log ranges that could not be read; there is nothing to replay");
+  }
   if (*reason == RejectReason::kBatchRejected) {
     // The row summarises a batch whose valid elements were counted when it arrived: replaying
     // the message would count them again.

@@ -387,8 +387,9 @@ TEST_F(PipelineTest, PoisonBatchesCostOneRowEachAndStallNothing) {
   watch.join();
   ExpectExact(expected);
   EXPECT_LE(longest_gap, absl::Milliseconds(1'500)) << "flush interval 500 ms";
-  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.rejected_events WHERE reason = "
-                           "'batch_rejected' AND detail LIKE '250000 of 250000 %'"),
+  EXPECT_EQ(QueryInt(url_,
+                     "SELECT count(*) FROM shared.rejected_events WHERE reason = "
+                     "'batch_rejected' AND detail LIKE '250000 of 250000 %'"),
             20);
   EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.rejected_events"), 20);
   const auto [status, metrics] = HttpGet(port, "/metrics");
@@ -398,6 +399,46 @@ TEST_F(PipelineTest, PoisonBatchesCostOneRowEachAndStallNothing) {
   const double rss = std::stod(metrics.substr(at + 23));
   // Before: 1.5M rejections held in memory (165 MB). Now: bounded by one row per message.
   EXPECT_LT(rss, 120.0 * 1024 * 1024);
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
+// The topic was deleted and recreated while the group's offsets stayed in Postgres: the stored
+// offsets are past the new log's end. Never stepped over silently: each partition's gap is a
+// rejected_events row (offset_gap), a metric and a log line, and the new log is counted from
+// its start, exactly.
+TEST_F(PipelineTest, StoredOffsetPastTheLogEndIsReportedNotSkipped) {
+  auto loadgen = StartLoadgen(20'000, 200, 0.0, 0);
+  const auto expected = FinishLoadgen(*loadgen);
+  // What the old topic left behind: positions far beyond anything the new one holds.
+  {
+    pqxx::connection conn(url_);
+    pqxx::work tx(conn);
+    tx.exec0(
+        "INSERT INTO shared.ingest_offsets (consumer_group, topic, partition, next_offset) "
+        "SELECT 'it', '" +
+        std::string(kTopic) + "', p, 1000000 FROM generate_series(0, 63) p");
+    tx.commit();
+  }
+  auto meterd = StartMeterd("gap", "300ms", {"--http-listen", "127.0.0.1:0"});
+  ExpectExact(expected);
+  EXPECT_EQ(QueryInt(url_,
+                     "SELECT count(*) FROM shared.rejected_events WHERE reason = "
+                     "'offset_gap' AND kafka_offset = 1000000 AND detail LIKE '%past the "
+                     "log end%'"),
+            64);
+  EXPECT_EQ(QueryInt(url_,
+                     "SELECT count(*) FROM shared.ingest_offsets WHERE next_offset >= "
+                     "1000000"),
+            0);
+  const std::string log = ReadFile(meterd->log_path());
+  EXPECT_NE(log.find("offset gap: stored next offset 1000000"), std::string::npos) << log;
+  int port = -1;
+  const size_t at = log.find("(port ");
+  if (at != std::string::npos) port = std::stoi(log.substr(at + 6));
+  ASSERT_GT(port, 0);
+  const std::string metrics = HttpGet(port, "/metrics").second;
+  EXPECT_NE(metrics.find("\nmeterd_offset_gaps_total 64\n"), std::string::npos) << metrics;
   meterd->Signal(SIGTERM);
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
 }
