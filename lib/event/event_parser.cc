@@ -372,6 +372,11 @@ bool EventParser::ParseOneWith(bool element, std::string_view bytes, size_t capa
     }
     auto read_string = [&](std::string_view* out, bool* have, std::string_view detail,
                            StringReader reader) {
+      if (*have) {
+        // Which one would count? Refused rather than guessed (JSON leaves it open).
+        refusal = {RejectReason::kWrongType, "attribute given twice"};
+        return false;
+      }
       if (!reader(field.value(), out)) {
         refusal = {RejectReason::kWrongType, detail};
         return false;
@@ -400,6 +405,11 @@ bool EventParser::ParseOneWith(bool element, std::string_view bytes, size_t capa
         ok = read_string(&time_text, &have_time, "time must be a string", read);
         break;
       case Attribute::kData:
+        if (have_data) {
+          refusal = {RejectReason::kWrongType, "attribute given twice"};
+          ok = false;
+          break;
+        }
         ok = ParseData(field.value(), &event, &refusal, read);
         have_data = true;
         break;

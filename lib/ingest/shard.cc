@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "lib/common/logging.h"
+#include "lib/event/binary_mode.h"
 
 namespace meterd::ingest {
 
@@ -154,11 +155,11 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
           ? std::min(timestamp_ms * 1000,
                      now_micros + absl::ToInt64Microseconds(options_.parse_limits.max_future_skew))
           : now_micros;
+  const std::optional<std::string_view> bytes = MessageBytes(message);
   if (message.offset < owned.warm_until) {
     // Counted before (by us or an earlier owner): only its ids go into the window.
-    if (message.payload == nullptr) return;
-    const event::ParsedMessage& parsed = parser_.Parse(
-        std::string_view(static_cast<const char*>(message.payload), message.len), now);
+    if (!bytes) return;
+    const event::ParsedMessage& parsed = parser_.Parse(*bytes, now);
     for (const event::UsageEvent& e : parsed.events) {
       owned.dedup.SeenOrRemember(e.source, e.id, sent_micros);
     }
@@ -171,14 +172,13 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   }
   owned.after_reset = false;
   owned.next_offset = message.offset + 1;
-  if (message.payload == nullptr) {  // A tombstone or empty message.
+  if (!bytes) {  // A tombstone or empty message.
     owned.deltas.Reject(message.offset, event::RejectReason::kNotJson, "empty message", "");
     stats_.rejected.store(stats_.rejected.load(std::memory_order_relaxed) + 1,
                           std::memory_order_relaxed);
     return;
   }
-  const std::string_view bytes(static_cast<const char*>(message.payload), message.len);
-  const event::ParsedMessage& parsed = parser_.Parse(bytes, now);
+  const event::ParsedMessage& parsed = parser_.Parse(*bytes, now);
   adder_.Apply();  // The previous message's events, whose slots were prefetched meanwhile.
   size_t duplicates = 0;
   for (const event::UsageEvent& e : parsed.events) {
@@ -190,7 +190,7 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   }
   if (parsed.rejections.size() > aggregate::PartitionCounters::kMaxRejectionsPerMessage) {
     owned.deltas.RejectMessage(message.offset, parsed.rejections,
-                               parsed.events.size() + parsed.rejections.size(), bytes);
+                               parsed.events.size() + parsed.rejections.size(), *bytes);
   } else {
     for (const event::Rejection& r : parsed.rejections) {
       owned.deltas.Reject(message.offset, r.reason, r.detail, r.raw);
@@ -208,6 +208,30 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
         stats_.rejected.load(std::memory_order_relaxed) + parsed.rejections.size(),
         std::memory_order_relaxed);
   }
+}
+
+std::optional<std::string_view> Shard::MessageBytes(const rd_kafka_message_t& message) {
+  const std::string_view value(static_cast<const char*>(message.payload),
+                               message.payload == nullptr ? 0 : message.len);
+  rd_kafka_headers_t* headers = nullptr;
+  // Structured mode (the common case) has no ce_ headers: one cheap check, no copy.
+  if (rd_kafka_message_headers(&message, &headers) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+      headers != nullptr) {
+    header_pairs_.clear();
+    const char* name;
+    const void* data;
+    size_t size;
+    for (size_t i = 0;
+         rd_kafka_header_get_all(headers, i, &name, &data, &size) == RD_KAFKA_RESP_ERR_NO_ERROR;
+         ++i) {
+      header_pairs_.emplace_back(
+          std::string_view(name),
+          std::string_view(static_cast<const char*>(data), data == nullptr ? 0 : size));
+    }
+    if (event::StructuredFromBinary(header_pairs_, value, &binary_event_)) return binary_event_;
+  }
+  if (message.payload == nullptr) return std::nullopt;
+  return value;
 }
 
 size_t Shard::LiveKeys() const {

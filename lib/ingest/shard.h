@@ -7,6 +7,7 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -114,6 +115,9 @@ class Shard {
   void ArmWakeup();
   void Drain();
   void Process(const rd_kafka_message_t& message, absl::Time now);
+  // The event bytes of a message: its value, or for a CloudEvents binary-mode message (ce_*
+  // headers) the same event in structured mode. nullopt for an empty message.
+  std::optional<std::string_view> MessageBytes(const rd_kafka_message_t& message);
   void RecordGap(OwnedPartition& owned, int32_t partition, int64_t at, const std::string& what);
   // Where to start reading a partition whose next offset in Postgres is `stored_offset`: far
   // enough back to rebuild its dedup window.
@@ -147,6 +151,8 @@ class Shard {
   aggregate::PrefetchingAdder adder_;
   absl::flat_hash_map<int32_t, OwnedPartition> partitions_;
   std::vector<rd_kafka_message_t*> batch_;
+  std::vector<std::pair<std::string_view, std::string_view>> header_pairs_;  // Reused.
+  std::string binary_event_;                                                 // Reused.
   bool paused_ = false;
   bool flush_requested_ = false;
   ShardStats stats_;
