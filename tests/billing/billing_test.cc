@@ -58,6 +58,16 @@ class BillingTest : public ::testing::Test {
                      "current_period_end) VALUES ('",
                      org, "', '", plan, "', '", start, "', '", end, "')"));
   }
+  // Basic, for the current UTC calendar month (what the overage worker and alerts price).
+  void SubscribeThisMonth(const std::string& org) {
+    Exec(
+        "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
+        "current_period_end) VALUES ('" +
+        org +
+        "', 'basic', date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', "
+        "(date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE "
+        "'UTC')");
+  }
   // What the Kafka path writes: a daily bucket.
   void Usage(const std::string& org, const std::string& meter, int64_t quantity,
              const std::string& day, const std::string& industry = "hs") {
@@ -681,13 +691,7 @@ TEST_F(BillingTest, OverageWorkerIsolatesAnOrgItCannotPrice) {
   std::vector<event::OrgId> orgs;
   for (int i = 50; i < 54; ++i) {
     AddOrg(Org(i));
-    Exec(
-        "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
-        "current_period_end) VALUES ('" +
-        Org(i) +
-        "', 'basic', date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', "
-        "(date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE "
-        "'UTC')");
+    SubscribeThisMonth(Org(i));
     Exec("SELECT shared.increment_api_usage('" + Org(i) + "', 'api_calls', 1200)");
     Exec("DELETE FROM shared.usage_charges");
     orgs.push_back(*event::ParseOrgId(Org(i)));
@@ -754,12 +758,7 @@ TEST_F(BillingTest, LateUsageLookBackFollowsTheLateWindow) {
 TEST_F(BillingTest, AlertsFollowTheQuotaInForce) {
   const std::string org = Org(62);
   AddOrg(org);
-  Exec(
-      "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
-      "current_period_end) VALUES ('" +
-      org +
-      "', 'basic', date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', "
-      "(date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC')");
+  SubscribeThisMonth(org);
   Exec("SELECT shared.increment_api_usage('" + org + "', 'api_calls', 1000)");
   EXPECT_EQ(Int("SELECT count(*) FROM shared.usage_alerts"), 2);
   Exec("UPDATE shared.subscriptions SET plan_id = 'pro'");
@@ -774,12 +773,7 @@ TEST_F(BillingTest, AlertsFollowTheQuotaInForce) {
 TEST_F(BillingTest, AlertNotificationNamesItsRow) {
   const std::string org = Org(63);
   AddOrg(org);
-  Exec(
-      "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
-      "current_period_end) VALUES ('" +
-      org +
-      "', 'basic', date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', "
-      "(date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC')");
+  SubscribeThisMonth(org);
   pqxx::connection listener(url_);
   std::vector<std::string> payloads;
   struct Receiver : pqxx::notification_receiver {

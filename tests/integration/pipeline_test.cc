@@ -90,6 +90,33 @@ class PipelineTest : public ::testing::Test {
     return expected.ok() ? *expected : devtools::ExpectedTotals{};
   }
 
+  // The port `meterd run --http-listen 127.0.0.1:0` bound (it logs it); -1 after 30 s.
+  int HttpPortOf(ChildProcess& meterd) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(30);
+    while (absl::Now() < deadline) {
+      const std::string log = ReadFile(meterd.log_path());
+      const size_t at = log.find("(port ");
+      if (at != std::string::npos) return std::stoi(log.substr(at + 6));
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    return -1;
+  }
+
+  // Waits until the group gave `joiner` partitions, lets it work 3 s, then stops it
+  // (SIGTERM): a rebalance to it and back.
+  void JoinBrieflyThenLeave(ChildProcess& joiner) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(60);
+    while (ReadFile(joiner.log_path()).find("assigned partition") == std::string::npos &&
+           absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(200));
+    }
+    ASSERT_NE(ReadFile(joiner.log_path()).find("assigned partition"), std::string::npos)
+        << ReadFile(joiner.log_path());
+    absl::SleepFor(absl::Seconds(3));
+    joiner.Signal(SIGTERM);
+    EXPECT_EQ(joiner.Wait(absl::Seconds(60)), 0) << ReadFile(joiner.log_path());
+  }
+
   int64_t StoredOffsetSum() {
     return QueryInt(url_, "SELECT coalesce(sum(next_offset), 0) FROM shared.ingest_offsets");
   }
@@ -199,16 +226,7 @@ TEST_F(PipelineTest, SecondInstanceJoiningAndLeavingKeepsTotalsExact) {
   ASSERT_TRUE(WaitForProgress(0, absl::Seconds(45))) << ReadFile(first->log_path());
   auto second = StartMeterd("second");
   // Wait until the group gave the second instance partitions and it flushed.
-  const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  while (ReadFile(second->log_path()).find("assigned partition") == std::string::npos &&
-         absl::Now() < deadline) {
-    absl::SleepFor(absl::Milliseconds(200));
-  }
-  ASSERT_NE(ReadFile(second->log_path()).find("assigned partition"), std::string::npos)
-      << ReadFile(second->log_path());
-  absl::SleepFor(absl::Seconds(3));
-  second->Signal(SIGTERM);
-  EXPECT_EQ(second->Wait(absl::Seconds(60)), 0) << ReadFile(second->log_path());
+  JoinBrieflyThenLeave(*second);
   EXPECT_NE(ReadFile(second->log_path()).find("revoking partitions"), std::string::npos);
   const auto expected = FinishLoadgen(*loadgen);
   ExpectExact(expected);
@@ -232,16 +250,7 @@ TEST_F(PipelineTest, ResentEventsAreCountedOnceAcrossCrashAndRebalance) {
   ASSERT_TRUE(WaitForProgress(StoredOffsetSum(), absl::Seconds(60)))
       << ReadFile(restarted->log_path());
   auto second = StartMeterd("second");
-  const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  while (ReadFile(second->log_path()).find("assigned partition") == std::string::npos &&
-         absl::Now() < deadline) {
-    absl::SleepFor(absl::Milliseconds(200));
-  }
-  ASSERT_NE(ReadFile(second->log_path()).find("assigned partition"), std::string::npos)
-      << ReadFile(second->log_path());
-  absl::SleepFor(absl::Seconds(3));
-  second->Signal(SIGTERM);
-  EXPECT_EQ(second->Wait(absl::Seconds(60)), 0) << ReadFile(second->log_path());
+  JoinBrieflyThenLeave(*second);
   const auto expected = FinishLoadgen(*loadgen);
   const size_t at = summary_.find("\"duplicates\":");
   ASSERT_NE(at, std::string::npos) << summary_;
@@ -349,14 +358,7 @@ TEST_F(PipelineTest, MoreInstancesThanPartitionsAllStopCleanly) {
 // are exact and memory stays bounded.
 TEST_F(PipelineTest, PoisonBatchesCostOneRowEachAndStallNothing) {
   auto meterd = StartMeterd("poison", "500ms", {"--http-listen", "127.0.0.1:0"});
-  int port = -1;
-  const absl::Time deadline = absl::Now() + absl::Seconds(30);
-  while (port < 0 && absl::Now() < deadline) {
-    const std::string log = ReadFile(meterd->log_path());
-    const size_t at = log.find("(port ");
-    if (at != std::string::npos) port = std::stoi(log.substr(at + 6));
-    absl::SleepFor(absl::Milliseconds(50));
-  }
+  const int port = HttpPortOf(*meterd);
   ASSERT_GT(port, 0) << ReadFile(meterd->log_path());
   auto loadgen = StartLoadgen(100'000, 500, 0.0, 8'000);
   ASSERT_TRUE(WaitForProgress(0, absl::Seconds(60))) << ReadFile(meterd->log_path());
@@ -434,9 +436,7 @@ TEST_F(PipelineTest, StoredOffsetPastTheLogEndIsReportedNotSkipped) {
             0);
   const std::string log = ReadFile(meterd->log_path());
   EXPECT_NE(log.find("offset gap: stored next offset 1000000"), std::string::npos) << log;
-  int port = -1;
-  const size_t at = log.find("(port ");
-  if (at != std::string::npos) port = std::stoi(log.substr(at + 6));
+  const int port = HttpPortOf(*meterd);
   ASSERT_GT(port, 0);
   const std::string metrics = HttpGet(port, "/metrics").second;
   EXPECT_NE(metrics.find("\nmeterd_offset_gaps_total 64\n"), std::string::npos) << metrics;
@@ -509,14 +509,7 @@ TEST_F(PipelineTest, PostgresOutagePausesAndLosesNothing) {
 TEST_F(PipelineTest, HttpEndpointServesMetricsAndReadiness) {
   auto meterd = StartMeterd("a", "300ms", {"--http-listen", "127.0.0.1:0"});
   // The port it bound is in its log.
-  int port = -1;
-  const absl::Time deadline = absl::Now() + absl::Seconds(30);
-  while (port < 0 && absl::Now() < deadline) {
-    const std::string log = ReadFile(meterd->log_path());
-    const size_t at = log.find("(port ");
-    if (at != std::string::npos) port = std::stoi(log.substr(at + 6));
-    absl::SleepFor(absl::Milliseconds(50));
-  }
+  const int port = HttpPortOf(*meterd);
   ASSERT_GT(port, 0) << ReadFile(meterd->log_path());
   EXPECT_EQ(HttpGet(port, "/healthz").first, 200);
   EXPECT_EQ(HttpGet(port, "/nope").first, 404);
