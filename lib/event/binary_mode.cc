@@ -21,6 +21,46 @@ void AppendJsonString(std::string* out, std::string_view value) {
   out->push_back('"');
 }
 
+// True if `data` is exactly one JSON object and nothing after it (whitespace aside): a value
+// like `{...},"subject":"x"` must not add attributes the headers did not give.
+bool IsOneObject(std::string_view data) {
+  size_t i = 0;
+  auto skip_space = [&] {
+    while (i < data.size() &&
+           (data[i] == ' ' || data[i] == '\t' || data[i] == '\n' || data[i] == '\r')) {
+      ++i;
+    }
+  };
+  skip_space();
+  if (i == data.size() || data[i] != '{') return false;
+  int depth = 0;
+  bool in_string = false;
+  for (; i < data.size(); ++i) {
+    const char c = data[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;  // The escaped character, whatever it is.
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      ++depth;
+    } else if (c == '}' || c == ']') {
+      if (--depth == 0) {
+        ++i;
+        break;
+      }
+    }
+  }
+  if (depth != 0) return false;
+  skip_space();
+  return i == data.size();
+}
+
 }  // namespace
 
 bool StructuredFromBinary(const std::vector<std::pair<std::string_view, std::string_view>>& headers,
@@ -29,6 +69,8 @@ bool StructuredFromBinary(const std::vector<std::pair<std::string_view, std::str
   bool binary = false;
   for (const auto& [name, value] : headers) {
     if (name == "ce_specversion") binary = true;
+    // The binding: this content type means structured mode, whatever else the headers say.
+    if (name == "content-type" && value.substr(0, 23) == "application/cloudevents") return false;
   }
   if (!binary) return false;
   out->clear();
@@ -48,10 +90,12 @@ bool StructuredFromBinary(const std::vector<std::pair<std::string_view, std::str
   }
   if (out->size() > 1) out->push_back(',');
   out->append("\"data\":");
-  if (data.empty()) {
-    out->append("null");
-  } else {
+  if (IsOneObject(data)) {
     out->append(data);
+  } else {
+    // Not one object: embedded as a string, so the parser refuses it (data must be an object)
+    // and the stored row shows exactly what came.
+    AppendJsonString(out, data);
   }
   out->push_back('}');
   return true;

@@ -14,8 +14,9 @@ namespace meterd::event {
 // True if `headers` (name, value) carry a binary-mode event (a ce_specversion header); then
 // `out` is the same event in structured mode, which the EventParser reads like any other, so
 // both modes are validated by one parser. Header values are JSON-escaped; `data` is copied
-// as is (the parser refuses it if it is not a JSON object). Not on the hot path of
-// structured-mode events: the shard calls it only for messages that have headers.
+// only if it is exactly one JSON object (anything else is embedded as a string, which the
+// parser refuses), so the value cannot add attributes. A `content-type` of
+// application/cloudevents* means structured mode: false.
 bool StructuredFromBinary(const std::vector<std::pair<std::string_view, std::string_view>>& headers,
                           std::string_view data, std::string* out);
 

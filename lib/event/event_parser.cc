@@ -124,14 +124,19 @@ bool ParseData(od::value value, UsageEvent* event, Refusal* refusal, StringReade
     *refusal = {RejectReason::kWrongType, "data must be an object"};
     return false;
   }
-  bool have_industry = false;
+  bool have_industry = false, have_quantity = false;
   for (auto field : data) {
     od::raw_json_string key;
     if (field.key().get(key) != simdjson::SUCCESS) {
       *refusal = {RejectReason::kNotJson, "malformed key in data"};
       return false;
     }
+    if ((key == "quantity" && have_quantity) || (key == "industry" && have_industry)) {
+      *refusal = {RejectReason::kWrongType, "data field given twice"};
+      return false;
+    }
     if (key == "quantity") {
+      have_quantity = true;
       auto quantity = ParseQuantity(field.value(), refusal);
       if (!quantity) return false;
       event->quantity = *quantity;

@@ -64,7 +64,9 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::Create(
       {"heartbeat.interval.ms", "1000"},
       {"enable.auto.commit", "false"},
       {"enable.auto.offset.store", "false"},
-      {"auto.offset.reset", "earliest"},
+      // Never jump silently: an out-of-range position reaches the shard as an error, which
+      // records the range it cannot read (offset_gap) and seeks itself.
+      {"auto.offset.reset", "error"},
       {"enable.partition.eof", "false"},
       {"queued.max.messages.kbytes", "65536"},
       {"fetch.max.bytes", "16777216"},
@@ -72,6 +74,14 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::Create(
       // arrives (librdkafka's mock does not); a real broker answers early either way.
       {"fetch.wait.max.ms", "100"},
   };
+  for (const auto& [key, value] : o.kafka_properties) {
+    if (key == "auto.offset.reset" || key == "enable.auto.commit") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--kafka-property ", key,
+                       " is managed by meterd (offsets live in Postgres; a position "
+                       "outside the log is recorded as offset_gap, never skipped)"));
+    }
+  }
   properties.insert(properties.end(), o.kafka_properties.begin(), o.kafka_properties.end());
   ASSIGN_OR_RETURN(rd_kafka_conf_t * conf, BuildKafkaConf(properties));
   rd_kafka_conf_set_opaque(conf, ingestor.get());
@@ -259,8 +269,11 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
         rd_kafka_message_destroy(message);
         break;
       }
-      if (message->err != RD_KAFKA_RESP_ERR_NO_ERROR &&
-          absl::Now() - last_error_log > absl::Seconds(5)) {
+      if (message->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET && message->rkt != nullptr &&
+          message->partition >= 0) {
+        ShardFor(message->partition)->PositionOutOfRange(message->partition);
+      } else if (message->err != RD_KAFKA_RESP_ERR_NO_ERROR &&
+                 absl::Now() - last_error_log > absl::Seconds(5)) {
         // librdkafka retries on its own; we keep waiting and say so at most every 5 s.
         LOG_WARN("Kafka: {} (retrying)", rd_kafka_message_errstr(message));
         last_error_log = absl::Now();

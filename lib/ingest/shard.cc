@@ -123,16 +123,10 @@ void Shard::Drain() {
 void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   if (message.err != RD_KAFKA_RESP_ERR_NO_ERROR) {
     if (message.err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET) {
-      // The position fell out of the log while we read it (retention overtook us, or the
-      // topic was recreated): librdkafka jumped; the jump is recorded, not stepped over.
+      // auto.offset.reset=error: librdkafka stopped this partition instead of jumping. We look
+      // at the log's bounds, record what cannot be read, and seek ourselves.
       auto it = partitions_.find(message.partition);
-      if (it != partitions_.end()) {
-        RecordGap(it->second, message.partition, it->second.next_offset,
-                  absl::StrCat("offset reset by the client: ", rd_kafka_message_errstr(&message)));
-        // Whatever comes next is new: accept it from wherever the reset lands.
-        it->second.after_reset = true;
-        it->second.warm_until = SealedPartition::kNoStoredOffset;
-      }
+      if (it != partitions_.end()) OutOfRange(it->second, message.partition);
       return;
     }
     if (message.err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
@@ -155,9 +149,10 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
           ? std::min(timestamp_ms * 1000,
                      now_micros + absl::ToInt64Microseconds(options_.parse_limits.max_future_skew))
           : now_micros;
-  const std::optional<std::string_view> bytes = MessageBytes(message);
+  if (owned.stopped) return;  // Its seek failed: nothing of it is read until a rebalance.
   if (message.offset < owned.warm_until) {
     // Counted before (by us or an earlier owner): only its ids go into the window.
+    const std::optional<std::string_view> bytes = MessageBytes(message);
     if (!bytes) return;
     const event::ParsedMessage& parsed = parser_.Parse(*bytes, now);
     for (const event::UsageEvent& e : parsed.events) {
@@ -166,12 +161,11 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
     return;
   }
   // After a seek back, messages already counted may be delivered again.
-  if (owned.next_offset != SealedPartition::kNoStoredOffset && message.offset < owned.next_offset &&
-      !owned.after_reset) {
+  if (owned.next_offset != SealedPartition::kNoStoredOffset && message.offset < owned.next_offset) {
     return;
   }
-  owned.after_reset = false;
   owned.next_offset = message.offset + 1;
+  const std::optional<std::string_view> bytes = MessageBytes(message);
   if (!bytes) {  // A tombstone or empty message.
     owned.deltas.Reject(message.offset, event::RejectReason::kNotJson, "empty message", "");
     stats_.rejected.store(stats_.rejected.load(std::memory_order_relaxed) + 1,
@@ -215,8 +209,12 @@ std::optional<std::string_view> Shard::MessageBytes(const rd_kafka_message_t& me
                                message.payload == nullptr ? 0 : message.len);
   rd_kafka_headers_t* headers = nullptr;
   // Structured mode (the common case) has no ce_ headers: one cheap check, no copy.
+  const void* unused_value;
+  size_t unused_size;
   if (rd_kafka_message_headers(&message, &headers) == RD_KAFKA_RESP_ERR_NO_ERROR &&
-      headers != nullptr) {
+      headers != nullptr &&
+      rd_kafka_header_get_last(headers, "ce_specversion", &unused_value, &unused_size) ==
+          RD_KAFKA_RESP_ERR_NO_ERROR) {
     header_pairs_.clear();
     const char* name;
     const void* data;
@@ -263,22 +261,98 @@ int64_t Shard::AddPartition(int32_t partition, int64_t stored_offset, int64_t lo
       return read_from;
     }
     std::string gap;
+    int64_t resume = stored_offset;
     if (stored_offset > log_end) {
-      gap = absl::StrCat("stored next offset ", stored_offset, " is past the log end ", log_end,
-                         " (topic deleted and recreated, or truncated); counting restarts at the "
-                         "log start ",
-                         log_start);
+      // Recreated, or truncated by an unclean leader election: one cannot tell. Restarting at
+      // the start would count a truncated log's messages twice; restarting at the end counts
+      // nothing twice and names the range it did not count.
+      gap = PastEndDetail(stored_offset, log_start, log_end);
+      resume = log_end;
     } else if (stored_offset < log_start) {
       gap = absl::StrCat("messages [", stored_offset, ", ", log_start,
                          ") were deleted (retention) before meterd read them");
+      resume = log_start;
     }
     if (gap.empty()) return std::max(read_from, log_start);
-    // The CAS still expects what Postgres holds; the next flush moves it to the log start.
-    owned.next_offset = log_start;
-    owned.warm_until = log_start;
+    // The CAS still expects what Postgres holds; the next flush moves it to `resume`.
+    owned.next_offset = resume;
+    owned.warm_until = resume;
     RecordGap(owned, partition, stored_offset, gap);
-    return log_start;
+    return resume;
   });
+}
+
+bool Shard::LogBounds(int32_t partition, int64_t* low, int64_t* high) {
+  const rd_kafka_resp_err_t err = rd_kafka_query_watermark_offsets(
+      consumer_, options_.topic.c_str(), partition, low, high, 5'000);
+  if (err == RD_KAFKA_RESP_ERR_NO_ERROR) return true;
+  LOG_ERROR("shard {}: partition {}: cannot read the log's bounds: {}", index_, partition,
+            rd_kafka_err2str(err));
+  return false;
+}
+
+bool Shard::SeekTo(int32_t partition, int64_t offset) {
+  rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(1);
+  rd_kafka_topic_partition_list_add(list, options_.topic.c_str(), partition)->offset = offset;
+  bool ok = false;
+  for (int attempt = 1; attempt <= 3 && !ok; ++attempt) {
+    rd_kafka_error_t* error = rd_kafka_seek_partitions(consumer_, list, 10'000);
+    ok = error == nullptr && list->elems[0].err == RD_KAFKA_RESP_ERR_NO_ERROR;
+    if (ok) break;
+    LOG_ERROR(
+        "shard {}: seek of partition {} to {} failed (attempt {} of 3): {}", index_, partition,
+        offset, attempt,
+        error != nullptr ? rd_kafka_error_string(error) : rd_kafka_err2str(list->elems[0].err));
+    if (error != nullptr) rd_kafka_error_destroy(error);
+    stats_.seek_failures.store(stats_.seek_failures.load(std::memory_order_relaxed) + 1,
+                               std::memory_order_relaxed);
+    list->elems[0].err = RD_KAFKA_RESP_ERR_NO_ERROR;
+    absl::SleepFor(absl::Milliseconds(100 * attempt));
+  }
+  rd_kafka_topic_partition_list_destroy(list);
+  return ok;
+}
+
+void Shard::OutOfRange(OwnedPartition& owned, int32_t partition) {
+  const int64_t position = owned.next_offset;
+  int64_t low = -1, high = -1;
+  if (position == SealedPartition::kNoStoredOffset || !LogBounds(partition, &low, &high)) {
+    // Nothing to compare with: try the same position again (librdkafka backs off).
+    SeekTo(partition,
+           position == SealedPartition::kNoStoredOffset ? RD_KAFKA_OFFSET_BEGINNING : position);
+    return;
+  }
+  int64_t resume = position;
+  if (position < low) {
+    RecordGap(owned, partition, position,
+              absl::StrCat("messages [", position, ", ", low,
+                           ") were deleted (retention) before meterd read them"));
+    resume = low;
+  } else if (position > high) {
+    RecordGap(owned, partition, position, PastEndDetail(position, low, high));
+    resume = high;
+  }
+  // Else a stale error (the position is inside the log): resume where we are.
+  owned.next_offset = resume;
+  owned.warm_until = std::min(owned.warm_until, resume);
+  if (!SeekTo(partition, resume)) StopPartition(owned, partition);
+}
+
+std::string Shard::PastEndDetail(int64_t stored, int64_t low, int64_t high) {
+  return absl::StrCat(
+      "stored next offset ", stored, " is past the log end ", high,
+      " (topic deleted and recreated, or truncated); NOT counted: messages [", low, ", ", high,
+      ") (they may be new, or counted before a truncation); to count them, stop meterd and set "
+      "shared.ingest_offsets.next_offset to ",
+      low, " for this partition");
+}
+
+void Shard::StopPartition(OwnedPartition& owned, int32_t partition) {
+  owned.stopped = true;
+  LOG_ERROR(
+      "shard {}: partition {} stopped: its position could not be set; nothing of it is "
+      "counted until the next rebalance (restart this instance to force one)",
+      index_, partition);
 }
 
 void Shard::RecordGap(OwnedPartition& owned, int32_t partition, int64_t at,
@@ -328,30 +402,29 @@ void Shard::ResetPartition(int32_t partition, int64_t stored_offset) {
     auto it = partitions_.find(partition);
     if (it == partitions_.end()) return;
     // Seek on this thread, the queue's only consumer: nothing of the partition can be counted
-    // between the seek and the reset. librdkafka drops messages fetched before the seek.
-    rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_topic_partition_list_add(list, options_.topic.c_str(), partition)->offset =
-        ReadFrom(stored_offset);
-    // A failed seek would leave the partition reading past the dropped deltas: retry, then
-    // say so loudly (and count it) rather than go on.
-    for (int attempt = 1; attempt <= 3; ++attempt) {
-      rd_kafka_error_t* error = rd_kafka_seek_partitions(consumer_, list, 10'000);
-      if (error == nullptr && list->elems[0].err == RD_KAFKA_RESP_ERR_NO_ERROR) break;
-      LOG_ERROR(
-          "shard {}: seek of partition {} to {} failed (attempt {} of 3): {}", index_, partition,
-          list->elems[0].offset, attempt,
-          error != nullptr ? rd_kafka_error_string(error) : rd_kafka_err2str(list->elems[0].err));
-      if (error != nullptr) rd_kafka_error_destroy(error);
-      stats_.seek_failures.store(stats_.seek_failures.load(std::memory_order_relaxed) + 1,
-                                 std::memory_order_relaxed);
-      list->elems[0].err = RD_KAFKA_RESP_ERR_NO_ERROR;
-      absl::SleepFor(absl::Milliseconds(100 * attempt));
+    // between the seek and the reset. librdkafka drops messages fetched before the seek. The
+    // dedup re-read starts no lower than the log start.
+    int64_t target = ReadFrom(stored_offset);
+    int64_t low = -1, high = -1;
+    if (target >= 0 && target < stored_offset && LogBounds(partition, &low, &high)) {
+      target = std::max(target, std::min(low, stored_offset));
+    } else if (target >= 0 && target < stored_offset) {
+      target = stored_offset;  // Bounds unknown: no re-read rather than a guess.
     }
-    rd_kafka_topic_partition_list_destroy(list);
+    const bool sought = SeekTo(partition, target);
     // The window remembered ids of the dropped deltas: rebuild it from the log.
     it->second = OwnedPartition(stored_offset, options_.dedup);
+    // Reading on from where the consumer is would skip what the dropped deltas covered.
+    if (!sought) StopPartition(it->second, partition);
     LOG_WARN("shard {}: partition {} fenced; dropped unflushed deltas, resuming at offset {}",
              index_, partition, stored_offset);
+  });
+}
+
+void Shard::PositionOutOfRange(int32_t partition) {
+  boost::asio::post(io_, [this, partition] {
+    auto it = partitions_.find(partition);
+    if (it != partitions_.end()) OutOfRange(it->second, partition);
   });
 }
 

@@ -84,6 +84,9 @@ class Shard {
                                                bool release);
   // After a CAS miss: seek the partition to what Postgres holds and drop its unflushed deltas.
   void ResetPartition(int32_t partition, int64_t stored_offset);
+  // librdkafka reported the partition's position outside its log (on the consumer's main
+  // queue): handled on the shard thread like the same error arriving in the shard's queue.
+  void PositionOutOfRange(int32_t partition);
   // Stop draining (Postgres down) / resume draining (after a successful flush). Asynchronous.
   void Pause();
   void Resume();
@@ -102,9 +105,9 @@ class Shard {
     // Messages below this offset were counted before this shard owned the partition (or
     // before a fence reset): they are re-read only to remember their ids, never counted.
     int64_t warm_until;
-    // librdkafka reset the position (auto.offset.reset): the next message starts anew even if
-    // its offset is below next_offset (a recreated topic).
-    bool after_reset = false;
+    // Its position could not be set (seek failed): nothing of it is read until it is
+    // assigned again; loud in the log and in meterd_seek_failures_total.
+    bool stopped = false;
     aggregate::PartitionCounters deltas;
     aggregate::DedupWindow dedup;
   };
@@ -119,6 +122,13 @@ class Shard {
   // headers) the same event in structured mode. nullopt for an empty message.
   std::optional<std::string_view> MessageBytes(const rd_kafka_message_t& message);
   void RecordGap(OwnedPartition& owned, int32_t partition, int64_t at, const std::string& what);
+  // The partition's position fell outside its log (librdkafka, auto.offset.reset=error).
+  void OutOfRange(OwnedPartition& owned, int32_t partition);
+  bool LogBounds(int32_t partition, int64_t* low, int64_t* high);
+  // Seeks on the shard thread, 3 attempts; false if it never took.
+  bool SeekTo(int32_t partition, int64_t offset);
+  void StopPartition(OwnedPartition& owned, int32_t partition);
+  static std::string PastEndDetail(int64_t stored, int64_t low, int64_t high);
   // Where to start reading a partition whose next offset in Postgres is `stored_offset`: far
   // enough back to rebuild its dedup window.
   int64_t ReadFrom(int64_t stored_offset) const;

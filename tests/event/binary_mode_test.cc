@@ -65,6 +65,41 @@ TEST_F(BinaryModeTest, DataCannotAddAttributes) {
   ASSERT_EQ(parsed.rejections.size(), 1u);
 }
 
+// The gateway case: trusted headers, a client-supplied value. A value that is more than one
+// object cannot supply the attributes the headers left out.
+TEST_F(BinaryModeTest, DataCannotSupplyMissingAttributes) {
+  headers_.erase(headers_.begin() + 4, headers_.begin() + 6);  // ce_subject, ce_time
+  std::string structured;
+  ASSERT_TRUE(StructuredFromBinary(
+      headers_,
+      R"({"quantity":1000000,"industry":"hs"},"subject":"00000000-0000-4000-8000-000000000001",)"
+      R"("time":"2026-11-26T07:00:00Z")",
+      &structured));
+  const ParsedMessage& parsed = parser_.Parse(structured, kNow);
+  EXPECT_TRUE(parsed.events.empty()) << structured;
+  // Strings and nesting inside data are fine.
+  ASSERT_TRUE(StructuredFromBinary(headers_, R"( {"industry":"hs","note":"}{x]"} )", &structured));
+  EXPECT_NE(structured.find(R"("data": {"industry":"hs","note":"}{x]"} )"), std::string::npos)
+      << structured;
+}
+
+// content-type application/cloudevents+json means structured mode even with ce_ headers.
+TEST_F(BinaryModeTest, CloudEventsContentTypeMeansStructuredMode) {
+  headers_.back() = {"content-type", "application/cloudevents+json; charset=utf-8"};
+  std::string structured;
+  EXPECT_FALSE(StructuredFromBinary(headers_, "{}", &structured));
+}
+
+TEST_F(BinaryModeTest, DataFieldGivenTwiceIsRefused) {
+  std::string structured;
+  ASSERT_TRUE(StructuredFromBinary(headers_, R"({"quantity":1,"industry":"hs","quantity":900000})",
+                                   &structured));
+  const ParsedMessage& parsed = parser_.Parse(structured, kNow);
+  EXPECT_TRUE(parsed.events.empty());
+  ASSERT_EQ(parsed.rejections.size(), 1u);
+  EXPECT_EQ(parsed.rejections[0].reason, RejectReason::kWrongType);
+}
+
 TEST_F(BinaryModeTest, MissingAttributeIsRefusedWithItsReason) {
   headers_.erase(headers_.begin() + 4);  // ce_subject
   std::string structured;
