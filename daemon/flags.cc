@@ -38,8 +38,8 @@ ABSL_FLAG(double, duplicate_share, 0.0,
           "Share (0..1) of valid events produced again later with the same source and id "
           "(a retrying producer); not in the expected totals");
 ABSL_FLAG(absl::Duration, dedup_window, absl::Hours(24),
-          "An event with the (source, id) of one its partition counted within this much event "
-          "time is a duplicate and not counted");
+          "An event whose (source, id) its partition counted from a message sent at most this "
+          "long before (Kafka message timestamps) is a duplicate and not counted");
 ABSL_FLAG(int64_t, dedup_max_ids, 100'000,
           "Ids remembered per partition for dedup (about 40 bytes each; 0 turns dedup off); "
           "also how many messages are re-read on assignment to rebuild the window");
