@@ -7,12 +7,14 @@
 
 namespace meterd::aggregate {
 
+uint64_t DedupWindow::Fingerprint(std::string_view source, std::string_view id) {
+  return absl::Hash<std::pair<std::string_view, std::string_view>>{}(std::make_pair(source, id));
+}
+
 bool DedupWindow::SeenOrRemember(std::string_view source, std::string_view id,
                                  int64_t sent_micros) {
   if (limits_.max_ids == 0) return false;
-  // Stable within the process, which is all a window rebuilt on every assignment needs.
-  const uint64_t fingerprint =
-      absl::Hash<std::pair<std::string_view, std::string_view>>{}(std::make_pair(source, id));
+  const uint64_t fingerprint = Fingerprint(source, id);
   // Look up before inserting: inserting first could grow the set past max_ids for a moment,
   // doubling its memory (measured: no faster either).
   if (seen_.contains(fingerprint)) return true;

@@ -31,6 +31,10 @@ class DedupWindow {
 
   explicit DedupWindow(DedupLimits limits) : limits_(limits) {}
 
+  // The 64-bit key an event is remembered by. Stable within the process, which is all a
+  // window rebuilt on every assignment (or one replay run) needs.
+  static uint64_t Fingerprint(std::string_view source, std::string_view id);
+
   // True if the pair was counted within the window: a duplicate, not to be counted again.
   // Otherwise remembers it, sent at `sent_micros`, and returns false.
   bool SeenOrRemember(std::string_view source, std::string_view id, int64_t sent_micros);

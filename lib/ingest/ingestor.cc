@@ -160,23 +160,11 @@ void Ingestor::Assign(rd_kafka_topic_partition_list_t* partitions) {
     auto it = offsets->find(tp.partition);
     const int64_t stored = it == offsets->end() ? SealedPartition::kNoStoredOffset : it->second;
     Shard* shard = ShardFor(tp.partition);
-    // The log's bounds: the dedup re-read starts no lower than the log start (below it
-    // auto.offset.reset would decide, and an SRE may have set it to latest: a silent skip),
-    // and a stored offset outside them is a gap the shard reports.
+    // The log's bounds: the dedup re-read starts no lower than the log start, and a stored
+    // offset outside them is a gap the shard reports.
     int64_t low = -1, high = -1;
-    if (stored != SealedPartition::kNoStoredOffset) {
-      const rd_kafka_resp_err_t err =
-          rd_kafka_query_watermark_offsets(consumer_, tp.topic, tp.partition, &low, &high, 5'000);
-      if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-        LOG_WARN(
-            "partition {}: cannot read its log bounds ({}); starting at the stored offset "
-            "with an empty dedup window",
-            tp.partition, rd_kafka_err2str(err));
-        low = high = -1;
-      }
-    }
-    int64_t read_from = shard->AddPartition(tp.partition, stored, low, high);
-    if (low < 0 && stored != SealedPartition::kNoStoredOffset) read_from = stored;
+    if (stored != SealedPartition::kNoStoredOffset) shard->LogBounds(tp.partition, &low, &high);
+    const int64_t read_from = shard->AddPartition(tp.partition, stored, low, high);
     // Forward before assigning, on every assignment (librdkafka clears it on revoke).
     rd_kafka_queue_t* partition_queue =
         rd_kafka_queue_get_partition(consumer_, tp.topic, tp.partition);

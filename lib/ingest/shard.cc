@@ -14,6 +14,16 @@ namespace meterd::ingest {
 
 using aggregate::SealedPartition;
 
+namespace {
+
+// The shard thread is the only writer of its stats: a relaxed load and store, no atomic
+// read-modify-write on the per-message path.
+void AddTo(std::atomic<int64_t>& counter, int64_t n) {
+  counter.store(counter.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Shard>> Shard::Create(int index, rd_kafka_t* consumer,
                                                      const event::MeterRegistry* meters,
                                                      const Clock* clock, ShardOptions options,
@@ -101,8 +111,7 @@ void Shard::Drain() {
       rd_kafka_message_destroy(batch_[i]);
     }
     adder_.Apply();  // Before anything else on this thread reads or moves the counters.
-    stats_.messages.store(stats_.messages.load(std::memory_order_relaxed) + count,
-                          std::memory_order_relaxed);
+    AddTo(stats_.messages, count);
     const size_t live = LiveKeys();
     stats_.live_keys.store(static_cast<int64_t>(live), std::memory_order_relaxed);
     size_t ids = 0;
@@ -168,8 +177,7 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   const std::optional<std::string_view> bytes = MessageBytes(message);
   if (!bytes) {  // A tombstone or empty message.
     owned.deltas.Reject(message.offset, event::RejectReason::kNotJson, "empty message", "");
-    stats_.rejected.store(stats_.rejected.load(std::memory_order_relaxed) + 1,
-                          std::memory_order_relaxed);
+    AddTo(stats_.rejected, 1);
     return;
   }
   const event::ParsedMessage& parsed = parser_.Parse(*bytes, now);
@@ -190,17 +198,12 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
       owned.deltas.Reject(message.offset, r.reason, r.detail, r.raw);
     }
   }
-  stats_.events.store(
-      stats_.events.load(std::memory_order_relaxed) + parsed.events.size() - duplicates,
-      std::memory_order_relaxed);
+  AddTo(stats_.events, parsed.events.size() - duplicates);
   if (duplicates > 0) {
-    stats_.duplicates.store(stats_.duplicates.load(std::memory_order_relaxed) + duplicates,
-                            std::memory_order_relaxed);
+    AddTo(stats_.duplicates, duplicates);
   }
   if (!parsed.rejections.empty()) {
-    stats_.rejected.store(
-        stats_.rejected.load(std::memory_order_relaxed) + parsed.rejections.size(),
-        std::memory_order_relaxed);
+    AddTo(stats_.rejected, parsed.rejections.size());
   }
 }
 
@@ -243,11 +246,14 @@ size_t Shard::LiveKeys() const {
   return live;
 }
 
-int64_t Shard::ReadFrom(int64_t stored_offset) const {
+int64_t Shard::ReadFrom(int64_t stored_offset, int64_t log_start) const {
   if (stored_offset == SealedPartition::kNoStoredOffset) return RD_KAFKA_OFFSET_BEGINNING;
+  // Log start unknown: no re-read rather than a guess (below the start the position would
+  // be out of range).
+  if (log_start < 0) return stored_offset;
   // Messages hold one event or more, so max_ids messages back hold at least max_ids events.
-  // Below the log start librdkafka resets to the earliest offset (auto.offset.reset).
-  return std::max<int64_t>(0, stored_offset - static_cast<int64_t>(options_.dedup.max_ids));
+  return std::max(stored_offset - static_cast<int64_t>(options_.dedup.max_ids),
+                  std::min(log_start, stored_offset));
 }
 
 int64_t Shard::AddPartition(int32_t partition, int64_t stored_offset, int64_t log_start,
@@ -256,9 +262,8 @@ int64_t Shard::AddPartition(int32_t partition, int64_t stored_offset, int64_t lo
     partitions_.erase(partition);
     OwnedPartition& owned =
         partitions_.emplace(partition, OwnedPartition(stored_offset, options_.dedup)).first->second;
-    const int64_t read_from = ReadFrom(stored_offset);
     if (stored_offset == SealedPartition::kNoStoredOffset || log_start < 0 || log_end < 0) {
-      return read_from;
+      return ReadFrom(stored_offset, log_start);
     }
     std::string gap;
     int64_t resume = stored_offset;
@@ -273,7 +278,7 @@ int64_t Shard::AddPartition(int32_t partition, int64_t stored_offset, int64_t lo
                          ") were deleted (retention) before meterd read them");
       resume = log_start;
     }
-    if (gap.empty()) return std::max(read_from, log_start);
+    if (gap.empty()) return ReadFrom(stored_offset, log_start);
     // The CAS still expects what Postgres holds; the next flush moves it to `resume`.
     owned.next_offset = resume;
     owned.warm_until = resume;
@@ -282,10 +287,11 @@ int64_t Shard::AddPartition(int32_t partition, int64_t stored_offset, int64_t lo
   });
 }
 
-bool Shard::LogBounds(int32_t partition, int64_t* low, int64_t* high) {
+bool Shard::LogBounds(int32_t partition, int64_t* low, int64_t* high) const {
   const rd_kafka_resp_err_t err = rd_kafka_query_watermark_offsets(
       consumer_, options_.topic.c_str(), partition, low, high, 5'000);
   if (err == RD_KAFKA_RESP_ERR_NO_ERROR) return true;
+  *low = *high = -1;
   LOG_ERROR("shard {}: partition {}: cannot read the log's bounds: {}", index_, partition,
             rd_kafka_err2str(err));
   return false;
@@ -304,8 +310,7 @@ bool Shard::SeekTo(int32_t partition, int64_t offset) {
         offset, attempt,
         error != nullptr ? rd_kafka_error_string(error) : rd_kafka_err2str(list->elems[0].err));
     if (error != nullptr) rd_kafka_error_destroy(error);
-    stats_.seek_failures.store(stats_.seek_failures.load(std::memory_order_relaxed) + 1,
-                               std::memory_order_relaxed);
+    AddTo(stats_.seek_failures, 1);
     list->elems[0].err = RD_KAFKA_RESP_ERR_NO_ERROR;
     absl::SleepFor(absl::Milliseconds(100 * attempt));
   }
@@ -359,8 +364,7 @@ void Shard::RecordGap(OwnedPartition& owned, int32_t partition, int64_t at,
                       const std::string& what) {
   LOG_ERROR("shard {}: partition {}: offset gap: {}", index_, partition, what);
   owned.deltas.Reject(at, event::RejectReason::kOffsetGap, what, "");
-  stats_.offset_gaps.store(stats_.offset_gaps.load(std::memory_order_relaxed) + 1,
-                           std::memory_order_relaxed);
+  AddTo(stats_.offset_gaps, 1);
 }
 
 std::vector<SealedPartition> Shard::Seal(const std::vector<int32_t>& partitions, bool release) {
@@ -404,14 +408,11 @@ void Shard::ResetPartition(int32_t partition, int64_t stored_offset) {
     // Seek on this thread, the queue's only consumer: nothing of the partition can be counted
     // between the seek and the reset. librdkafka drops messages fetched before the seek. The
     // dedup re-read starts no lower than the log start.
-    int64_t target = ReadFrom(stored_offset);
     int64_t low = -1, high = -1;
-    if (target >= 0 && target < stored_offset && LogBounds(partition, &low, &high)) {
-      target = std::max(target, std::min(low, stored_offset));
-    } else if (target >= 0 && target < stored_offset) {
-      target = stored_offset;  // Bounds unknown: no re-read rather than a guess.
+    if (stored_offset != SealedPartition::kNoStoredOffset && options_.dedup.max_ids > 0) {
+      LogBounds(partition, &low, &high);
     }
-    const bool sought = SeekTo(partition, target);
+    const bool sought = SeekTo(partition, ReadFrom(stored_offset, low));
     // The window remembered ids of the dropped deltas: rebuild it from the log.
     it->second = OwnedPartition(stored_offset, options_.dedup);
     // Reading on from where the consumer is would skip what the dropped deltas covered.

@@ -84,6 +84,9 @@ class Shard {
                                                bool release);
   // After a CAS miss: seek the partition to what Postgres holds and drop its unflushed deltas.
   void ResetPartition(int32_t partition, int64_t stored_offset);
+  // The partition's log start and end (watermarks, asking the broker; -1 and false, logged,
+  // when it does not answer within 5 s). Thread-safe.
+  bool LogBounds(int32_t partition, int64_t* low, int64_t* high) const;
   // librdkafka reported the partition's position outside its log (on the consumer's main
   // queue): handled on the shard thread like the same error arriving in the shard's queue.
   void PositionOutOfRange(int32_t partition);
@@ -124,14 +127,14 @@ class Shard {
   void RecordGap(OwnedPartition& owned, int32_t partition, int64_t at, const std::string& what);
   // The partition's position fell outside its log (librdkafka, auto.offset.reset=error).
   void OutOfRange(OwnedPartition& owned, int32_t partition);
-  bool LogBounds(int32_t partition, int64_t* low, int64_t* high);
   // Seeks on the shard thread, 3 attempts; false if it never took.
   bool SeekTo(int32_t partition, int64_t offset);
   void StopPartition(OwnedPartition& owned, int32_t partition);
   static std::string PastEndDetail(int64_t stored, int64_t low, int64_t high);
   // Where to start reading a partition whose next offset in Postgres is `stored_offset`: far
-  // enough back to rebuild its dedup window.
-  int64_t ReadFrom(int64_t stored_offset) const;
+  // enough back to rebuild its dedup window, never below `log_start` (-1: unknown, then no
+  // re-read at all).
+  int64_t ReadFrom(int64_t stored_offset, int64_t log_start) const;
   size_t LiveKeys() const;
 
   template <typename F>

@@ -17,7 +17,6 @@ using aggregate::SealedPartition;
 
 constexpr char kClaimOffsets[] = "meterd_claim_offsets";
 constexpr char kUpsertCounters[] = "meterd_upsert_counters";
-constexpr char kInsertRejected[] = "meterd_insert_rejected";
 constexpr char kLoadOffsets[] = "meterd_load_offsets";
 constexpr char kFlushRows[] = "meterd_flush_rows";
 constexpr char kLoadMeters[] = "meterd_load_meters";
@@ -223,9 +222,6 @@ absl::Status PgFlushWriter::EnsureConnected() {
                       kFlushRows +
                       " ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
                       "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()");
-    conn->prepare(kInsertRejected,
-                  "INSERT INTO shared.rejected_events (topic, partition, kafka_offset, reason, "
-                  "detail, raw, raw_truncated) VALUES ($1, $2, $3, $4, $5, decode($6, 'hex'), $7)");
     conn->prepare(kLoadMeters, kSelectMeters);
     conn->prepare(kLoadOffsets,
                   "SELECT partition, next_offset FROM shared.ingest_offsets "

@@ -7,6 +7,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "lib/aggregate/counters.h"
+#include "lib/aggregate/dedup_window.h"
 #include "lib/common/logging.h"
 #include "lib/common/status_macros.h"
 #include "lib/store/migrations.h"
@@ -148,8 +149,7 @@ absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,
           continue;
         }
         for (const event::UsageEvent& e : parsed.events) {
-          const uint64_t fingerprint = absl::Hash<std::pair<std::string_view, std::string_view>>{}(
-              std::make_pair(e.source, e.id));
+          const uint64_t fingerprint = aggregate::DedupWindow::Fingerprint(e.source, e.id);
           if (!counted_ids.insert(fingerprint).second) {
             ++chunk_summary.duplicates;
             continue;
