@@ -97,12 +97,7 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   std::unique_ptr<http::HttpServer> server;
   if (const std::string listen = absl::GetFlag(FLAGS_http_listen); !listen.empty()) {
     ASSIGN_OR_RETURN(server, http::HttpServer::Start(listen, [&](const std::string& path) {
-                       const ingest::Ingestor* current = serving.load();
-                       if (current == nullptr) {
-                         return http::Response{path == "/healthz" ? 200 : 503,
-                                               "text/plain; charset=utf-8", "starting\n"};
-                       }
-                       return ServeEndpoint(path, *current, overage.get());
+                       return ServeEndpoint(path, serving.load(), overage.get());
                      }));
     LOG_INFO("http: /metrics, /healthz, /readyz on {} (port {})", listen, server->port());
   }

@@ -7,10 +7,15 @@
 
 namespace meterd::daemon {
 
-http::Response ServeEndpoint(const std::string& path, const ingest::Ingestor& ingestor,
+http::Response ServeEndpoint(const std::string& path, const ingest::Ingestor* ingestor,
                              const billing::OverageWorker* overage) {
-  const ingest::IngestSnapshot s = ingestor.Snapshot();
-  const ingest::FlushStats& f = ingestor.flush_stats();
+  if (path != "/healthz" && path != "/readyz" && path != "/metrics")
+    return {404, "text/plain; charset=utf-8", "try /metrics, /healthz or /readyz\n"};
+  if (ingestor == nullptr) {
+    return {path == "/healthz" ? 200 : 503, "text/plain; charset=utf-8", "starting\n"};
+  }
+  const ingest::IngestSnapshot s = ingestor->Snapshot();
+  const ingest::FlushStats& f = ingestor->flush_stats();
   if (path == "/healthz") return {200, "text/plain; charset=utf-8", "ok\n"};
   if (path == "/readyz") {
     if (s.assigned_partitions == 0)
@@ -18,8 +23,6 @@ http::Response ServeEndpoint(const std::string& path, const ingest::Ingestor& in
     if (!f.last_ok.load()) return {503, "text/plain; charset=utf-8", "last flush failed\n"};
     return {200, "text/plain; charset=utf-8", "ready\n"};
   }
-  if (path != "/metrics")
-    return {404, "text/plain; charset=utf-8", "try /metrics, /healthz or /readyz\n"};
 
   http::PrometheusText m;
   m.Add("meterd_messages_total", "counter", "Kafka messages consumed", s.messages);

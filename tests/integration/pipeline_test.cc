@@ -463,14 +463,16 @@ TEST_F(PipelineTest, RetentionGapIsReportedWithItsRange) {
   FinishLoadgen(*StartLoadgen(60'000, 10, 0.0, 0));  // ~20 MB: the oldest are dropped.
   auto second = StartMeterd("second");
   const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  while (QueryInt(url_, "SELECT count(*) FROM shared.rejected_events WHERE reason = "
-                        "'offset_gap'") == 0 &&
+  while (QueryInt(url_,
+                  "SELECT count(*) FROM shared.rejected_events WHERE reason = "
+                  "'offset_gap'") == 0 &&
          absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(100));
   }
-  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.rejected_events WHERE reason = "
-                           "'offset_gap' AND kafka_offset = 1000 AND detail LIKE "
-                           "'messages [1000, %) were deleted (retention)%'"),
+  EXPECT_EQ(QueryInt(url_,
+                     "SELECT count(*) FROM shared.rejected_events WHERE reason = "
+                     "'offset_gap' AND kafka_offset = 1000 AND detail LIKE "
+                     "'messages [1000, %) were deleted (retention)%'"),
             1);
   // Everything from the log start on is counted: the stored offset reaches the log end.
   EXPECT_TRUE(WaitForProgress(61'000 - 1, absl::Seconds(60)));
@@ -552,7 +554,8 @@ TEST_F(PipelineTest, HttpEndpointServesMetricsAndReadiness) {
   auto loadgen = StartLoadgen(20'000, 100, 0.0, 0);
   const auto expected = FinishLoadgen(*loadgen);
   ExpectExact(expected);
-  EXPECT_EQ(HttpGet(port, "/readyz").first, 200);
+  const auto [ready_status, ready_body] = HttpGet(port, "/readyz");
+  EXPECT_EQ(ready_status, 200) << ready_body;
   const auto [status, metrics] = HttpGet(port, "/metrics");
   EXPECT_EQ(status, 200);
   EXPECT_NE(metrics.find("\nmeterd_events_total 20000\n"), std::string::npos) << metrics;
