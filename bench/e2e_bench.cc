@@ -22,6 +22,8 @@
 #include "absl/time/clock.h"
 #include "lib/devtools/loadgen.h"
 #include "lib/event/usage_event.h"
+#include "lib/kafka/client.h"
+#include "lib/kafka/producer.h"
 
 ABSL_FLAG(std::string, brokers, "", "Kafka bootstrap servers");
 ABSL_FLAG(std::string, topic, "usage-events", "Topic");
@@ -37,40 +39,29 @@ namespace {
   std::exit(1);
 }
 
-rd_kafka_t* NewClient(rd_kafka_type_t type,
-                      std::vector<std::pair<std::string, std::string>> props) {
-  char error[512];
-  rd_kafka_conf_t* conf = rd_kafka_conf_new();
-  props.emplace_back("bootstrap.servers", absl::GetFlag(FLAGS_brokers));
-  for (const auto& [k, v] : props) {
-    if (rd_kafka_conf_set(conf, k.c_str(), v.c_str(), error, sizeof(error)) != RD_KAFKA_CONF_OK) {
-      Die(error);
-    }
-  }
-  rd_kafka_t* rk = rd_kafka_new(type, conf, error, sizeof(error));
-  if (rk == nullptr) Die(error);
-  return rk;
+template <typename T>
+T OrDie(absl::StatusOr<T> value) {
+  if (!value.ok()) Die(std::string(value.status().message()));
+  return std::move(value).value();
 }
 
 // A consumer assigned every partition of the topic from the beginning (no group join, so the
 // measurement is consumption alone).
-rd_kafka_t* AssignedConsumer() {
-  rd_kafka_t* rk = NewClient(RD_KAFKA_CONSUMER, {{"group.id", "e2e-bench-raw"},
-                                                 {"enable.auto.commit", "false"},
-                                                 {"fetch.max.bytes", "16777216"}});
-  rd_kafka_poll_set_consumer(rk);
-  rd_kafka_topic_t* handle = rd_kafka_topic_new(rk, absl::GetFlag(FLAGS_topic).c_str(), nullptr);
-  const rd_kafka_metadata_t* md = nullptr;
-  if (rd_kafka_metadata(rk, 0, handle, &md, 15'000) != RD_KAFKA_RESP_ERR_NO_ERROR) Die("metadata");
-  rd_kafka_topic_partition_list_t* list =
-      rd_kafka_topic_partition_list_new(md->topics[0].partition_cnt);
-  for (int p = 0; p < md->topics[0].partition_cnt; ++p) {
-    rd_kafka_topic_partition_list_add(list, absl::GetFlag(FLAGS_topic).c_str(), p)->offset =
-        RD_KAFKA_OFFSET_BEGINNING;
+meterd::kafka::Handle AssignedConsumer() {
+  const std::string brokers = absl::GetFlag(FLAGS_brokers), topic = absl::GetFlag(FLAGS_topic);
+  meterd::kafka::Handle rk =
+      OrDie(meterd::kafka::NewClient(RD_KAFKA_CONSUMER, {{"bootstrap.servers", brokers},
+                                                         {"group.id", "e2e-bench-raw"},
+                                                         {"enable.auto.commit", "false"},
+                                                         {"fetch.max.bytes", "16777216"}}));
+  rd_kafka_poll_set_consumer(rk.get());
+  const int partitions =
+      OrDie(meterd::kafka::PartitionCount(rk.get(), brokers, topic, absl::Seconds(15)));
+  rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(partitions);
+  for (int p = 0; p < partitions; ++p) {
+    rd_kafka_topic_partition_list_add(list, topic.c_str(), p)->offset = RD_KAFKA_OFFSET_BEGINNING;
   }
-  rd_kafka_metadata_destroy(md);
-  rd_kafka_topic_destroy(handle);
-  rd_kafka_assign(rk, list);
+  rd_kafka_assign(rk.get(), list);
   rd_kafka_topic_partition_list_destroy(list);
   return rk;
 }
@@ -108,12 +99,11 @@ double ConsumeN(rd_kafka_t* rk, int64_t n, OnMessage&& on_message) {
 }
 
 int Raw() {
-  rd_kafka_t* rk = AssignedConsumer();
+  meterd::kafka::Handle rk = AssignedConsumer();
   int64_t bytes = 0;
-  const double seconds = ConsumeN(rk, absl::GetFlag(FLAGS_events),
+  const double seconds = ConsumeN(rk.get(), absl::GetFlag(FLAGS_events),
                                   [&](const rd_kafka_message_t& m) { bytes += m.len; });
-  rd_kafka_consumer_close(rk);
-  rd_kafka_destroy(rk);
+  rd_kafka_consumer_close(rk.get());
   std::printf(R"({"events":%lld,"bytes":%lld,"seconds":%.3f,"events_per_second":%.0f})"
               "\n",
               static_cast<long long>(absl::GetFlag(FLAGS_events)), static_cast<long long>(bytes),
@@ -124,11 +114,11 @@ int Raw() {
 int Naive() {
   pqxx::connection conn(absl::GetFlag(FLAGS_pg));
   conn.prepare("increment", "SELECT shared.increment_api_usage($1::uuid, $2, $3, $4)");
-  rd_kafka_t* rk = AssignedConsumer();
+  meterd::kafka::Handle rk = AssignedConsumer();
   simdjson::dom::parser parser;
   int64_t failed = 0;
   const double seconds =
-      ConsumeN(rk, absl::GetFlag(FLAGS_events), [&](const rd_kafka_message_t& m) {
+      ConsumeN(rk.get(), absl::GetFlag(FLAGS_events), [&](const rd_kafka_message_t& m) {
         simdjson::dom::element doc;
         if (parser.parse(static_cast<const char*>(m.payload), m.len).get(doc) !=
             simdjson::SUCCESS) {
@@ -151,8 +141,7 @@ int Naive() {
           ++failed;  // Malformed events the seed would have refused.
         }
       });
-  rd_kafka_consumer_close(rk);
-  rd_kafka_destroy(rk);
+  rd_kafka_consumer_close(rk.get());
   std::printf(R"({"events":%lld,"refused":%lld,"seconds":%.3f,"events_per_second":%.1f})"
               "\n",
               static_cast<long long>(absl::GetFlag(FLAGS_events)), static_cast<long long>(failed),
@@ -167,81 +156,89 @@ std::string EventJson(const std::string& org, std::string_view industry) {
                       R"(","data":{"quantity":1,"industry":")", std::string(industry), R"("}})");
 }
 
-int Latency() {
-  rd_kafka_t* producer = NewClient(RD_KAFKA_PRODUCER, {{"linger.ms", "1"}});
-  pqxx::connection conn(absl::GetFlag(FLAGS_pg));
-  const int rate = absl::GetFlag(FLAGS_rate);
-  const absl::Duration length = absl::Seconds(absl::GetFlag(FLAGS_seconds));
-  struct Probe {
-    std::string org;
-    absl::Time sent;
-    absl::Duration latency = absl::InfiniteDuration();
-  };
-  std::vector<Probe> probes;
-  std::vector<std::string> orgs;
-  for (int i = 0; i < 10'000; ++i) {
-    orgs.push_back(meterd::event::OrgIdToString(meterd::devtools::LoadgenOrgId(1, i)));
+// A probe: an event of an org nothing else uses, so its first row in Postgres marks when it
+// became visible.
+struct Probe {
+  std::string org;
+  absl::Time sent;
+  absl::Duration latency = absl::InfiniteDuration();
+};
+
+// Background events at --rate and one probe every 100 ms, for --seconds.
+class LatencyLoad {
+ public:
+  LatencyLoad()
+      : producer_(OrDie(meterd::kafka::Producer::Create(
+            {{"bootstrap.servers", absl::GetFlag(FLAGS_brokers)}, {"linger.ms", "1"}}))),
+        topic_(absl::GetFlag(FLAGS_topic)),
+        rate_(absl::GetFlag(FLAGS_rate)) {
+    for (int i = 0; i < 10'000; ++i) {
+      orgs_.push_back(meterd::event::OrgIdToString(meterd::devtools::LoadgenOrgId(1, i)));
+    }
   }
-  auto produce = [&](const std::string& org, const std::string& payload) {
-    while (rd_kafka_producev(producer, RD_KAFKA_V_TOPIC(absl::GetFlag(FLAGS_topic).c_str()),
-                             RD_KAFKA_V_KEY(org.data(), org.size()),
-                             RD_KAFKA_V_VALUE(const_cast<char*>(payload.data()), payload.size()),
-                             RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-                             RD_KAFKA_V_END) == RD_KAFKA_RESP_ERR__QUEUE_FULL) {
-      rd_kafka_poll(producer, 10);
+
+  // Produces what is due by `elapsed` since the start.
+  void Step(absl::Duration elapsed, std::vector<Probe>& probes) {
+    const int64_t due = static_cast<int64_t>(absl::ToDoubleSeconds(elapsed) * rate_);
+    for (; sent_ < due; ++sent_) {
+      const std::string& org = orgs_[sent_ % orgs_.size()];
+      Send(org, EventJson(org, meterd::event::IndustryCode(
+                                   meterd::devtools::LoadgenIndustry(sent_ % orgs_.size()))));
     }
-  };
-  const absl::Time start = absl::Now();
-  int64_t sent = 0;
-  // The first second is background only: the producer fetches metadata and connects, which is
-  // not meterd's latency.
-  absl::Time next_probe = start + absl::Seconds(1);
-  absl::Time last_check = start;
-  while (absl::Now() - start < length + absl::Seconds(10)) {
-    const absl::Time now = absl::Now();
-    if (now - start < length) {
-      // Background load at `rate`, in 1 ms steps.
-      const int64_t due = static_cast<int64_t>(absl::ToDoubleSeconds(now - start) * rate);
-      for (; sent < due; ++sent) {
-        const std::string& org = orgs[sent % orgs.size()];
-        produce(org, EventJson(org, meterd::event::IndustryCode(
-                                        meterd::devtools::LoadgenIndustry(sent % orgs.size()))));
-      }
-      if (now >= next_probe) {
-        Probe probe{absl::StrFormat("%08x-0000-4000-8000-%012x", probes.size(),
-                                    absl::ToUnixMicros(now) & 0xffffffffffff),
-                    absl::Now()};
-        produce(probe.org, EventJson(probe.org, "hs"));
-        probes.push_back(probe);
-        next_probe = now + absl::Milliseconds(100);
-      }
+    // The first second is background only: the producer fetches metadata and connects, which
+    // is not meterd's latency.
+    if (elapsed >= next_probe_) {
+      const absl::Time now = absl::Now();
+      Probe probe{absl::StrFormat("%08x-0000-4000-8000-%012x", probes.size(),
+                                  absl::ToUnixMicros(now) & 0xffffffffffff),
+                  now};
+      Send(probe.org, EventJson(probe.org, "hs"));
+      probes.push_back(probe);
+      next_probe_ = elapsed + absl::Milliseconds(100);
     }
-    rd_kafka_poll(producer, 0);
-    if (now - last_check >= absl::Milliseconds(10)) {
-      last_check = now;
-      std::string pending = "{";
-      for (const Probe& p : probes) {
-        if (p.latency == absl::InfiniteDuration())
-          absl::StrAppend(&pending, pending.size() > 1 ? "," : "", p.org);
-      }
-      pending += "}";
-      if (pending == "{}" && now - start >= length) break;
-      if (pending != "{}") {
-        pqxx::read_transaction tx(conn);
-        const absl::Time seen = absl::Now();
-        for (const auto& row : tx.exec_params(
-                 "SELECT org_id::text FROM shared.api_usage_meters WHERE org_id = ANY($1::uuid[])",
-                 pending)) {
-          for (Probe& p : probes) {
-            if (p.org == row[0].as<std::string>()) p.latency = seen - p.sent;
-          }
-        }
-      }
-    }
-    absl::SleepFor(absl::Milliseconds(1));
   }
-  rd_kafka_flush(producer, 10'000);
-  rd_kafka_destroy(producer);
+
+  void Finish() { (void)producer_->Flush(absl::Seconds(10)); }
+  int64_t sent() const { return sent_; }
+
+ private:
+  void Send(const std::string& org, const std::string& payload) {
+    const absl::Status status =
+        producer_->Send(topic_, meterd::kafka::Producer::kAnyPartition, org, payload);
+    if (!status.ok()) Die(std::string(status.message()));
+  }
+
+  std::unique_ptr<meterd::kafka::Producer> producer_;
+  const std::string topic_;
+  const int rate_;
+  std::vector<std::string> orgs_;
+  int64_t sent_ = 0;
+  absl::Duration next_probe_ = absl::Seconds(1);
+};
+
+// Marks the probes now visible in Postgres; false when none is still pending.
+bool CheckVisible(pqxx::connection& conn, std::vector<Probe>& probes) {
+  std::string pending = "{";
+  for (const Probe& p : probes) {
+    if (p.latency == absl::InfiniteDuration()) {
+      absl::StrAppend(&pending, pending.size() > 1 ? "," : "", p.org);
+    }
+  }
+  pending += "}";
+  if (pending == "{}") return false;
+  pqxx::read_transaction tx(conn);
+  const absl::Time seen = absl::Now();
+  for (const auto& row : tx.exec_params(
+           "SELECT org_id::text FROM shared.api_usage_meters WHERE org_id = ANY($1::uuid[])",
+           pending)) {
+    for (Probe& p : probes) {
+      if (p.org == row[0].as<std::string>()) p.latency = seen - p.sent;
+    }
+  }
+  return true;
+}
+
+int ReportLatency(const std::vector<Probe>& probes, int64_t background) {
   std::vector<double> ms;
   int64_t lost = 0;
   for (const Probe& p : probes) {
@@ -261,9 +258,30 @@ int Latency() {
   std::printf(
       R"({"probes":%zu,"not_visible":%lld,"background_events":%lld,"p50_ms":%.1f,"p99_ms":%.1f,"max_ms":%.1f})"
       "\n",
-      probes.size(), static_cast<long long>(lost), static_cast<long long>(sent), pct(0.5),
+      probes.size(), static_cast<long long>(lost), static_cast<long long>(background), pct(0.5),
       pct(0.99), ms.empty() ? -1.0 : ms.back());
   return lost == 0 ? 0 : 1;
+}
+
+int Latency() {
+  pqxx::connection conn(absl::GetFlag(FLAGS_pg));
+  const absl::Duration length = absl::Seconds(absl::GetFlag(FLAGS_seconds));
+  LatencyLoad load;
+  std::vector<Probe> probes;
+  const absl::Time start = absl::Now();
+  absl::Time last_check = start;
+  // Load for `length`, then up to 10 s more for the last probes to become visible.
+  while (absl::Now() - start < length + absl::Seconds(10)) {
+    const absl::Time now = absl::Now();
+    if (now - start < length) load.Step(now - start, probes);
+    if (now - last_check >= absl::Milliseconds(10)) {
+      last_check = now;
+      if (!CheckVisible(conn, probes) && now - start >= length) break;
+    }
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  load.Finish();
+  return ReportLatency(probes, load.sent());
 }
 
 }  // namespace

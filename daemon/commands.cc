@@ -38,10 +38,10 @@ absl::Status Require(const char* flag, const std::string& value) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<ingest::KafkaProperties> ParseProperties(const std::vector<std::string>& raw) {
-  ingest::KafkaProperties properties;
+absl::StatusOr<kafka::Properties> ParseProperties(const std::vector<std::string>& raw) {
+  kafka::Properties properties;
   for (const std::string& text : raw) {
-    ASSIGN_OR_RETURN(auto pair, ingest::ParseKafkaProperty(text));
+    ASSIGN_OR_RETURN(auto pair, kafka::ParseProperty(text));
     properties.push_back(std::move(pair));
   }
   return properties;

@@ -8,6 +8,7 @@
 #include <librdkafka/rdkafka_mock.h>
 
 #include "absl/status/statusor.h"
+#include "lib/kafka/client.h"
 
 namespace meterd::devtools {
 
@@ -22,7 +23,7 @@ class DevBroker {
 
  private:
   DevBroker() = default;
-  rd_kafka_t* handle_ = nullptr;
+  kafka::Handle handle_;  // Outlives the cluster it hosts.
   rd_kafka_mock_cluster_t* cluster_ = nullptr;
   std::string bootstrap_;
 };

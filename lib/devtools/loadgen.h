@@ -9,7 +9,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "lib/event/usage_event.h"
-#include "lib/ingest/kafka_config.h"
+#include "lib/kafka/client.h"
 
 namespace meterd::devtools {
 
@@ -27,7 +27,7 @@ struct LoadgenOptions {
   int days = 3;  // Event times spread over the last `days` days.
   uint64_t seed = 1;
   int64_t rate = 0;  // Events per second; 0 = as fast as possible.
-  ingest::KafkaProperties kafka_properties;
+  kafka::Properties kafka_properties;
   std::function<void(int64_t produced, int64_t total)> progress;  // Called about once a second.
 };
 

@@ -6,14 +6,13 @@
 #include <string>
 #include <vector>
 
-#include <librdkafka/rdkafka.h>
-
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "lib/common/clock.h"
 #include "lib/ingest/flusher.h"
-#include "lib/ingest/kafka_config.h"
 #include "lib/ingest/shard.h"
+#include "lib/kafka/client.h"
+#include "lib/kafka/partition_source.h"
 #include "lib/store/flush_writer.h"
 
 namespace meterd::ingest {
@@ -28,9 +27,9 @@ struct IngestOptions {
   absl::Duration stats_interval = absl::Seconds(10);
   absl::Duration startup_timeout = absl::Seconds(15);
   event::ParseLimits parse_limits;
-  aggregate::DedupLimits dedup;      // Per partition.
-  KafkaProperties kafka_properties;  // Passed through to librdkafka, after our defaults.
-  CommitListener on_committed;       // Told which orgs each committed flush touched.
+  aggregate::DedupLimits dedup;        // Per partition.
+  kafka::Properties kafka_properties;  // Passed through to librdkafka, after our defaults.
+  CommitListener on_committed;         // Told which orgs each committed flush touched.
 };
 
 // A consistent-enough view of the counters for /metrics and logs (each value is read atomically).
@@ -40,16 +39,27 @@ struct IngestSnapshot {
   int64_t assigned_partitions = 0, shards = 0;
 };
 
-// The consumer: one librdkafka consumer in a group, its partitions spread over shard threads,
-// and the flusher. The calling thread runs the poll loop, which serves rebalance callbacks
-// and errors. Owns the shards, the flusher and the rd_kafka_t.
-class Ingestor {
+// The librdkafka consumer configuration meterd runs with: our defaults, then the user's
+// --kafka-property values. InvalidArgument for an override of a property meterd manages.
+absl::StatusOr<kafka::Properties> ConsumerProperties(const IngestOptions& options);
+
+// The consumer: one member of a consumer group (a kafka::PartitionSource), its partitions
+// spread over shard threads, and the flusher. The calling thread runs the poll loop, which
+// serves rebalances and errors. Owns the source, the shards and the flusher.
+class Ingestor final : private kafka::GroupListener {
  public:
-  // Fails with one clear message if Kafka is unreachable or the topic does not exist.
+  // On a librdkafka consumer. Fails with one clear message if Kafka is unreachable or the
+  // topic does not exist.
   static absl::StatusOr<std::unique_ptr<Ingestor>> Create(
       IngestOptions options, std::unique_ptr<store::FlushWriter> writer,
       const event::MeterRegistry* meters, const Clock* clock);
-  ~Ingestor();
+  // On any source (tests: kafka::FakePartitionSource). `options.brokers`, `group` and
+  // `kafka_properties` are not used.
+  static absl::StatusOr<std::unique_ptr<Ingestor>> CreateWithSource(
+      IngestOptions options, std::unique_ptr<kafka::PartitionSource> source,
+      std::unique_ptr<store::FlushWriter> writer, const event::MeterRegistry* meters,
+      const Clock* clock);
+  ~Ingestor() override;
 
   // Consumes until `stop()` returns true, then: stop fetching, flush everything, leave the group.
   absl::Status Run(const std::function<bool()>& stop);
@@ -60,22 +70,19 @@ class Ingestor {
 
  private:
   explicit Ingestor(IngestOptions options) : options_(std::move(options)) {}
-  static void OnRebalance(rd_kafka_t* rk, rd_kafka_resp_err_t err,
-                          rd_kafka_topic_partition_list_t* partitions, void* opaque);
-  void Assign(rd_kafka_topic_partition_list_t* partitions);
-  void Revoke(rd_kafka_topic_partition_list_t* partitions);
+  // kafka::GroupListener, on the poll thread.
+  bool OnAssign(std::vector<kafka::AssignedPartition>& partitions) override;
+  void OnRevoke(const std::vector<int32_t>& partitions, bool lost) override;
   void LogStats(absl::Duration elapsed);
   Shard* ShardFor(int32_t partition) const { return shards_[partition % shards_.size()].get(); }
 
   IngestOptions options_;
-  rd_kafka_t* consumer_ = nullptr;
+  // Declaration order is destruction order: the flusher uses the shards, the shards' queues
+  // belong to the source.
+  std::unique_ptr<kafka::PartitionSource> source_;
   std::vector<std::unique_ptr<Shard>> shards_;
   std::unique_ptr<Flusher> flusher_;
   int64_t last_logged_events_ = 0;
-  std::atomic<int64_t> assigned_partitions_{0};
-  // Poll thread only (read again in the destructor, after the poll loop ended).
-  bool subscribed_ = false;
-  std::atomic<bool> ever_assigned_{false};
   absl::Status last_revoke_status_;  // Of the last revoke's flush; poll thread only.
 };
 

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "lib/common/logging.h"
+#include "lib/common/status_macros.h"
 #include "lib/event/binary_mode.h"
 
 namespace meterd::ingest {
@@ -24,27 +25,25 @@ void AddTo(std::atomic<int64_t>& counter, int64_t n) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Shard>> Shard::Create(int index, rd_kafka_t* consumer,
+absl::StatusOr<std::unique_ptr<Shard>> Shard::Create(int index, kafka::PartitionSource* source,
                                                      const event::MeterRegistry* meters,
                                                      const Clock* clock, ShardOptions options,
                                                      FlushRequest request_flush) {
   std::unique_ptr<Shard> shard(
-      new Shard(index, consumer, meters, clock, options, std::move(request_flush)));
+      new Shard(index, source, meters, clock, options, std::move(request_flush)));
   if (absl::Status status = shard->Open(); !status.ok()) return status;
   return shard;
 }
 
-Shard::Shard(int index, rd_kafka_t* consumer, const event::MeterRegistry* meters,
+Shard::Shard(int index, kafka::PartitionSource* source, const event::MeterRegistry* meters,
              const Clock* clock, ShardOptions options, FlushRequest request_flush)
     : index_(index),
-      consumer_(consumer),
+      source_(source),
       clock_(clock),
       options_(options),
       request_flush_(std::move(request_flush)),
       wakeup_(io_),
-      parser_(meters, options.parse_limits) {
-  batch_.resize(options_.consume_batch);
-}
+      parser_(meters, options.parse_limits) {}
 
 absl::Status Shard::Open() {
   int fds[2];
@@ -53,9 +52,9 @@ absl::Status Shard::Open() {
   }
   wakeup_.assign(fds[0]);
   wakeup_write_fd_ = fds[1];
-  queue_ = rd_kafka_queue_new(consumer_);
-  // librdkafka writes one byte when the queue goes from empty to non-empty.
-  rd_kafka_queue_io_event_enable(queue_, wakeup_write_fd_, "1", 1);
+  ASSIGN_OR_RETURN(queue_, source_->NewQueue());
+  // One byte arrives when the queue goes from empty to non-empty.
+  queue_->NotifyOn(wakeup_write_fd_);
   ArmWakeup();
   thread_ = std::thread([this] {
     auto guard = boost::asio::make_work_guard(io_);
@@ -66,10 +65,8 @@ absl::Status Shard::Open() {
 
 Shard::~Shard() {
   Stop();
-  if (queue_ != nullptr) {
-    rd_kafka_queue_io_event_enable(queue_, -1, nullptr, 0);
-    rd_kafka_queue_destroy(queue_);
-  }
+  if (queue_ != nullptr) queue_->NotifyOn(-1);
+  queue_.reset();
   if (wakeup_write_fd_ >= 0) close(wakeup_write_fd_);
 }
 
@@ -103,15 +100,12 @@ void Shard::Drain() {
       boost::asio::post(io_, [this] { Drain(); });
       return;
     }
-    const ssize_t count = rd_kafka_consume_batch_queue(queue_, 0, batch_.data(), batch_.size());
-    if (count <= 0) break;
+    const std::span<const kafka::Message> batch = queue_->Poll(options_.consume_batch);
+    if (batch.empty()) break;
     const absl::Time now = clock_->Now();  // Once per batch, not per event.
-    for (ssize_t i = 0; i < count; ++i) {
-      Process(*batch_[i], now);
-      rd_kafka_message_destroy(batch_[i]);
-    }
+    for (const kafka::Message& message : batch) Process(message, now);
     adder_.Apply();  // Before anything else on this thread reads or moves the counters.
-    AddTo(stats_.messages, count);
+    AddTo(stats_.messages, static_cast<int64_t>(batch.size()));
     const size_t live = LiveKeys();
     stats_.live_keys.store(static_cast<int64_t>(live), std::memory_order_relaxed);
     size_t ids = 0;
@@ -129,19 +123,17 @@ void Shard::Drain() {
   }
 }
 
-void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
-  if (message.err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-    if (message.err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET) {
-      // auto.offset.reset=error: librdkafka stopped this partition instead of jumping. We look
-      // at the log's bounds, record what cannot be read, and seek ourselves.
-      auto it = partitions_.find(message.partition);
-      if (it != partitions_.end()) OutOfRange(it->second, message.partition);
-      return;
-    }
-    if (message.err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
-      LOG_WARN("shard {}: consume error on partition {}: {}", index_, message.partition,
-               rd_kafka_message_errstr(&message));
-    }
+void Shard::Process(const kafka::Message& message, absl::Time now) {
+  if (message.status == kafka::Message::Status::kOutOfRange) {
+    // The source stopped this partition instead of jumping (auto.offset.reset=error). We look
+    // at the log's bounds, record what cannot be read, and seek ourselves.
+    auto it = partitions_.find(message.partition);
+    if (it != partitions_.end()) OutOfRange(it->second, message.partition);
+    return;
+  }
+  if (message.status == kafka::Message::Status::kError) {
+    LOG_WARN("shard {}: consume error on partition {}: {}", index_, message.partition,
+             message.error);
     return;
   }
   auto it = partitions_.find(message.partition);
@@ -152,7 +144,7 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   // Clamped to this host's clock plus the accepted skew: one producer stamping the future (or
   // microseconds as milliseconds) must not age every other id out of the window.
   const int64_t now_micros = absl::ToUnixMicros(now);
-  const int64_t timestamp_ms = rd_kafka_message_timestamp(&message, nullptr);
+  const int64_t timestamp_ms = message.timestamp_ms;
   const int64_t sent_micros =
       timestamp_ms >= 0
           ? std::min(timestamp_ms * 1000,
@@ -207,31 +199,14 @@ void Shard::Process(const rd_kafka_message_t& message, absl::Time now) {
   }
 }
 
-std::optional<std::string_view> Shard::MessageBytes(const rd_kafka_message_t& message) {
-  const std::string_view value(static_cast<const char*>(message.payload),
-                               message.payload == nullptr ? 0 : message.len);
-  rd_kafka_headers_t* headers = nullptr;
-  // Structured mode (the common case) has no ce_ headers: one cheap check, no copy.
-  const void* unused_value;
-  size_t unused_size;
-  if (rd_kafka_message_headers(&message, &headers) == RD_KAFKA_RESP_ERR_NO_ERROR &&
-      headers != nullptr &&
-      rd_kafka_header_get_last(headers, "ce_specversion", &unused_value, &unused_size) ==
-          RD_KAFKA_RESP_ERR_NO_ERROR) {
+std::optional<std::string_view> Shard::MessageBytes(const kafka::Message& message) {
+  const std::string_view value(message.value, message.size);
+  if (message.binary_mode) {
     header_pairs_.clear();
-    const char* name;
-    const void* data;
-    size_t size;
-    for (size_t i = 0;
-         rd_kafka_header_get_all(headers, i, &name, &data, &size) == RD_KAFKA_RESP_ERR_NO_ERROR;
-         ++i) {
-      header_pairs_.emplace_back(
-          std::string_view(name),
-          std::string_view(static_cast<const char*>(data), data == nullptr ? 0 : size));
-    }
+    for (const kafka::Header& h : message.headers) header_pairs_.emplace_back(h.name, h.value);
     if (event::StructuredFromBinary(header_pairs_, value, &binary_event_)) return binary_event_;
   }
-  if (message.payload == nullptr) return std::nullopt;
+  if (message.value == nullptr) return std::nullopt;
   return value;
 }
 
@@ -247,7 +222,7 @@ size_t Shard::LiveKeys() const {
 }
 
 int64_t Shard::ReadFrom(int64_t stored_offset, int64_t log_start) const {
-  if (stored_offset == SealedPartition::kNoStoredOffset) return RD_KAFKA_OFFSET_BEGINNING;
+  if (stored_offset == SealedPartition::kNoStoredOffset) return kafka::kOffsetBeginning;
   // Log start unknown: no re-read rather than a guess (below the start the position would
   // be out of range).
   if (log_start < 0) return stored_offset;
@@ -288,34 +263,24 @@ int64_t Shard::AddPartition(int32_t partition, int64_t stored_offset, int64_t lo
 }
 
 bool Shard::LogBounds(int32_t partition, int64_t* low, int64_t* high) const {
-  const rd_kafka_resp_err_t err = rd_kafka_query_watermark_offsets(
-      consumer_, options_.topic.c_str(), partition, low, high, 5'000);
-  if (err == RD_KAFKA_RESP_ERR_NO_ERROR) return true;
+  const absl::Status status = source_->LogBounds(partition, low, high);
+  if (status.ok()) return true;
   *low = *high = -1;
   LOG_ERROR("shard {}: partition {}: cannot read the log's bounds: {}", index_, partition,
-            rd_kafka_err2str(err));
+            status.message());
   return false;
 }
 
 bool Shard::SeekTo(int32_t partition, int64_t offset) {
-  rd_kafka_topic_partition_list_t* list = rd_kafka_topic_partition_list_new(1);
-  rd_kafka_topic_partition_list_add(list, options_.topic.c_str(), partition)->offset = offset;
-  bool ok = false;
-  for (int attempt = 1; attempt <= 3 && !ok; ++attempt) {
-    rd_kafka_error_t* error = rd_kafka_seek_partitions(consumer_, list, 10'000);
-    ok = error == nullptr && list->elems[0].err == RD_KAFKA_RESP_ERR_NO_ERROR;
-    if (ok) break;
-    LOG_ERROR(
-        "shard {}: seek of partition {} to {} failed (attempt {} of 3): {}", index_, partition,
-        offset, attempt,
-        error != nullptr ? rd_kafka_error_string(error) : rd_kafka_err2str(list->elems[0].err));
-    if (error != nullptr) rd_kafka_error_destroy(error);
+  for (int attempt = 1; attempt <= 3; ++attempt) {
+    const absl::Status status = source_->Seek(partition, offset);
+    if (status.ok()) return true;
+    LOG_ERROR("shard {}: seek of partition {} to {} failed (attempt {} of 3): {}", index_,
+              partition, offset, attempt, status.message());
     AddTo(stats_.seek_failures, 1);
-    list->elems[0].err = RD_KAFKA_RESP_ERR_NO_ERROR;
     absl::SleepFor(absl::Milliseconds(100 * attempt));
   }
-  rd_kafka_topic_partition_list_destroy(list);
-  return ok;
+  return false;
 }
 
 void Shard::OutOfRange(OwnedPartition& owned, int32_t partition) {
@@ -324,7 +289,7 @@ void Shard::OutOfRange(OwnedPartition& owned, int32_t partition) {
   if (position == SealedPartition::kNoStoredOffset || !LogBounds(partition, &low, &high)) {
     // Nothing to compare with: try the same position again (librdkafka backs off).
     SeekTo(partition,
-           position == SealedPartition::kNoStoredOffset ? RD_KAFKA_OFFSET_BEGINNING : position);
+           position == SealedPartition::kNoStoredOffset ? kafka::kOffsetBeginning : position);
     return;
   }
   int64_t resume = position;

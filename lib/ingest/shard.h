@@ -12,7 +12,6 @@
 #include <thread>
 #include <vector>
 
-#include <librdkafka/rdkafka.h>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
@@ -23,6 +22,7 @@
 #include "lib/aggregate/dedup_window.h"
 #include "lib/common/clock.h"
 #include "lib/event/event_parser.h"
+#include "lib/kafka/partition_source.h"
 
 namespace meterd::ingest {
 
@@ -49,7 +49,7 @@ struct ShardStats {
   std::atomic<bool> paused{false};
 };
 
-// One consumer shard: a thread running an io_context, woken by its librdkafka queue through a
+// One consumer shard: a thread running an io_context, woken by its message queue through a
 // pipe, that parses and aggregates the messages of the partitions it owns.
 // Owned by the Ingestor. All partition state is touched only on the shard thread; other
 // threads call the public methods, which post to the shard and (where a result is needed) wait.
@@ -57,13 +57,14 @@ class Shard {
  public:
   using FlushRequest = std::function<void()>;
 
-  static absl::StatusOr<std::unique_ptr<Shard>> Create(int index, rd_kafka_t* consumer,
+  // `source` outlives the shard; the shard makes its queue there and seeks through it.
+  static absl::StatusOr<std::unique_ptr<Shard>> Create(int index, kafka::PartitionSource* source,
                                                        const event::MeterRegistry* meters,
                                                        const Clock* clock, ShardOptions options,
                                                        FlushRequest request_flush);
   ~Shard();
 
-  rd_kafka_queue_t* queue() const { return queue_; }
+  kafka::MessageQueue* queue() const { return queue_.get(); }
   const ShardStats& stats() const { return stats_; }
   int index() const { return index_; }
 
@@ -87,8 +88,8 @@ class Shard {
   // The partition's log start and end (watermarks, asking the broker; -1 and false, logged,
   // when it does not answer within 5 s). Thread-safe.
   bool LogBounds(int32_t partition, int64_t* low, int64_t* high) const;
-  // librdkafka reported the partition's position outside its log (on the consumer's main
-  // queue): handled on the shard thread like the same error arriving in the shard's queue.
+  // The source reported the partition's position outside its log (on the group's poll):
+  // handled on the shard thread like the same error arriving in the shard's queue.
   void PositionOutOfRange(int32_t partition);
   // Stop draining (Postgres down) / resume draining (after a successful flush). Asynchronous.
   void Pause();
@@ -115,17 +116,17 @@ class Shard {
     aggregate::DedupWindow dedup;
   };
 
-  Shard(int index, rd_kafka_t* consumer, const event::MeterRegistry* meters, const Clock* clock,
-        ShardOptions options, FlushRequest request_flush);
+  Shard(int index, kafka::PartitionSource* source, const event::MeterRegistry* meters,
+        const Clock* clock, ShardOptions options, FlushRequest request_flush);
   absl::Status Open();
   void ArmWakeup();
   void Drain();
-  void Process(const rd_kafka_message_t& message, absl::Time now);
+  void Process(const kafka::Message& message, absl::Time now);
   // The event bytes of a message: its value, or for a CloudEvents binary-mode message (ce_*
   // headers) the same event in structured mode. nullopt for an empty message.
-  std::optional<std::string_view> MessageBytes(const rd_kafka_message_t& message);
+  std::optional<std::string_view> MessageBytes(const kafka::Message& message);
   void RecordGap(OwnedPartition& owned, int32_t partition, int64_t at, const std::string& what);
-  // The partition's position fell outside its log (librdkafka, auto.offset.reset=error).
+  // The partition's position fell outside its log (kafka::Message::Status::kOutOfRange).
   void OutOfRange(OwnedPartition& owned, int32_t partition);
   // Seeks on the shard thread, 3 attempts; false if it never took.
   bool SeekTo(int32_t partition, int64_t offset);
@@ -147,7 +148,7 @@ class Shard {
   }
 
   const int index_;
-  rd_kafka_t* const consumer_;
+  kafka::PartitionSource* const source_;
   const Clock* const clock_;
   const ShardOptions options_;
   const FlushRequest request_flush_;
@@ -156,14 +157,13 @@ class Shard {
   boost::asio::posix::stream_descriptor wakeup_;
   int wakeup_write_fd_ = -1;
   char wakeup_buffer_[64];
-  rd_kafka_queue_t* queue_ = nullptr;
+  std::unique_ptr<kafka::MessageQueue> queue_;
   std::thread thread_;
 
   // Shard-thread state.
   event::EventParser parser_;
   aggregate::PrefetchingAdder adder_;
   absl::flat_hash_map<int32_t, OwnedPartition> partitions_;
-  std::vector<rd_kafka_message_t*> batch_;
   std::vector<std::pair<std::string_view, std::string_view>> header_pairs_;  // Reused.
   std::string binary_event_;                                                 // Reused.
   bool paused_ = false;

@@ -8,12 +8,13 @@
 #include <thread>
 
 #include <gtest/gtest.h>
-#include <librdkafka/rdkafka.h>
+
 #include <pqxx/pqxx>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "lib/kafka/producer.h"
 #include "tests/support/harness.h"
 #include "tests/support/tcp_proxy.h"
 
@@ -486,34 +487,24 @@ TEST_F(PipelineTest, RetentionGapIsReportedWithItsRange) {
 TEST_F(PipelineTest, BinaryContentModeEventsCountLikeStructuredOnes) {
   auto meterd = StartMeterd("binary");
   const std::string org = "5f0d2c1e-8a4b-4c3d-9e2f-1a2b3c4d5e6f";
-  char error[512];
-  rd_kafka_conf_t* conf = rd_kafka_conf_new();
-  rd_kafka_conf_set(conf, "bootstrap.servers", broker_->bootstrap().c_str(), error, sizeof(error));
-  rd_kafka_t* producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, error, sizeof(error));
-  ASSERT_NE(producer, nullptr) << error;
+  auto producer = kafka::Producer::Create({{"bootstrap.servers", broker_->bootstrap()}});
+  ASSERT_TRUE(producer.ok()) << producer.status();
   const std::string time = absl::FormatTime(absl::RFC3339_sec, absl::Now(), absl::UTCTimeZone());
   for (int i = 0; i < 1'000; ++i) {
-    const std::string id = absl::StrCat("bin-", i);
     // Every tenth is missing its subject: refused as missing_field, like a structured one.
-    const std::string subject = i % 10 == 9 ? "" : org;
-    const std::string data = R"({"quantity":2,"industry":"hs"})";
-    rd_kafka_headers_t* headers = rd_kafka_headers_new(8);
-    rd_kafka_header_add(headers, "ce_specversion", -1, "1.0", -1);
-    rd_kafka_header_add(headers, "ce_id", -1, id.data(), id.size());
-    rd_kafka_header_add(headers, "ce_source", -1, "hs/binary", -1);
-    rd_kafka_header_add(headers, "ce_type", -1, "api_calls", -1);
-    if (!subject.empty()) rd_kafka_header_add(headers, "ce_subject", -1, subject.data(), -1);
-    rd_kafka_header_add(headers, "ce_time", -1, time.data(), time.size());
-    rd_kafka_header_add(headers, "content-type", -1, "application/json", -1);
-    ASSERT_EQ(rd_kafka_producev(producer, RD_KAFKA_V_TOPIC(kTopic),
-                                RD_KAFKA_V_KEY(org.data(), org.size()),
-                                RD_KAFKA_V_VALUE(const_cast<char*>(data.data()), data.size()),
-                                RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-                                RD_KAFKA_V_HEADERS(headers), RD_KAFKA_V_END),
-              RD_KAFKA_RESP_ERR_NO_ERROR);
+    std::vector<std::pair<std::string, std::string>> headers = {{"ce_specversion", "1.0"},
+                                                                {"ce_id", absl::StrCat("bin-", i)},
+                                                                {"ce_source", "hs/binary"},
+                                                                {"ce_type", "api_calls"}};
+    if (i % 10 != 9) headers.emplace_back("ce_subject", org);
+    headers.emplace_back("ce_time", time);
+    headers.emplace_back("content-type", "application/json");
+    ASSERT_TRUE((*producer)
+                    ->Send(kTopic, kafka::Producer::kAnyPartition, org,
+                           R"({"quantity":2,"industry":"hs"})", headers)
+                    .ok());
   }
-  ASSERT_EQ(rd_kafka_flush(producer, 30'000), RD_KAFKA_RESP_ERR_NO_ERROR);
-  rd_kafka_destroy(producer);
+  ASSERT_TRUE((*producer)->Flush(absl::Seconds(30)).ok());
   EXPECT_EQ(WaitForSum(url_, 900 * 2, absl::Seconds(60)), 900 * 2);
   const absl::Time deadline = absl::Now() + absl::Seconds(30);
   while (QueryInt(url_, "SELECT count(*) FROM shared.rejected_events") < 100 &&

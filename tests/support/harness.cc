@@ -14,7 +14,6 @@
 #include <sstream>
 #include <stdexcept>
 
-#include <librdkafka/rdkafka.h>
 #include <pqxx/pqxx>
 
 #include "absl/strings/ascii.h"
@@ -22,6 +21,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "lib/kafka/producer.h"
 #include "lib/store/migrations.h"
 
 namespace meterd::testing {
@@ -248,22 +248,15 @@ int64_t WaitForSum(const std::string& url, int64_t expected_sum, absl::Duration 
 
 void ProduceOrDie(const std::string& brokers, const std::string& topic, const std::string& key,
                   const std::vector<std::string>& payloads) {
-  char error[512];
-  rd_kafka_conf_t* conf = rd_kafka_conf_new();
-  rd_kafka_conf_set(conf, "bootstrap.servers", brokers.c_str(), error, sizeof(error));
-  rd_kafka_conf_set(conf, "linger.ms", "0", error, sizeof(error));
-  rd_kafka_t* producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, error, sizeof(error));
-  if (producer == nullptr) throw std::runtime_error(error);
+  auto producer = kafka::Producer::Create({{"bootstrap.servers", brokers}, {"linger.ms", "0"}});
+  if (!producer.ok()) throw std::runtime_error(std::string(producer.status().message()));
   for (const std::string& payload : payloads) {
-    rd_kafka_resp_err_t err = rd_kafka_producev(
-        producer, RD_KAFKA_V_TOPIC(topic.c_str()), RD_KAFKA_V_KEY(key.data(), key.size()),
-        RD_KAFKA_V_VALUE(const_cast<char*>(payload.data()), payload.size()),
-        RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
-    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) throw std::runtime_error(rd_kafka_err2str(err));
+    const absl::Status sent =
+        (*producer)->Send(topic, kafka::Producer::kAnyPartition, key, payload);
+    if (!sent.ok()) throw std::runtime_error(std::string(sent.message()));
   }
-  const rd_kafka_resp_err_t err = rd_kafka_flush(producer, 30'000);
-  rd_kafka_destroy(producer);
-  if (err != RD_KAFKA_RESP_ERR_NO_ERROR) throw std::runtime_error(rd_kafka_err2str(err));
+  const absl::Status flushed = (*producer)->Flush(absl::Seconds(30));
+  if (!flushed.ok()) throw std::runtime_error(std::string(flushed.message()));
 }
 
 std::pair<int, std::string> HttpGet(int port, const std::string& path) {
