@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "lib/common/backoff.h"
 #include "lib/common/logging.h"
 #include "lib/common/status_macros.h"
 #include "lib/store/pg_connection.h"
@@ -30,7 +31,7 @@ void OverageWorker::Stop(absl::Duration deadline) {
     std::lock_guard lock(mu_);
     if (stopping_) return;
     stopping_ = true;
-    stop_deadline_ = absl::Now() + deadline;
+    stop_deadline_ = options_.clock->Now() + deadline;
   }
   wake_.notify_all();
   if (thread_.joinable()) thread_.join();
@@ -55,24 +56,27 @@ void OverageWorker::OrgsTouched(const std::vector<event::OrgId>& orgs) {
 }
 
 void OverageWorker::Loop() {
-  absl::Duration backoff = absl::ZeroDuration();
+  const Clock& clock = *options_.clock;
+  Backoff backoff({.initial = absl::Milliseconds(200), .max = options_.max_backoff});
+  absl::Duration retry_in = absl::ZeroDuration();  // After a failed refresh.
   while (true) {
     std::vector<event::OrgId> orgs;
     bool all_subscribed = false;
     {
       std::unique_lock lock(mu_);
       auto ready = [this] { return stopping_ || overflowed_ || !pending_.empty(); };
-      if (backoff > absl::ZeroDuration()) {
-        wake_.wait_for(lock, absl::ToChronoMilliseconds(backoff), [this] { return stopping_; });
-      }
-      if (!wake_.wait_for(lock, absl::ToChronoMilliseconds(kCloseFailuresEvery), ready)) {
+      const absl::Time retry_at = clock.Now() + retry_in;
+      while (!stopping_ && clock.Now() < retry_at) clock.WaitUntil(wake_, lock, retry_at);
+      const absl::Time idle_until = clock.Now() + kCloseFailuresEvery;
+      while (!ready() && clock.Now() < idle_until) clock.WaitUntil(wake_, lock, idle_until);
+      if (!ready()) {
         // Idle: refresh the close-failures gauge (the close is a cron; this is its alarm).
         lock.unlock();
         CountOpenCloseFailures();
         continue;
       }
       if (pending_.empty() && !overflowed_) return;  // Stopping with nothing to do.
-      if (stopping_ && absl::Now() > stop_deadline_) {
+      if (stopping_ && clock.Now() > stop_deadline_) {
         LOG_WARN("overage worker: stopping with {} orgs not refreshed (recomputed on next touch)",
                  pending_.size());
         return;
@@ -93,12 +97,13 @@ void OverageWorker::Loop() {
     }
     if (status.ok()) status = Refresh(orgs);
     if (status.ok()) {
-      backoff = absl::ZeroDuration();
+      backoff.Reset();
+      retry_in = absl::ZeroDuration();
       continue;
     }
     stats_.failures.fetch_add(1, std::memory_order_relaxed);
-    backoff = std::min(options_.max_backoff, std::max(backoff * 2, absl::Milliseconds(200)));
-    LOG_WARN("overage worker: refresh failed, retrying in {}: {}", absl::FormatDuration(backoff),
+    retry_in = backoff.Next();
+    LOG_WARN("overage worker: refresh failed, retrying in {}: {}", absl::FormatDuration(retry_in),
              status.message());
     std::lock_guard lock(mu_);
     if (all_subscribed) overflowed_ = true;

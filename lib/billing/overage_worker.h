@@ -13,6 +13,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "lib/common/clock.h"
 #include "lib/event/usage_event.h"
 
 namespace meterd::billing {
@@ -24,6 +25,7 @@ struct OverageWorkerOptions {
   // every subscribed org once (the only full scan, and only after an overflow).
   size_t max_pending_orgs = 1'000'000;
   absl::Duration max_backoff = absl::Seconds(30);
+  const Clock* clock = &SystemClock::Get();  // Retry and idle waits.
 };
 
 struct OverageStats {

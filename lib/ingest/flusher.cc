@@ -4,6 +4,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_join.h"
+#include "lib/common/backoff.h"
 #include "lib/common/logging.h"
 
 namespace meterd::ingest {
@@ -55,22 +56,23 @@ void Flusher::RequestFlush() {
 }
 
 void Flusher::Loop() {
+  const Clock& clock = *options_.clock;
   // Fixed rate: the next flush is due one interval after the previous one started, so the
   // time a flush takes does not stretch the period (event -> visible stays within
-  // interval + one flush).
-  absl::Time due = absl::Now() + options_.interval;
-  absl::Duration backoff = absl::ZeroDuration();
+  // interval + one flush). While flushes fail (Postgres unavailable) the retry comes after an
+  // exponential backoff instead; the shards are paused meanwhile.
+  absl::Time due = clock.Now() + options_.interval;
+  Backoff backoff({.initial = absl::Milliseconds(200), .max = options_.max_backoff});
   while (true) {
     {
       std::unique_lock lock(wake_mu_);
-      const absl::Time until = backoff > absl::ZeroDuration() ? absl::Now() + backoff : due;
-      wake_.wait_for(
-          lock, absl::ToChronoMilliseconds(std::max(until - absl::Now(), absl::ZeroDuration())),
-          [this] { return stopping_ || wake_requested_; });
+      while (!stopping_ && !wake_requested_ && clock.Now() < due) {
+        clock.WaitUntil(wake_, lock, due);
+      }
       if (stopping_) return;
       wake_requested_ = false;
     }
-    const absl::Time started = absl::Now();
+    const absl::Time started = clock.Now();
     absl::Status status;
     {
       std::lock_guard lock(mu_);
@@ -87,12 +89,12 @@ void Flusher::Loop() {
     }
     stats_.last_ok.store(status.ok(), std::memory_order_relaxed);
     if (status.ok()) {
-      backoff = absl::ZeroDuration();
-      due = std::max(started + options_.interval, absl::Now());
+      backoff.Reset();
+      due = std::max(started + options_.interval, clock.Now());
     } else {
-      // Exponential backoff while Postgres is unavailable; the shards are paused meanwhile.
-      backoff = std::min(options_.max_backoff, std::max(backoff * 2, absl::Milliseconds(200)));
-      LOG_WARN("flush failed, retrying in {}: {}", absl::FormatDuration(backoff), status.message());
+      const absl::Duration delay = backoff.Next();
+      due = clock.Now() + delay;
+      LOG_WARN("flush failed, retrying in {}: {}", absl::FormatDuration(delay), status.message());
     }
   }
 }
@@ -136,7 +138,8 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
       stats_.last_events.store(events, std::memory_order_relaxed);
       StoreMax(stats_.max_rows, rows);
       StoreMax(stats_.max_events, events);
-      stats_.last_success_unix_ms.store(absl::ToUnixMillis(absl::Now()), std::memory_order_relaxed);
+      stats_.last_success_unix_ms.store(absl::ToUnixMillis(options_.clock->Now()),
+                                        std::memory_order_relaxed);
       LOG_DEBUG("flushed {} events as {} rows over {} partitions", events, rows, pending_.size());
       if (options_.on_committed) options_.on_committed(TouchedOrgs(pending_));
       pending_.clear();
@@ -193,7 +196,8 @@ void Flusher::ResumeShardsLocked() {
 
 absl::Status Flusher::FlushAndRelease(const std::vector<int32_t>& partitions,
                                       absl::Duration deadline) {
-  const absl::Time give_up = absl::Now() + deadline;
+  const Clock& clock = *options_.clock;
+  const absl::Time give_up = clock.Now() + deadline;
   std::unique_lock lock(mu_);
   std::vector<SealedPartition> sealed;
   for (Shard* shard : shards_) {
@@ -205,13 +209,12 @@ absl::Status Flusher::FlushAndRelease(const std::vector<int32_t>& partitions,
     auto part = shard->Seal(mine, /*release=*/true);
     std::move(part.begin(), part.end(), std::back_inserter(sealed));
   }
-  absl::Duration backoff = absl::Milliseconds(100);
+  Backoff backoff({.initial = absl::Milliseconds(100), .max = absl::Seconds(5)});
   absl::Status status = WritePendingLocked(std::move(sealed));
-  while (!status.ok() && absl::Now() + backoff < give_up) {
+  while (!status.ok() && clock.Now() + backoff.current() < give_up) {
     lock.unlock();
-    absl::SleepFor(backoff);
+    clock.SleepFor(backoff.Next());
     lock.lock();
-    backoff = std::min(backoff * 2, absl::Seconds(5));
     status = WritePendingLocked({});
   }
   if (!status.ok()) {
@@ -228,19 +231,20 @@ absl::Status Flusher::FlushAndRelease(const std::vector<int32_t>& partitions,
 
 absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> Flusher::LoadOffsets(
     absl::Duration deadline) {
-  const absl::Time give_up = absl::Now() + deadline;
-  absl::Duration backoff = absl::Milliseconds(100);
+  const Clock& clock = *options_.clock;
+  const absl::Time give_up = clock.Now() + deadline;
+  Backoff backoff({.initial = absl::Milliseconds(100), .max = absl::Seconds(5)});
   while (true) {
     absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> offsets;
     {
       std::lock_guard lock(mu_);
       offsets = writer_->LoadOffsets();
     }
-    if (offsets.ok() || absl::Now() + backoff > give_up) return offsets;
-    LOG_WARN("loading offsets failed, retrying in {}: {}", absl::FormatDuration(backoff),
+    if (offsets.ok() || clock.Now() + backoff.current() > give_up) return offsets;
+    const absl::Duration delay = backoff.Next();
+    LOG_WARN("loading offsets failed, retrying in {}: {}", absl::FormatDuration(delay),
              offsets.status().message());
-    absl::SleepFor(backoff);
-    backoff = std::min(backoff * 2, absl::Seconds(5));
+    clock.SleepFor(delay);
   }
 }
 

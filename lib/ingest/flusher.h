@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "lib/aggregate/counters.h"
+#include "lib/common/clock.h"
 #include "lib/ingest/shard.h"
 #include "lib/store/flush_writer.h"
 
@@ -22,6 +23,7 @@ struct FlusherOptions {
   absl::Duration interval = absl::Seconds(1);
   absl::Duration max_backoff = absl::Seconds(30);
   CommitListener on_committed;
+  const Clock* clock = &SystemClock::Get();  // Schedules flushes and retries; stamps them.
 };
 
 // Published after every flush attempt; read by the stats logger and tests.

@@ -71,7 +71,7 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::CreateWithSource(
     std::unique_ptr<store::FlushWriter> writer, const event::MeterRegistry* meters,
     const Clock* clock) {
   if (options.shards < 1) return absl::InvalidArgumentError("--shards must be at least 1");
-  std::unique_ptr<Ingestor> ingestor(new Ingestor(std::move(options)));
+  std::unique_ptr<Ingestor> ingestor(new Ingestor(std::move(options), clock));
   const IngestOptions& o = ingestor->options_;
   ingestor->source_ = std::move(source);
 
@@ -91,7 +91,7 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::CreateWithSource(
   }
   ingestor->flusher_ = std::make_unique<Flusher>(
       std::move(shard_pointers), std::move(writer),
-      FlusherOptions{.interval = o.flush_interval, .on_committed = o.on_committed});
+      FlusherOptions{.interval = o.flush_interval, .on_committed = o.on_committed, .clock = clock});
   return ingestor;
 }
 
@@ -178,7 +178,7 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
   flusher_->Start();
 
   absl::Status result;
-  absl::Time last_stats = absl::Now();
+  absl::Time last_stats = clock_->Now();
   absl::Time last_error_log = absl::InfinitePast();
   while (!stop()) {
     const kafka::PollEvent event = source_->Poll(absl::Milliseconds(100));
@@ -189,12 +189,12 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
     if (event.kind == kafka::PollEvent::Kind::kOutOfRange) {
       ShardFor(event.partition)->PositionOutOfRange(event.partition);
     } else if (event.kind == kafka::PollEvent::Kind::kError &&
-               absl::Now() - last_error_log > absl::Seconds(5)) {
+               clock_->Now() - last_error_log > absl::Seconds(5)) {
       // The client retries on its own; we keep waiting and say so at most every 5 s.
       LOG_WARN("Kafka: {} (retrying)", event.text);
-      last_error_log = absl::Now();
+      last_error_log = clock_->Now();
     }
-    const absl::Time now = absl::Now();
+    const absl::Time now = clock_->Now();
     if (now - last_stats >= options_.stats_interval) {
       LogStats(now - last_stats);
       last_stats = now;
@@ -213,7 +213,7 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
   }
   flusher_->Stop();
   // Anything still pending (a failed final flush) was already logged and left unadvanced.
-  LogStats(absl::Now() - last_stats);
+  LogStats(clock_->Now() - last_stats);
   const FlushStats& f = flusher_->stats();
   LOG_INFO(
       "flush summary: {} flushes wrote {} events as {} rows; largest flush {} events, "

@@ -69,7 +69,8 @@ class Ingestor final : private kafka::GroupListener {
   IngestSnapshot Snapshot() const;
 
  private:
-  explicit Ingestor(IngestOptions options) : options_(std::move(options)) {}
+  Ingestor(IngestOptions options, const Clock* clock)
+      : options_(std::move(options)), clock_(clock) {}
   // kafka::GroupListener, on the poll thread.
   bool OnAssign(std::vector<kafka::AssignedPartition>& partitions) override;
   void OnRevoke(const std::vector<int32_t>& partitions, bool lost) override;
@@ -77,6 +78,7 @@ class Ingestor final : private kafka::GroupListener {
   Shard* ShardFor(int32_t partition) const { return shards_[partition % shards_.size()].get(); }
 
   IngestOptions options_;
+  const Clock* const clock_;
   // Declaration order is destruction order: the flusher uses the shards, the shards' queues
   // belong to the source.
   std::unique_ptr<kafka::PartitionSource> source_;

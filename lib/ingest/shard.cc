@@ -278,7 +278,7 @@ bool Shard::SeekTo(int32_t partition, int64_t offset) {
     LOG_ERROR("shard {}: seek of partition {} to {} failed (attempt {} of 3): {}", index_,
               partition, offset, attempt, status.message());
     AddTo(stats_.seek_failures, 1);
-    absl::SleepFor(absl::Milliseconds(100 * attempt));
+    clock_->SleepFor(absl::Milliseconds(100 * attempt));
   }
   return false;
 }

@@ -79,9 +79,10 @@ class IngestorTest : public ::testing::Test {
     return std::move(writer).value();
   }
 
-  // Runs an ingestor on its own thread until `done` holds (bounded), then stops it.
+  // Runs an ingestor on its own thread until `done` holds (bounded), then stops it. A
+  // ManualClock given as `clock` is moved on with real time from where it starts.
   void RunUntil(std::unique_ptr<store::FlushWriter> writer, const Clock* clock,
-                const std::function<bool()>& done) {
+                const std::function<bool()>& done, ManualClock* manual = nullptr) {
     IngestOptions options;
     options.brokers = broker_->bootstrap();
     options.topic = std::string(kTopic);
@@ -95,8 +96,12 @@ class IngestorTest : public ::testing::Test {
     absl::Status status;
     std::thread runner([&] { status = (*ingestor)->Run([&] { return stop.load(); }); });
     const absl::Time deadline = absl::Now() + absl::Seconds(90);
-    while (!done() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(100));
-    absl::SleepFor(absl::Seconds(1));  // Room for a wrong extra flush to show.
+    auto wait = [&](absl::Duration d) {
+      absl::SleepFor(d);
+      if (manual != nullptr) manual->Advance(d);
+    };
+    while (!done() && absl::Now() < deadline) wait(absl::Milliseconds(100));
+    for (int i = 0; i < 10; ++i) wait(absl::Milliseconds(100));  // Room for a wrong extra flush.
     stop = true;
     runner.join();
     EXPECT_TRUE(status.ok()) << status;
@@ -136,10 +141,13 @@ TEST_F(IngestorTest, LateWindowFollowsTheInjectedClock) {
   const devtools::LoadgenResult produced = Produce(5'000);
   // The consumer's clock is 100 days ahead: every event is older than the 62-day window.
   ManualClock clock(absl::Now() + absl::Hours(24 * 100));
-  RunUntil(RealWriter(), &clock, [&] {
-    return testing::QueryInt(url_, "SELECT count(*) FROM shared.rejected_events") >=
-           produced.produced;
-  });
+  RunUntil(
+      RealWriter(), &clock,
+      [&] {
+        return testing::QueryInt(url_, "SELECT count(*) FROM shared.rejected_events") >=
+               produced.produced;
+      },
+      &clock);
   EXPECT_EQ(testing::QueryInt(url_,
                               "SELECT count(*) FROM shared.rejected_events "
                               "WHERE reason = 'time_too_old'"),
