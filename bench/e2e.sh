@@ -41,7 +41,8 @@ echo "== (a) raw librdkafka consumption" >&2
 
 echo "== (b) meterd, until Postgres totals equal what was produced" >&2
 dev_env_background "$meterd" run --pg "$pg" --brokers "$brokers" --topic "$topic" --group bench \
-  --kafka-property session.timeout.ms=6000 --stats-interval 250ms --billing=false 2>"$work/meterd.log"
+  --kafka-property session.timeout.ms=6000 --billing=false --summary-json "$work/meterd-summary.json" \
+  2>"$work/meterd.log"
 meterd_pid=$last_pid
 dev_env_wait_for_totals "$work/loadgen.json" 600 \
   || { echo "meterd did not reach the expected totals" >&2; tail "$work/meterd.log" >&2; exit 1; }
@@ -64,10 +65,23 @@ kill -TERM "$meterd_pid"; wait "$meterd_pid"
 # with no process CPU-bound (old and new meterd alike), which measures the mock, not meterd.
 echo "== (d) event -> visible latency: 20,000 events/s plus probes, fresh 8-partition broker" >&2
 dev_env_broker brokers2 latency 8
+http_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 dev_env_background "$meterd" run --pg "$pg" --brokers "$brokers2" --topic latency --group latency \
-  --kafka-property session.timeout.ms=6000 --billing=false 2>"$work/meterd-latency.log"
+  --kafka-property session.timeout.ms=6000 --billing=false --http-listen "127.0.0.1:$http_port" \
+  2>"$work/meterd-latency.log"
 latency_pid=$last_pid
-for _ in $(seq 300); do grep -q "assigned partition" "$work/meterd-latency.log" && break; sleep 0.1; done
+# Ready: partitions assigned (and no failed flush).
+python3 - "$http_port" <<'PY' || { echo "meterd (latency) never became ready" >&2; exit 1; }
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        if urllib.request.urlopen("http://127.0.0.1:%s/readyz" % sys.argv[1], timeout=1).status == 200:
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.1)
+sys.exit(1)
+PY
 sleep 2  # Let the new instance settle after its assignment.
 "$e2e" latency --brokers "$brokers2" --topic latency --pg "$pg" --seconds 10 --rate 20000 >"$work/latency.json"
 kill -TERM "$latency_pid"; wait "$latency_pid"
@@ -83,27 +97,23 @@ import datetime, json, re, sys
 work, done_at, events, keys_exact, json_out = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "true", sys.argv[5]
 load = lambda n: json.load(open(f"{work}/{n}.json"))
 raw, naive, latency, gen = load("raw"), load("naive"), load("latency"), load("loadgen")
-log = open(f"{work}/meterd.log").read()
-first = re.search(r"^(\S+)Z info assigned partition", log, re.M).group(1)
-start = datetime.datetime.fromisoformat(first).replace(tzinfo=datetime.timezone.utc).timestamp()
+# meterd's own numbers: the metrics registry, written as JSON when it stopped (--summary-json).
+m = load("meterd-summary")
+start = m["meterd_first_assignment_unix_ms"] / 1000
 meterd_eps = events / (done_at - start)
-# When the shards had counted every event (stats lines every 250 ms): the ingest rate, before
-# the wait for the last flush interval.
-counted = None
-for stamp, n in re.findall(r"^(\S+)Z info stats: \S+ events/s, (\d+) events", log, re.M):
-    if int(n) >= events:
-        counted = datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.timezone.utc).timestamp()
-        break
+# When the shards had counted the last event: the ingest rate, before the wait for the last
+# flush interval.
+counted = m["meterd_last_counted_unix_ms"] / 1000 if m["meterd_events_total"] >= events else None
 ingest_eps = events / (counted - start) if counted else meterd_eps
-summary = re.search(r"flush summary: (\d+) flushes wrote (\d+) events as (\d+) rows; largest flush (\d+) events, (\d+) rows", log)
-flushes, f_events, f_rows, max_events, max_rows = map(int, summary.groups())
-rss_kib = int(re.findall(r"peak RSS (\d+) KiB", log)[-1])
+flushes, f_events, f_rows = m["meterd_flushes_total"], m["meterd_flushed_events_total"], m["meterd_flushed_rows_total"]
+max_events, max_rows = m["meterd_largest_flush_events"], m["meterd_largest_flush_rows"]
+rss_kib = m["meterd_peak_rss_bytes"] / 1024
 agg = [b for b in load("aggregate")["benchmarks"] if b["name"].startswith("BM_Aggregate/1000000")][0]
 cpu = open("/proc/cpuinfo").read()
 model = re.search(r"model name\s*:\s*(.*)", cpu).group(1)
 result = {
   "machine": {"cpu": model, "cores": cpu.count("processor\t:")},
-  "events": events, "orgs": gen["distinct_keys"] and None, "distinct_keys": gen["distinct_keys"],
+  "events": events, "distinct_keys": gen["distinct_keys"],
   "raw_events_per_second": raw["events_per_second"],
   "meterd_events_per_second": meterd_eps,
   "meterd_ingest_events_per_second": ingest_eps,
@@ -117,7 +127,6 @@ result = {
   "meterd_peak_rss_mib": rss_kib / 1024, "bytes_per_live_key": agg["bytes_per_key"],
   "latency_p50_ms": latency["p50_ms"], "latency_p99_ms": latency["p99_ms"], "latency_probes": latency["probes"],
 }
-del result["orgs"]
 print()
 print("meterd end-to-end benchmark: %d events, %d distinct keys, on %s (%d cores)" % (events, gen["distinct_keys"], model, result["machine"]["cores"]))
 print()

@@ -8,7 +8,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "daemon/flags.h"
-#include "daemon/metrics_endpoint.h"
 #include "lib/billing/close_period.h"
 #include "lib/billing/overage_worker.h"
 #include "lib/common/clock.h"
@@ -18,6 +17,7 @@
 #include "lib/devtools/dev_broker.h"
 #include "lib/devtools/loadgen.h"
 #include "lib/ingest/ingestor.h"
+#include "lib/pipeline/pipeline.h"
 #include "lib/store/migrations.h"
 #include "lib/store/pg_flush_writer.h"
 #include "lib/store/rejected_replay.h"
@@ -48,89 +48,34 @@ absl::StatusOr<kafka::Properties> ParseProperties(const std::vector<std::string>
 }
 
 absl::Status Run(const std::vector<std::string>& raw_properties) {
-  const std::string pg = absl::GetFlag(FLAGS_pg);
-  RETURN_IF_ERROR(Require("pg", pg));
-  RETURN_IF_ERROR(Require("brokers", absl::GetFlag(FLAGS_brokers)));
-  if (absl::GetFlag(FLAGS_flush_interval) <= absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("--flush-interval must be positive");
-  }
-  if (absl::GetFlag(FLAGS_max_unflushed_keys) < 1) {
-    return absl::InvalidArgumentError("--max-unflushed-keys must be at least 1");
-  }
-  store::PgTimeouts timeouts;
-  timeouts.connect = absl::GetFlag(FLAGS_pg_connect_timeout);
-  timeouts.statement = absl::GetFlag(FLAGS_pg_statement_timeout);
-  timeouts.lock = absl::GetFlag(FLAGS_pg_lock_timeout);
-  if (timeouts.connect < absl::Seconds(2) || timeouts.statement < absl::Seconds(1) ||
-      timeouts.lock < absl::ZeroDuration()) {
-    return absl::InvalidArgumentError(
-        "--pg-connect-timeout must be at least 2s (libpq's minimum), --pg-statement-timeout at "
-        "least 1s, --pg-lock-timeout at least 0 (0: none)");
-  }
-  ingest::IngestOptions options;
-  options.brokers = absl::GetFlag(FLAGS_brokers);
-  options.topic = absl::GetFlag(FLAGS_topic);
-  options.group = absl::GetFlag(FLAGS_group);
-  options.shards = absl::GetFlag(FLAGS_shards);
-  options.flush_interval = absl::GetFlag(FLAGS_flush_interval);
-  options.max_unflushed_keys = static_cast<size_t>(absl::GetFlag(FLAGS_max_unflushed_keys));
-  options.stats_interval = absl::GetFlag(FLAGS_stats_interval);
-  options.startup_timeout = absl::GetFlag(FLAGS_startup_timeout);
-  options.parse_limits.late_window = absl::GetFlag(FLAGS_late_window);
-  options.parse_limits.max_future_skew = absl::GetFlag(FLAGS_max_future_skew);
+  pipeline::PipelineOptions o;
+  o.pg = absl::GetFlag(FLAGS_pg);
+  o.pg_timeouts.connect = absl::GetFlag(FLAGS_pg_connect_timeout);
+  o.pg_timeouts.statement = absl::GetFlag(FLAGS_pg_statement_timeout);
+  o.pg_timeouts.lock = absl::GetFlag(FLAGS_pg_lock_timeout);
+  o.ingest.brokers = absl::GetFlag(FLAGS_brokers);
+  o.ingest.topic = absl::GetFlag(FLAGS_topic);
+  o.ingest.group = absl::GetFlag(FLAGS_group);
+  o.ingest.shards = absl::GetFlag(FLAGS_shards);
+  o.ingest.flush_interval = absl::GetFlag(FLAGS_flush_interval);
+  o.ingest.max_unflushed_keys =
+      static_cast<size_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_max_unflushed_keys)));
+  o.ingest.stats_interval = absl::GetFlag(FLAGS_stats_interval);
+  o.ingest.startup_timeout = absl::GetFlag(FLAGS_startup_timeout);
+  o.ingest.parse_limits.late_window = absl::GetFlag(FLAGS_late_window);
+  o.ingest.parse_limits.max_future_skew = absl::GetFlag(FLAGS_max_future_skew);
   if (absl::GetFlag(FLAGS_dedup_max_ids) < 0) {
     return absl::InvalidArgumentError("--dedup-max-ids must be >= 0 (0 turns dedup off)");
   }
-  if (absl::GetFlag(FLAGS_dedup_window) <= absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("--dedup-window must be positive");
-  }
-  options.dedup.max_ids = static_cast<size_t>(absl::GetFlag(FLAGS_dedup_max_ids));
-  options.dedup.window = absl::GetFlag(FLAGS_dedup_window);
-  ASSIGN_OR_RETURN(options.kafka_properties, ParseProperties(raw_properties));
-
-  // The endpoint starts first, so a bad --http-listen fails before anything connects and
-  // /healthz answers during start-up; it says 503 until the ingestor exists. Declared after
-  // what it reads, so it is destroyed first.
-  std::unique_ptr<billing::OverageWorker> overage;
-  std::unique_ptr<ingest::Ingestor> ingestor;
-  std::atomic<const ingest::Ingestor*> serving{nullptr};
-  std::unique_ptr<http::HttpServer> server;
-  if (const std::string listen = absl::GetFlag(FLAGS_http_listen); !listen.empty()) {
-    ASSIGN_OR_RETURN(server, http::HttpServer::Start(listen, [&](const std::string& path) {
-                       return ServeEndpoint(path, serving.load(), overage.get());
-                     }));
-    LOG_INFO("http: /metrics, /healthz, /readyz on {} (port {})", listen, server->port());
-  }
-
-  RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
-  // The close must look back as far as this instance accepts late events.
-  RETURN_IF_ERROR(billing::RecordLateWindow(pg, options.parse_limits.late_window));
-  ASSIGN_OR_RETURN(event::MeterRegistry meters, store::LoadMeters(pg));
-  ASSIGN_OR_RETURN(auto writer, store::PgFlushWriter::Create(pg, {options.group, options.topic},
-                                                             &meters, timeouts));
-  if (absl::GetFlag(FLAGS_billing)) {
-    ASSIGN_OR_RETURN(overage, billing::OverageWorker::Create(pg, {}));
-    options.on_committed = [worker = overage.get()](const std::vector<event::OrgId>& orgs) {
-      worker->OrgsTouched(orgs);
-    };
-    overage->Start();
-  }
+  o.ingest.dedup.max_ids = static_cast<size_t>(absl::GetFlag(FLAGS_dedup_max_ids));
+  o.ingest.dedup.window = absl::GetFlag(FLAGS_dedup_window);
+  ASSIGN_OR_RETURN(o.ingest.kafka_properties, ParseProperties(raw_properties));
+  o.billing = absl::GetFlag(FLAGS_billing);
+  o.http_listen = absl::GetFlag(FLAGS_http_listen);
+  o.summary_json = absl::GetFlag(FLAGS_summary_json);
   InstallStopSignals();
-  ASSIGN_OR_RETURN(
-      ingestor, ingest::Ingestor::Create(options, std::move(writer), &meters, &SystemClock::Get()));
-  serving.store(ingestor.get());
-  const absl::Status run = ingestor->Run([] { return StopRequested(); });
-  server.reset();
-  ingestor.reset();  // Its shard threads read `meters`, which is declared after it.
-  RETURN_IF_ERROR(run);
-  if (overage) {
-    overage->Stop();
-    LOG_INFO("overage worker: {} refreshes, {} orgs refreshed, {} alerts, {} failures",
-             overage->stats().refreshes.load(), overage->stats().orgs_refreshed.load(),
-             overage->stats().alerts_raised.load(), overage->stats().failures.load());
-  }
-  LOG_INFO("stopped cleanly; peak RSS {} KiB", PeakRssKib());
-  return absl::OkStatus();
+  ASSIGN_OR_RETURN(auto pipeline, pipeline::Pipeline::Start(std::move(o), &SystemClock::Get()));
+  return pipeline->Run([] { return StopRequested(); });
 }
 
 absl::Status Migrate() {
@@ -258,10 +203,26 @@ const std::vector<Subcommand>& Subcommands() {
   static const std::vector<Subcommand> kSubcommands = {
       {"run",
        "consume usage events from Kafka into Postgres, exactly once",
-       {"pg", "brokers", "topic", "group", "shards", "flush_interval", "max_unflushed_keys",
-        "late_window", "max_future_skew", "dedup_window", "dedup_max_ids", "pg_connect_timeout",
-        "pg_statement_timeout", "pg_lock_timeout", "stats_interval", "startup_timeout", "billing",
-        "http_listen", "kafka_property"},
+       {"pg",
+        "brokers",
+        "topic",
+        "group",
+        "shards",
+        "flush_interval",
+        "max_unflushed_keys",
+        "late_window",
+        "max_future_skew",
+        "dedup_window",
+        "dedup_max_ids",
+        "pg_connect_timeout",
+        "pg_statement_timeout",
+        "pg_lock_timeout",
+        "stats_interval",
+        "startup_timeout",
+        "billing",
+        "http_listen",
+        "summary_json",
+        "kafka_property"},
        &RunCommand},
       {"migrate", "apply the embedded schema migrations", {"pg"}, &MigrateCommand},
       {"close-period",

@@ -56,7 +56,11 @@ ABSL_FLAG(std::string, since, "",
 ABSL_FLAG(bool, billing, true,
           "Run the overage worker: keep shared.usage_charges and quota alerts current");
 ABSL_FLAG(std::string, http_listen, "",
-          "Serve /metrics, /healthz, /readyz on host:port (e.g. 0.0.0.0:9464); empty: off");
+          "Serve /metrics, /metrics.json, /healthz, /readyz on host:port (e.g. 0.0.0.0:9464); "
+          "empty: off");
+ABSL_FLAG(std::string, summary_json, "",
+          "When the run ends, write every metric (the same registry as /metrics) as one JSON "
+          "object to this file; empty: off");
 ABSL_FLAG(std::string, as_of, "", "Close periods that ended by this RFC 3339 time (default: now)");
 ABSL_FLAG(bool, allow_future, false,
           "close-period: accept an --as-of in the future (invoices periods not yet ended)");

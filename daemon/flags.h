@@ -33,6 +33,7 @@ ABSL_DECLARE_FLAG(uint64_t, seed);
 ABSL_DECLARE_FLAG(int64_t, rate);
 ABSL_DECLARE_FLAG(bool, billing);
 ABSL_DECLARE_FLAG(std::string, http_listen);
+ABSL_DECLARE_FLAG(std::string, summary_json);
 ABSL_DECLARE_FLAG(std::string, as_of);
 ABSL_DECLARE_FLAG(bool, allow_future);
 ABSL_DECLARE_FLAG(absl::Duration, startup_timeout);

@@ -48,7 +48,8 @@ period_end=$(psql "$pg" -qAt -c "SELECT to_char(date_trunc('month', now() - inte
 echo "== running meterd until Postgres holds every event" >&2
 start=$(date +%s.%N)
 dev_env_background "$meterd" run --pg "$pg" --brokers "$brokers" --topic "$topic" --group demo \
-  --kafka-property session.timeout.ms=6000 --stats-interval 5s 2>"$work/meterd.log"
+  --kafka-property session.timeout.ms=6000 --stats-interval 5s \
+  --summary-json "$work/meterd-summary.json" 2>"$work/meterd.log"
 meterd_pid=$last_pid
 
 # On a timeout the comparison below prints MISMATCH and the demo fails.
@@ -76,14 +77,11 @@ with open(f"{work}/expected.csv") as f:
     for row in csv.DictReader(f):
         expected_rows[(row["org_id"], row["meter"], row["industry"], row["usage_date"])] = int(row["quantity"])
 stored_rows = {tuple(r[:4]): int(r[4]) for r in q("SELECT org_id::text, meter, industry, usage_date::text, quantity FROM shared.api_usage_meters")}
-log = open(f"{work}/meterd.log").read()
-flushes = re.findall(r"(\d+) flushes .*?last flush (\d+) events as (\d+) rows", log)
-rss = re.findall(r"peak RSS (\d+) KiB", log)
+# meterd's own numbers: its metrics registry, written as JSON when it stopped (--summary-json).
+m = json.load(open(f"{work}/meterd-summary.json"))
 # Ingest time runs from the first partition assignment (the group join is not meterd's speed).
-import datetime
-assigned = re.search(r"^(\S+)Z info assigned partition", log, re.M)
-if assigned:
-    first = datetime.datetime.fromisoformat(assigned.group(1)).replace(tzinfo=datetime.timezone.utc).timestamp()
+if m.get("meterd_first_assignment_unix_ms"):
+    first = m["meterd_first_assignment_unix_ms"] / 1000
 print()
 print("meterd demo: %d events, %d organizations, %d distinct (org, meter, industry, day) keys" % (events, len(set(k[0] for k in expected_rows)), len(expected_rows)))
 print()
@@ -100,10 +98,8 @@ print("malformed events produced %d, in shared.rejected_events %d (%s)" % (gen["
 ingest = done - first
 print()
 print("ingest: %.2f s from partition assignment to exact totals = %.0f events/s (wall %.2f s incl. group join)" % (ingest, events / ingest if ingest > 0 else 0, done - start))
-if flushes:
-    print("flushes: %s; last periodic flush wrote %s events as %s rows" % (flushes[-1][0], flushes[-1][1], flushes[-1][2]))
-if rss:
-    print("meterd peak RSS: %.1f MiB" % (int(rss[-1]) / 1024))
+print("flushes: %d wrote %d events as %d rows; largest %d events as %d rows" % (m["meterd_flushes_total"], m["meterd_flushed_events_total"], m["meterd_flushed_rows_total"], m["meterd_largest_flush_events"], m["meterd_largest_flush_rows"]))
+print("meterd peak RSS: %.1f MiB; duplicates dropped: %d" % (m["meterd_peak_rss_bytes"] / 2**20, m["meterd_duplicate_events_total"]))
 close = json.load(open(f"{work}/close.json"))
 def dollars(micros):
     return "${:,.2f}".format(micros / 1e6)

@@ -50,6 +50,10 @@ void MergeInto(SealedPartition& earlier, SealedPartition&& later) {
   for (auto& r : later.deltas.rejected) earlier.deltas.rejected.push_back(std::move(r));
   earlier.deltas.rejected_bytes += later.deltas.rejected_bytes;
   earlier.deltas.events += later.deltas.events;
+  if (earlier.oldest_timestamp_ms < 0 ||
+      (later.oldest_timestamp_ms >= 0 && later.oldest_timestamp_ms < earlier.oldest_timestamp_ms)) {
+    earlier.oldest_timestamp_ms = later.oldest_timestamp_ms;
+  }
 }
 
 std::vector<std::pair<CounterKey, int64_t>> DistinctRows(

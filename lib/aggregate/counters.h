@@ -109,6 +109,7 @@ struct SealedPartition {
   int32_t partition = 0;
   int64_t expected_offset = kNoStoredOffset;
   int64_t next_offset = 0;
+  int64_t oldest_timestamp_ms = -1;  // Kafka timestamp of the oldest message counted (-1: none).
   PartitionCounters deltas;
 };
 

@@ -10,6 +10,36 @@
 
 namespace meterd::billing {
 
+OverageMetrics::OverageMetrics(MetricsRegistry& r)
+    : refreshes(r.AddCounter("meterd_overage_refreshes_total", "Overage worker refresh rounds")),
+      orgs_refreshed(r.AddCounter("meterd_overage_orgs_refreshed_total",
+                                  "Orgs whose charges were recomputed")),
+      alerts_raised(r.AddCounter("meterd_quota_alerts_total", "Quota alerts raised")),
+      failures(
+          r.AddCounter("meterd_overage_failures_total", "Overage refreshes that failed (retried)")),
+      failed_orgs(r.AddCounter(
+          "meterd_overage_failed_orgs_total",
+          "Orgs whose charges could not be computed alone (logged, skipped until next usage)")),
+      pending_orgs(r.AddGauge("meterd_overage_pending_orgs", "Touched orgs waiting for a refresh")),
+      open_close_failures(r.AddGauge("meterd_billing_close_failures",
+                                     "Subscription periods close-period could not invoice, "
+                                     "unresolved (shared.billing_close_failures)")) {}
+
+namespace {
+
+MetricsRegistry& RegistryOr(MetricsRegistry* given, std::unique_ptr<MetricsRegistry>& own) {
+  if (given != nullptr) return *given;
+  own = std::make_unique<MetricsRegistry>();
+  return *own;
+}
+
+}  // namespace
+
+OverageWorker::OverageWorker(std::string conninfo, OverageWorkerOptions options)
+    : conninfo_(std::move(conninfo)),
+      options_(options),
+      metrics_(RegistryOr(options.metrics, own_metrics_)) {}
+
 absl::StatusOr<std::unique_ptr<OverageWorker>> OverageWorker::Create(std::string conninfo,
                                                                      OverageWorkerOptions options) {
   std::unique_ptr<OverageWorker> worker(new OverageWorker(std::move(conninfo), options));
@@ -50,7 +80,7 @@ void OverageWorker::OrgsTouched(const std::vector<event::OrgId>& orgs) {
           "overage worker: more than {} orgs pending; next refresh covers every subscribed org",
           options_.max_pending_orgs);
     }
-    stats_.pending_orgs.store(static_cast<int64_t>(pending_.size()), std::memory_order_relaxed);
+    metrics_.pending_orgs->Set(static_cast<int64_t>(pending_.size()));
   }
   wake_.notify_one();
 }
@@ -85,7 +115,7 @@ void OverageWorker::Loop() {
       pending_.clear();
       all_subscribed = overflowed_;
       overflowed_ = false;
-      stats_.pending_orgs.store(0, std::memory_order_relaxed);
+      metrics_.pending_orgs->Set(0);
     }
     absl::Status status = absl::OkStatus();
     if (all_subscribed) {
@@ -101,7 +131,7 @@ void OverageWorker::Loop() {
       retry_in = absl::ZeroDuration();
       continue;
     }
-    stats_.failures.fetch_add(1, std::memory_order_relaxed);
+    metrics_.failures->Add();
     retry_in = backoff.Next();
     LOG_WARN("overage worker: refresh failed, retrying in {}: {}", absl::FormatDuration(retry_in),
              status.message());
@@ -122,10 +152,9 @@ void OverageWorker::CountOpenCloseFailures() {
   if (!EnsureConnected().ok()) return;
   absl::Status status = store::CatchPq([&]() -> absl::Status {
     pqxx::read_transaction tx(*conn_);
-    stats_.open_close_failures.store(
+    metrics_.open_close_failures->Set(
         tx.exec1("SELECT count(*) FROM shared.billing_close_failures WHERE resolved_at IS NULL")[0]
-            .as<int64_t>(),
-        std::memory_order_relaxed);
+            .as<int64_t>());
     return absl::OkStatus();
   });
   if (absl::IsUnavailable(status)) conn_.reset();
@@ -164,7 +193,7 @@ absl::Status OverageWorker::Refresh(const std::vector<event::OrgId>& orgs) {
       status = RefreshBatch({org});
       if (absl::IsUnavailable(status)) return status;
       if (!status.ok()) {
-        stats_.failed_orgs.fetch_add(1, std::memory_order_relaxed);
+        metrics_.failed_orgs->Add();
         LOG_ERROR(
             "overage worker: charges of org {} cannot be computed; skipped until its next "
             "usage: {}",
@@ -172,7 +201,7 @@ absl::Status OverageWorker::Refresh(const std::vector<event::OrgId>& orgs) {
       }
     }
   }
-  stats_.refreshes.fetch_add(1, std::memory_order_relaxed);
+  metrics_.refreshes->Add();
   return absl::OkStatus();
 }
 
@@ -194,9 +223,9 @@ absl::Status OverageWorker::RefreshBatch(const std::vector<event::OrgId>& orgs) 
   });
   if (absl::IsUnavailable(status)) conn_.reset();
   if (!status.ok()) return status;
-  stats_.orgs_refreshed.fetch_add(static_cast<int64_t>(orgs.size()), std::memory_order_relaxed);
+  metrics_.orgs_refreshed->Add(static_cast<int64_t>(orgs.size()));
   if (alerts > 0) {
-    stats_.alerts_raised.fetch_add(alerts, std::memory_order_relaxed);
+    metrics_.alerts_raised->Add(alerts);
     LOG_INFO("overage worker: raised {} quota alert(s)", alerts);
   }
   return absl::OkStatus();

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "lib/common/clock.h"
+#include "lib/common/metrics.h"
 #include "lib/event/usage_event.h"
 
 namespace meterd::billing {
@@ -26,20 +27,23 @@ struct OverageWorkerOptions {
   size_t max_pending_orgs = 1'000'000;
   absl::Duration max_backoff = absl::Seconds(30);
   const Clock* clock = &SystemClock::Get();  // Retry and idle waits.
+  MetricsRegistry* metrics = nullptr;        // Where OverageMetrics go (null: a private one).
 };
 
-struct OverageStats {
-  std::atomic<int64_t> refreshes{0};
-  std::atomic<int64_t> orgs_refreshed{0};
-  std::atomic<int64_t> alerts_raised{0};
-  std::atomic<int64_t> failures{0};
+// The worker's metrics, registered by name.
+struct OverageMetrics {
+  explicit OverageMetrics(MetricsRegistry& registry);
+  Counter* refreshes;
+  Counter* orgs_refreshed;
+  Counter* alerts_raised;
+  Counter* failures;
   // Orgs whose charges could not be computed on their own (e.g. an amount beyond int64
   // micros): logged and skipped until touched again, never retried in a loop.
-  std::atomic<int64_t> failed_orgs{0};
-  std::atomic<int64_t> pending_orgs{0};
+  Counter* failed_orgs;
+  Gauge* pending_orgs;
   // Subscription periods `meterd close-period` could not invoice and nobody resolved yet
   // (shared.billing_close_failures), read at start and every minute while idle.
-  std::atomic<int64_t> open_close_failures{0};
+  Gauge* open_close_failures;
 };
 
 // Keeps shared.usage_charges and shared.usage_alerts current for the orgs each flush touched,
@@ -57,11 +61,10 @@ class OverageWorker {
   void Stop(absl::Duration deadline = absl::Seconds(5));
   // Thread-safe; called by the flusher after each commit.
   void OrgsTouched(const std::vector<event::OrgId>& orgs);
-  const OverageStats& stats() const { return stats_; }
+  const OverageMetrics& metrics() const { return metrics_; }
 
  private:
-  OverageWorker(std::string conninfo, OverageWorkerOptions options)
-      : conninfo_(std::move(conninfo)), options_(options) {}
+  OverageWorker(std::string conninfo, OverageWorkerOptions options);
   void Loop();
   static constexpr absl::Duration kCloseFailuresEvery = absl::Minutes(1);
   absl::Status EnsureConnected();
@@ -74,6 +77,8 @@ class OverageWorker {
 
   const std::string conninfo_;
   const OverageWorkerOptions options_;
+  std::unique_ptr<MetricsRegistry> own_metrics_;  // When options.metrics is null.
+  OverageMetrics metrics_;
   std::unique_ptr<pqxx::connection> conn_;  // Worker thread only.
 
   std::mutex mu_;
@@ -83,7 +88,6 @@ class OverageWorker {
   bool stopping_ = false;                      // Guarded by mu_.
   absl::Time stop_deadline_;                   // Guarded by mu_.
   std::thread thread_;
-  OverageStats stats_;
 };
 
 }  // namespace meterd::billing

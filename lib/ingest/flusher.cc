@@ -13,9 +13,14 @@ using aggregate::SealedPartition;
 
 namespace {
 
-void StoreMax(std::atomic<int64_t>& target, int64_t value) {
-  if (value > target.load(std::memory_order_relaxed))
-    target.store(value, std::memory_order_relaxed);
+void StoreMax(Gauge* target, int64_t value) {
+  if (value > target->value()) target->Set(value);  // One writer at a time (under mu_).
+}
+
+MetricsRegistry* RegistryOr(MetricsRegistry* given, std::unique_ptr<MetricsRegistry>& own) {
+  if (given != nullptr) return given;
+  own = std::make_unique<MetricsRegistry>();
+  return own.get();
 }
 
 std::vector<event::OrgId> TouchedOrgs(const std::vector<SealedPartition>& batch) {
@@ -28,9 +33,41 @@ std::vector<event::OrgId> TouchedOrgs(const std::vector<SealedPartition>& batch)
 
 }  // namespace
 
+FlushMetrics::FlushMetrics(MetricsRegistry& r, const Clock* clock)
+    : flushes(r.AddCounter("meterd_flushes_total", "Committed flush transactions")),
+      failures(r.AddCounter("meterd_flush_failures_total", "Flush attempts that failed (retried)")),
+      fenced(r.AddCounter("meterd_fenced_partitions_total", "Partitions whose offset CAS failed")),
+      rows(r.AddCounter("meterd_flushed_rows_total", "Counter rows upserted")),
+      events(r.AddCounter("meterd_flushed_events_total", "Events covered by committed flushes")),
+      last_rows(r.AddGauge("meterd_last_flush_rows", "Rows in the latest committed flush")),
+      last_events(r.AddGauge("meterd_last_flush_events", "Events in the latest committed flush")),
+      largest_rows(r.AddGauge("meterd_largest_flush_rows", "Rows in the largest committed flush")),
+      largest_events(
+          r.AddGauge("meterd_largest_flush_events", "Events in the largest committed flush")),
+      last_success_unix_ms(r.AddGauge("meterd_last_flush_unix_ms",
+                                      "When a flush last committed (Unix ms, 0: never)")),
+      duration(r.AddHistogram("meterd_flush_duration_seconds",
+                              "Committed flushes: seal, write and commit",
+                              {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10})),
+      visible_latency(r.AddHistogram(
+          "meterd_event_visible_latency_seconds",
+          "Per partition and committed flush: from the Kafka timestamp of its oldest message to "
+          "the commit that made it visible",
+          {0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300})) {
+  r.AddCallbackGauge("meterd_last_flush_age_seconds",
+                     "Seconds since a flush last committed (-1: never)", {},
+                     [last = last_success_unix_ms, clock]() -> int64_t {
+                       const int64_t at = last->value();
+                       return at == 0 ? -1 : (absl::ToUnixMillis(clock->Now()) - at) / 1000;
+                     });
+}
+
 Flusher::Flusher(std::vector<Shard*> shards, std::unique_ptr<store::FlushWriter> writer,
                  FlusherOptions options)
-    : shards_(std::move(shards)), options_(options), writer_(std::move(writer)) {}
+    : shards_(std::move(shards)),
+      options_(options),
+      metrics_(*RegistryOr(options.metrics, own_metrics_), options.clock),
+      writer_(std::move(writer)) {}
 
 Flusher::~Flusher() { Stop(); }
 
@@ -87,8 +124,9 @@ void Flusher::Loop() {
       // stretch the tick).
       if (status.ok()) RefreshMetersLocked();
     }
-    stats_.last_ok.store(status.ok(), std::memory_order_relaxed);
+    last_ok_.store(status.ok(), std::memory_order_relaxed);
     if (status.ok()) {
+      metrics_.duration->Observe(absl::ToDoubleSeconds(clock.Now() - started));
       backoff.Reset();
       due = std::max(started + options_.interval, clock.Now());
     } else {
@@ -122,7 +160,7 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
   for (size_t attempt = 0; attempt <= pending_.size(); ++attempt) {
     auto outcome = writer_->Write(pending_);
     if (!outcome.ok()) {
-      stats_.failures.fetch_add(1, std::memory_order_relaxed);
+      metrics_.failures->Add();
       if (!shards_paused_) {
         for (Shard* shard : shards_) shard->Pause();
         shards_paused_ = true;
@@ -131,15 +169,20 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
     }
     if (outcome->fenced.empty()) {
       const auto rows = static_cast<int64_t>(outcome->rows_upserted);
-      stats_.flushes.fetch_add(1, std::memory_order_relaxed);
-      stats_.rows.fetch_add(rows, std::memory_order_relaxed);
-      stats_.events.fetch_add(events, std::memory_order_relaxed);
-      stats_.last_rows.store(rows, std::memory_order_relaxed);
-      stats_.last_events.store(events, std::memory_order_relaxed);
-      StoreMax(stats_.max_rows, rows);
-      StoreMax(stats_.max_events, events);
-      stats_.last_success_unix_ms.store(absl::ToUnixMillis(options_.clock->Now()),
-                                        std::memory_order_relaxed);
+      const absl::Time committed = options_.clock->Now();
+      metrics_.flushes->Add();
+      metrics_.rows->Add(rows);
+      metrics_.events->Add(events);
+      metrics_.last_rows->Set(rows);
+      metrics_.last_events->Set(events);
+      StoreMax(metrics_.largest_rows, rows);
+      StoreMax(metrics_.largest_events, events);
+      metrics_.last_success_unix_ms->Set(absl::ToUnixMillis(committed));
+      for (const SealedPartition& p : pending_) {
+        if (p.oldest_timestamp_ms < 0) continue;
+        metrics_.visible_latency->Observe(std::max(
+            0.0, absl::ToDoubleSeconds(committed - absl::FromUnixMillis(p.oldest_timestamp_ms))));
+      }
       LOG_DEBUG("flushed {} events as {} rows over {} partitions", events, rows, pending_.size());
       if (options_.on_committed) options_.on_committed(TouchedOrgs(pending_));
       pending_.clear();
@@ -150,7 +193,7 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
     for (const store::FencedPartition& f : outcome->fenced) {
       LOG_WARN("partition {}: offset fence failed (Postgres holds {}); another writer owns it",
                f.partition, f.stored_offset);
-      stats_.fenced.fetch_add(1, std::memory_order_relaxed);
+      metrics_.fenced->Add();
       std::erase_if(pending_, [&](SealedPartition& p) {
         if (p.partition != f.partition) return false;
         events -= p.deltas.events;

@@ -11,6 +11,7 @@
 #include "absl/time/time.h"
 #include "lib/aggregate/counters.h"
 #include "lib/common/clock.h"
+#include "lib/common/metrics.h"
 #include "lib/ingest/shard.h"
 #include "lib/store/flush_writer.h"
 
@@ -24,21 +25,24 @@ struct FlusherOptions {
   absl::Duration max_backoff = absl::Seconds(30);
   CommitListener on_committed;
   const Clock* clock = &SystemClock::Get();  // Schedules flushes and retries; stamps them.
+  MetricsRegistry* metrics = nullptr;        // Where FlushMetrics go (null: a private one).
 };
 
-// Published after every flush attempt; read by the stats logger and tests.
-struct FlushStats {
-  std::atomic<int64_t> flushes{0};
-  std::atomic<int64_t> failures{0};
-  std::atomic<int64_t> fenced{0};
-  std::atomic<int64_t> rows{0};
-  std::atomic<int64_t> events{0};
-  std::atomic<int64_t> last_rows{0};
-  std::atomic<int64_t> last_events{0};
-  std::atomic<int64_t> max_rows{0};
-  std::atomic<int64_t> max_events{0};
-  std::atomic<bool> last_ok{true};               // Did the latest attempt succeed?
-  std::atomic<int64_t> last_success_unix_ms{0};  // When a flush last committed (0: never).
+// The flusher's metrics, registered by name (so tests and the stats line read them back).
+struct FlushMetrics {
+  FlushMetrics(MetricsRegistry& registry, const Clock* clock);
+  Counter* flushes;   // Committed flush transactions.
+  Counter* failures;  // Attempts that failed (retried).
+  Counter* fenced;    // Partitions whose offset CAS failed.
+  Counter* rows;
+  Counter* events;
+  Gauge* last_rows;
+  Gauge* last_events;
+  Gauge* largest_rows;
+  Gauge* largest_events;
+  Gauge* last_success_unix_ms;  // 0: never.
+  Histogram* duration;          // Of committed flushes: seal + write + commit.
+  Histogram* visible_latency;   // Per partition and flush: commit time - oldest message's time.
 };
 
 // Every interval (or when a shard hits its key cap) seals every shard's counters by message
@@ -67,7 +71,9 @@ class Flusher {
   // Stored offsets, retrying while Postgres is unavailable until `deadline`.
   absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> LoadOffsets(absl::Duration deadline);
 
-  const FlushStats& stats() const { return stats_; }
+  const FlushMetrics& metrics() const { return metrics_; }
+  // Did the latest flush attempt succeed? (Readiness.) Thread-safe.
+  bool last_ok() const { return last_ok_.load(std::memory_order_relaxed); }
 
  private:
   void Loop();
@@ -80,6 +86,9 @@ class Flusher {
 
   const std::vector<Shard*> shards_;
   const FlusherOptions options_;
+  std::unique_ptr<MetricsRegistry> own_metrics_;  // When options.metrics is null.
+  FlushMetrics metrics_;
+  std::atomic<bool> last_ok_{true};
 
   std::mutex mu_;
   std::unique_ptr<store::FlushWriter> writer_;       // Guarded by mu_.
@@ -92,7 +101,6 @@ class Flusher {
   bool wake_requested_ = false;  // Guarded by wake_mu_.
   bool stopping_ = false;        // Guarded by wake_mu_.
   std::thread thread_;
-  FlushStats stats_;
 };
 
 }  // namespace meterd::ingest

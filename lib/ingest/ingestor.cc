@@ -74,6 +74,17 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::CreateWithSource(
   std::unique_ptr<Ingestor> ingestor(new Ingestor(std::move(options), clock));
   const IngestOptions& o = ingestor->options_;
   ingestor->source_ = std::move(source);
+  if (o.metrics == nullptr) ingestor->own_metrics_ = std::make_unique<MetricsRegistry>();
+  MetricsRegistry& metrics = o.metrics != nullptr ? *o.metrics : *ingestor->own_metrics_;
+  ingestor->metrics_ = &metrics;
+  ingestor->shard_metrics_ = std::make_unique<ShardMetrics>(metrics);
+  metrics.AddGauge("meterd_shards", "Shard threads")->Set(o.shards);
+  kafka::PartitionSource* source_pointer = ingestor->source_.get();
+  metrics.AddCallbackGauge("meterd_assigned_partitions", "Kafka partitions this instance owns", {},
+                           [source_pointer] { return source_pointer->AssignedCount(); });
+  ingestor->first_assignment_unix_ms_ =
+      metrics.AddGauge("meterd_first_assignment_unix_ms",
+                       "When this instance first received partitions (Unix ms, 0: not yet)");
 
   std::vector<Shard*> shard_pointers;
   ShardOptions shard_options;
@@ -85,22 +96,36 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::CreateWithSource(
   for (int i = 0; i < o.shards; ++i) {
     ASSIGN_OR_RETURN(auto shard,
                      Shard::Create(i, ingestor->source_.get(), meters, clock, shard_options,
+                                   ingestor->shard_metrics_.get(), &metrics,
                                    [self] { self->flusher_->RequestFlush(); }));
     shard_pointers.push_back(shard.get());
     ingestor->shards_.push_back(std::move(shard));
   }
-  ingestor->flusher_ = std::make_unique<Flusher>(
-      std::move(shard_pointers), std::move(writer),
-      FlusherOptions{.interval = o.flush_interval, .on_committed = o.on_committed, .clock = clock});
+  ingestor->flusher_ = std::make_unique<Flusher>(std::move(shard_pointers), std::move(writer),
+                                                 FlusherOptions{.interval = o.flush_interval,
+                                                                .on_committed = o.on_committed,
+                                                                .clock = clock,
+                                                                .metrics = &metrics});
   return ingestor;
 }
 
 Ingestor::~Ingestor() {
   if (flusher_) flusher_->Stop();
   for (auto& shard : shards_) shard->Stop();
+  // Its callback reads the source, which goes with this object; the registry may not.
+  if (metrics_ != nullptr) metrics_->Remove("meterd_assigned_partitions");
+}
+
+absl::Status Ingestor::Readiness() const {
+  if (source_->AssignedCount() == 0) return absl::UnavailableError("no partitions assigned");
+  if (!flusher_->last_ok()) return absl::UnavailableError("last flush failed");
+  return absl::OkStatus();
 }
 
 bool Ingestor::OnAssign(std::vector<kafka::AssignedPartition>& partitions) {
+  if (first_assignment_unix_ms_->value() == 0) {
+    first_assignment_unix_ms_->Set(absl::ToUnixMillis(clock_->Now()));
+  }
   auto offsets = flusher_->LoadOffsets(kRebalanceDeadline);
   if (!offsets.ok()) {
     // Without the stored offsets no safe start exists; take nothing and let the group
@@ -141,34 +166,18 @@ void Ingestor::OnRevoke(const std::vector<int32_t>& revoked, bool lost) {
   last_revoke_status_ = flusher_->FlushAndRelease(revoked, kRebalanceDeadline);
 }
 
-IngestSnapshot Ingestor::Snapshot() const {
-  IngestSnapshot s;
-  for (const auto& shard : shards_) {
-    s.messages += shard->stats().messages.load(std::memory_order_relaxed);
-    s.events += shard->stats().events.load(std::memory_order_relaxed);
-    s.rejected += shard->stats().rejected.load(std::memory_order_relaxed);
-    s.duplicates += shard->stats().duplicates.load(std::memory_order_relaxed);
-    s.offset_gaps += shard->stats().offset_gaps.load(std::memory_order_relaxed);
-    s.seek_failures += shard->stats().seek_failures.load(std::memory_order_relaxed);
-    s.dedup_ids += shard->stats().dedup_ids.load(std::memory_order_relaxed);
-    s.unflushed_keys += shard->stats().live_keys.load(std::memory_order_relaxed);
-    s.paused_shards += shard->stats().paused.load(std::memory_order_relaxed) ? 1 : 0;
-  }
-  s.assigned_partitions = source_->AssignedCount();
-  s.shards = static_cast<int64_t>(shards_.size());
-  return s;
-}
-
 void Ingestor::LogStats(absl::Duration elapsed) {
-  const IngestSnapshot s = Snapshot();
-  const FlushStats& f = flusher_->stats();
+  auto value = [this](const char* name) { return metrics_->Value(name).value_or(0); };
+  const int64_t events = value("meterd_events_total");
   LOG_INFO(
       "stats: {:.0f} events/s, {} events, {} rejected, {} duplicates, {} unflushed keys, {} "
       "paused shards, {} flushes ({} failed, {} fenced), last flush {} events as {} rows",
-      static_cast<double>(s.events - last_logged_events_) / absl::ToDoubleSeconds(elapsed),
-      s.events, s.rejected, s.duplicates, s.unflushed_keys, s.paused_shards, f.flushes.load(),
-      f.failures.load(), f.fenced.load(), f.last_events.load(), f.last_rows.load());
-  last_logged_events_ = s.events;
+      static_cast<double>(events - last_logged_events_) / absl::ToDoubleSeconds(elapsed), events,
+      value("meterd_rejected_events_total"), value("meterd_duplicate_events_total"),
+      value("meterd_unflushed_keys"), value("meterd_paused_shards"), value("meterd_flushes_total"),
+      value("meterd_flush_failures_total"), value("meterd_fenced_partitions_total"),
+      value("meterd_last_flush_events"), value("meterd_last_flush_rows"));
+  last_logged_events_ = events;
 }
 
 absl::Status Ingestor::Run(const std::function<bool()>& stop) {
@@ -214,11 +223,10 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
   flusher_->Stop();
   // Anything still pending (a failed final flush) was already logged and left unadvanced.
   LogStats(clock_->Now() - last_stats);
-  const FlushStats& f = flusher_->stats();
-  LOG_INFO(
-      "flush summary: {} flushes wrote {} events as {} rows; largest flush {} events, "
-      "{} rows",
-      f.flushes.load(), f.events.load(), f.rows.load(), f.max_events.load(), f.max_rows.load());
+  const FlushMetrics& f = flusher_->metrics();
+  LOG_INFO("flush summary: {} flushes wrote {} events as {} rows; largest flush {} events, {} rows",
+           f.flushes->value(), f.events->value(), f.rows->value(), f.largest_events->value(),
+           f.largest_rows->value());
   return result;
 }
 

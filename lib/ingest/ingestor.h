@@ -30,13 +30,8 @@ struct IngestOptions {
   aggregate::DedupLimits dedup;        // Per partition.
   kafka::Properties kafka_properties;  // Passed through to librdkafka, after our defaults.
   CommitListener on_committed;         // Told which orgs each committed flush touched.
-};
-
-// A consistent-enough view of the counters for /metrics and logs (each value is read atomically).
-struct IngestSnapshot {
-  int64_t messages = 0, events = 0, rejected = 0, unflushed_keys = 0, paused_shards = 0;
-  int64_t duplicates = 0, dedup_ids = 0, offset_gaps = 0, seek_failures = 0;
-  int64_t assigned_partitions = 0, shards = 0;
+  // Where the ingest metrics are registered (outlives the ingestor); null: a private registry.
+  MetricsRegistry* metrics = nullptr;
 };
 
 // The librdkafka consumer configuration meterd runs with: our defaults, then the user's
@@ -64,9 +59,10 @@ class Ingestor final : private kafka::GroupListener {
   // Consumes until `stop()` returns true, then: stop fetching, flush everything, leave the group.
   absl::Status Run(const std::function<bool()>& stop);
 
-  const FlushStats& flush_stats() const { return flusher_->stats(); }
+  // Ready to count: partitions assigned and the latest flush succeeded; otherwise why not.
   // Thread-safe.
-  IngestSnapshot Snapshot() const;
+  absl::Status Readiness() const;
+  MetricsRegistry& metrics() const { return *metrics_; }
 
  private:
   Ingestor(IngestOptions options, const Clock* clock)
@@ -79,6 +75,10 @@ class Ingestor final : private kafka::GroupListener {
 
   IngestOptions options_;
   const Clock* const clock_;
+  std::unique_ptr<MetricsRegistry> own_metrics_;  // When options.metrics is null.
+  MetricsRegistry* metrics_ = nullptr;
+  std::unique_ptr<ShardMetrics> shard_metrics_;
+  Gauge* first_assignment_unix_ms_ = nullptr;
   // Declaration order is destruction order: the flusher uses the shards, the shards' queues
   // belong to the source.
   std::unique_ptr<kafka::PartitionSource> source_;

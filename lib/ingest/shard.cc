@@ -15,32 +15,48 @@ namespace meterd::ingest {
 
 using aggregate::SealedPartition;
 
-namespace {
-
-// The shard thread is the only writer of its stats: a relaxed load and store, no atomic
-// read-modify-write on the per-message path.
-void AddTo(std::atomic<int64_t>& counter, int64_t n) {
-  counter.store(counter.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-}
-
-}  // namespace
+ShardMetrics::ShardMetrics(MetricsRegistry& r)
+    : messages(r.AddCounter("meterd_messages_total", "Kafka messages consumed")),
+      events(r.AddCounter("meterd_events_total", "Valid usage events counted")),
+      rejected(r.AddCounter("meterd_rejected_events_total",
+                            "Events refused (to shared.rejected_events)")),
+      duplicates(r.AddCounter("meterd_duplicate_events_total",
+                              "Events not counted because the partition counted the same "
+                              "(source, id) within the dedup window")),
+      offset_gaps(r.AddCounter("meterd_offset_gaps_total",
+                               "Log ranges found missing (retention, recreated topic); each is a "
+                               "rejected_events row with reason offset_gap")),
+      seek_failures(
+          r.AddCounter("meterd_seek_failures_total", "Partition seeks that failed (retried)")),
+      dedup_ids(r.AddGauge("meterd_dedup_ids", "(source, id) fingerprints remembered for dedup")),
+      unflushed_keys(
+          r.AddGauge("meterd_unflushed_keys", "Counter keys not yet written to Postgres")),
+      paused_shards(r.AddGauge("meterd_paused_shards",
+                               "Shards not draining (Postgres down or key cap reached)")),
+      last_counted_unix_ms(r.AddGauge("meterd_last_counted_unix_ms",
+                                      "When an event was last counted (Unix ms, 0: never)")) {}
 
 absl::StatusOr<std::unique_ptr<Shard>> Shard::Create(int index, kafka::PartitionSource* source,
                                                      const event::MeterRegistry* meters,
                                                      const Clock* clock, ShardOptions options,
+                                                     ShardMetrics* metrics,
+                                                     MetricsRegistry* registry,
                                                      FlushRequest request_flush) {
-  std::unique_ptr<Shard> shard(
-      new Shard(index, source, meters, clock, options, std::move(request_flush)));
+  std::unique_ptr<Shard> shard(new Shard(index, source, meters, clock, options, metrics, registry,
+                                         std::move(request_flush)));
   if (absl::Status status = shard->Open(); !status.ok()) return status;
   return shard;
 }
 
 Shard::Shard(int index, kafka::PartitionSource* source, const event::MeterRegistry* meters,
-             const Clock* clock, ShardOptions options, FlushRequest request_flush)
+             const Clock* clock, ShardOptions options, ShardMetrics* metrics,
+             MetricsRegistry* registry, FlushRequest request_flush)
     : index_(index),
       source_(source),
       clock_(clock),
       options_(options),
+      metrics_(metrics),
+      registry_(registry),
       request_flush_(std::move(request_flush)),
       wakeup_(io_),
       parser_(meters, options.parse_limits) {}
@@ -65,6 +81,10 @@ absl::Status Shard::Open() {
 
 Shard::~Shard() {
   Stop();
+  for (const auto& [partition, owned] : partitions_) DropLag(partition);
+  metrics_->unflushed_keys->Add(-published_keys_);
+  metrics_->dedup_ids->Add(-published_ids_);
+  if (paused_) metrics_->paused_shards->Add(-1);
   if (queue_ != nullptr) queue_->NotifyOn(-1);
   queue_.reset();
   if (wakeup_write_fd_ >= 0) close(wakeup_write_fd_);
@@ -105,16 +125,11 @@ void Shard::Drain() {
     const absl::Time now = clock_->Now();  // Once per batch, not per event.
     for (const kafka::Message& message : batch) Process(message, now);
     adder_.Apply();  // Before anything else on this thread reads or moves the counters.
-    AddTo(stats_.messages, static_cast<int64_t>(batch.size()));
-    const size_t live = LiveKeys();
-    stats_.live_keys.store(static_cast<int64_t>(live), std::memory_order_relaxed);
-    size_t ids = 0;
-    for (const auto& [partition, owned] : partitions_) ids += owned.dedup.size();
-    stats_.dedup_ids.store(static_cast<int64_t>(ids), std::memory_order_relaxed);
-    if (live >= options_.max_unflushed_keys) {
+    metrics_->messages->Add(static_cast<int64_t>(batch.size()));
+    Publish(now);
+    if (static_cast<size_t>(published_keys_) >= options_.max_unflushed_keys) {
       // Backpressure: stop draining; librdkafka stops fetching once its own buffer is full.
-      paused_ = true;
-      stats_.paused.store(true, std::memory_order_relaxed);
+      SetPaused(true);
       if (!flush_requested_) {
         flush_requested_ = true;
         request_flush_();
@@ -169,7 +184,7 @@ void Shard::Process(const kafka::Message& message, absl::Time now) {
   const std::optional<std::string_view> bytes = MessageBytes(message);
   if (!bytes) {  // A tombstone or empty message.
     owned.deltas.Reject(message.offset, event::RejectReason::kNotJson, "empty message", "");
-    AddTo(stats_.rejected, 1);
+    ++batch_rejected_;
     return;
   }
   const event::ParsedMessage& parsed = parser_.Parse(*bytes, now);
@@ -190,12 +205,12 @@ void Shard::Process(const kafka::Message& message, absl::Time now) {
       owned.deltas.Reject(message.offset, r.reason, r.detail, r.raw);
     }
   }
-  AddTo(stats_.events, parsed.events.size() - duplicates);
-  if (duplicates > 0) {
-    AddTo(stats_.duplicates, duplicates);
-  }
-  if (!parsed.rejections.empty()) {
-    AddTo(stats_.rejected, parsed.rejections.size());
+  batch_events_ += static_cast<int64_t>(parsed.events.size() - duplicates);
+  batch_duplicates_ += static_cast<int64_t>(duplicates);
+  batch_rejected_ += static_cast<int64_t>(parsed.rejections.size());
+  if (owned.oldest_timestamp_ms < 0 ||
+      (timestamp_ms >= 0 && timestamp_ms < owned.oldest_timestamp_ms)) {
+    owned.oldest_timestamp_ms = timestamp_ms;
   }
 }
 
@@ -237,6 +252,7 @@ int64_t Shard::AddPartition(int32_t partition, int64_t stored_offset, int64_t lo
     partitions_.erase(partition);
     OwnedPartition& owned =
         partitions_.emplace(partition, OwnedPartition(stored_offset, options_.dedup)).first->second;
+    RegisterLag(partition, owned);
     if (stored_offset == SealedPartition::kNoStoredOffset || log_start < 0 || log_end < 0) {
       return ReadFrom(stored_offset, log_start);
     }
@@ -277,7 +293,7 @@ bool Shard::SeekTo(int32_t partition, int64_t offset) {
     if (status.ok()) return true;
     LOG_ERROR("shard {}: seek of partition {} to {} failed (attempt {} of 3): {}", index_,
               partition, offset, attempt, status.message());
-    AddTo(stats_.seek_failures, 1);
+    metrics_->seek_failures->Add();
     clock_->SleepFor(absl::Milliseconds(100 * attempt));
   }
   return false;
@@ -329,7 +345,7 @@ void Shard::RecordGap(OwnedPartition& owned, int32_t partition, int64_t at,
                       const std::string& what) {
   LOG_ERROR("shard {}: partition {}: offset gap: {}", index_, partition, what);
   owned.deltas.Reject(at, event::RejectReason::kOffsetGap, what, "");
-  AddTo(stats_.offset_gaps, 1);
+  metrics_->offset_gaps->Add();
 }
 
 std::vector<SealedPartition> Shard::Seal(const std::vector<int32_t>& partitions, bool release) {
@@ -344,6 +360,8 @@ std::vector<SealedPartition> Shard::Seal(const std::vector<int32_t>& partitions,
       s.partition = partition;
       s.expected_offset = owned.expected_offset;
       s.next_offset = owned.next_offset;
+      s.oldest_timestamp_ms = owned.oldest_timestamp_ms;
+      owned.oldest_timestamp_ms = -1;
       const size_t previous_size = owned.deltas.counters.size();
       s.deltas = std::move(owned.deltas);
       owned.deltas = {};
@@ -357,11 +375,17 @@ std::vector<SealedPartition> Shard::Seal(const std::vector<int32_t>& partitions,
         auto it = partitions_.find(partition);
         if (it == partitions_.end()) continue;
         seal_one(partition, it->second);
-        if (release) partitions_.erase(it);
+        if (release) {
+          DropLag(partition);
+          partitions_.erase(it);
+        }
       }
     }
-    if (release && partitions.empty()) partitions_.clear();
-    stats_.live_keys.store(static_cast<int64_t>(LiveKeys()), std::memory_order_relaxed);
+    if (release && partitions.empty()) {
+      for (const auto& [partition, owned] : partitions_) DropLag(partition);
+      partitions_.clear();
+    }
+    Publish(clock_->Now());
     return sealed;
   });
 }
@@ -380,6 +404,7 @@ void Shard::ResetPartition(int32_t partition, int64_t stored_offset) {
     const bool sought = SeekTo(partition, ReadFrom(stored_offset, low));
     // The window remembered ids of the dropped deltas: rebuild it from the log.
     it->second = OwnedPartition(stored_offset, options_.dedup);
+    RegisterLag(partition, it->second);
     // Reading on from where the consumer is would skip what the dropped deltas covered.
     if (!sought) StopPartition(it->second, partition);
     LOG_WARN("shard {}: partition {} fenced; dropped unflushed deltas, resuming at offset {}",
@@ -395,20 +420,60 @@ void Shard::PositionOutOfRange(int32_t partition) {
 }
 
 void Shard::Pause() {
-  boost::asio::post(io_, [this] {
-    paused_ = true;
-    stats_.paused.store(true, std::memory_order_relaxed);
-  });
+  boost::asio::post(io_, [this] { SetPaused(true); });
 }
 
 void Shard::Resume() {
   boost::asio::post(io_, [this] {
     flush_requested_ = false;
     if (!paused_) return;
-    paused_ = false;
-    stats_.paused.store(false, std::memory_order_relaxed);
+    SetPaused(false);
     Drain();  // The wake-up byte came while paused; it will not come again for queued data.
   });
+}
+
+void Shard::Publish(absl::Time now) {
+  if (batch_events_ > 0) {
+    metrics_->events->Add(batch_events_);
+    metrics_->last_counted_unix_ms->Set(absl::ToUnixMillis(now));
+  }
+  if (batch_rejected_ > 0) metrics_->rejected->Add(batch_rejected_);
+  if (batch_duplicates_ > 0) metrics_->duplicates->Add(batch_duplicates_);
+  batch_events_ = batch_rejected_ = batch_duplicates_ = 0;
+  const auto keys = static_cast<int64_t>(LiveKeys());
+  int64_t ids = 0;
+  for (const auto& [partition, owned] : partitions_) {
+    ids += static_cast<int64_t>(owned.dedup.size());
+    owned.position->store(owned.next_offset, std::memory_order_relaxed);
+  }
+  metrics_->unflushed_keys->Add(keys - published_keys_);
+  metrics_->dedup_ids->Add(ids - published_ids_);
+  published_keys_ = keys;
+  published_ids_ = ids;
+}
+
+void Shard::SetPaused(bool paused) {
+  if (paused == paused_) return;
+  paused_ = paused;
+  metrics_->paused_shards->Add(paused ? 1 : -1);
+}
+
+void Shard::RegisterLag(int32_t partition, const OwnedPartition& owned) {
+  const Labels labels = {{"partition", std::to_string(partition)}};
+  registry_->Remove("meterd_partition_lag", labels);
+  registry_->AddCallbackGauge(
+      "meterd_partition_lag",
+      "Messages in the partition's log after what this instance has read (-1: unknown)", labels,
+      [source = source_, partition, position = owned.position]() -> int64_t {
+        const int64_t end = source->CachedLogEnd(partition);
+        const int64_t at = position->load(std::memory_order_relaxed);
+        if (end < 0 || at < 0) return -1;
+        return std::max<int64_t>(0, end - at);
+      });
+}
+
+void Shard::DropLag(int32_t partition) {
+  registry_->Remove("meterd_partition_lag", {{"partition", std::to_string(partition)}});
 }
 
 }  // namespace meterd::ingest

@@ -21,6 +21,7 @@
 #include "lib/aggregate/counters.h"
 #include "lib/aggregate/dedup_window.h"
 #include "lib/common/clock.h"
+#include "lib/common/metrics.h"
 #include "lib/event/event_parser.h"
 #include "lib/kafka/partition_source.h"
 
@@ -36,17 +37,20 @@ struct ShardOptions {
   aggregate::DedupLimits dedup;
 };
 
-// Counters published by the shard thread once per batch (single writer, relaxed).
-struct ShardStats {
-  std::atomic<int64_t> messages{0};
-  std::atomic<int64_t> events{0};
-  std::atomic<int64_t> rejected{0};
-  std::atomic<int64_t> duplicates{0};   // Events not counted: same (source, id) seen before.
-  std::atomic<int64_t> offset_gaps{0};  // Log ranges found missing (see AddPartition).
-  std::atomic<int64_t> seek_failures{0};
-  std::atomic<int64_t> dedup_ids{0};  // Ids remembered over the shard's partitions.
-  std::atomic<int64_t> live_keys{0};
-  std::atomic<bool> paused{false};
+// The shards' metrics, shared by all shards of an ingestor (registered once, by name). A shard
+// publishes once per batch: counts as one Add, gauges as the change since its last publish.
+struct ShardMetrics {
+  explicit ShardMetrics(MetricsRegistry& registry);
+  Counter* messages;
+  Counter* events;  // Counted events (not rejected, not duplicates).
+  Counter* rejected;
+  Counter* duplicates;  // Not counted: same (source, id) seen before.
+  Counter* offset_gaps;
+  Counter* seek_failures;
+  Gauge* dedup_ids;       // Ids remembered over all partitions.
+  Gauge* unflushed_keys;  // Counter keys (and rejected rows) not yet flushed.
+  Gauge* paused_shards;
+  Gauge* last_counted_unix_ms;  // When a shard last counted an event (0: never).
 };
 
 // One consumer shard: a thread running an io_context, woken by its message queue through a
@@ -58,14 +62,17 @@ class Shard {
   using FlushRequest = std::function<void()>;
 
   // `source` outlives the shard; the shard makes its queue there and seeks through it.
+  // `source`, `metrics` and `registry` outlive the shard; the shard makes its queue in
+  // `source`, seeks through it, and registers each owned partition's lag in `registry`.
   static absl::StatusOr<std::unique_ptr<Shard>> Create(int index, kafka::PartitionSource* source,
                                                        const event::MeterRegistry* meters,
                                                        const Clock* clock, ShardOptions options,
+                                                       ShardMetrics* metrics,
+                                                       MetricsRegistry* registry,
                                                        FlushRequest request_flush);
   ~Shard();
 
   kafka::MessageQueue* queue() const { return queue_.get(); }
-  const ShardStats& stats() const { return stats_; }
   int index() const { return index_; }
 
   // Takes ownership of a partition whose next offset in Postgres is `stored_offset`
@@ -103,7 +110,8 @@ class Shard {
         : expected_offset(stored_offset),
           next_offset(stored_offset),
           warm_until(stored_offset),
-          dedup(limits) {}
+          dedup(limits),
+          position(std::make_shared<std::atomic<int64_t>>(stored_offset)) {}
     int64_t expected_offset;  // What Postgres holds for the deltas not yet sealed.
     int64_t next_offset;      // After the last message counted; kNoStoredOffset before any.
     // Messages below this offset were counted before this shard owned the partition (or
@@ -114,10 +122,22 @@ class Shard {
     bool stopped = false;
     aggregate::PartitionCounters deltas;
     aggregate::DedupWindow dedup;
+    // Kafka timestamp of the oldest message counted since the last seal (-1: none): how long
+    // the slowest event of a flush waited to become visible.
+    int64_t oldest_timestamp_ms = -1;
+    // next_offset, published once per batch for the lag gauge (read on the metrics thread).
+    std::shared_ptr<std::atomic<int64_t>> position;
   };
 
   Shard(int index, kafka::PartitionSource* source, const event::MeterRegistry* meters,
-        const Clock* clock, ShardOptions options, FlushRequest request_flush);
+        const Clock* clock, ShardOptions options, ShardMetrics* metrics, MetricsRegistry* registry,
+        FlushRequest request_flush);
+  // Publishes the batch's counts and the gauges' changes (shard thread).
+  void Publish(absl::Time now);
+  void SetPaused(bool paused);
+  // Registers (or drops) the partition's lag gauge: log end minus its position.
+  void RegisterLag(int32_t partition, const OwnedPartition& owned);
+  void DropLag(int32_t partition);
   absl::Status Open();
   void ArmWakeup();
   void Drain();
@@ -151,6 +171,8 @@ class Shard {
   kafka::PartitionSource* const source_;
   const Clock* const clock_;
   const ShardOptions options_;
+  ShardMetrics* const metrics_;
+  MetricsRegistry* const registry_;
   const FlushRequest request_flush_;
 
   boost::asio::io_context io_;
@@ -168,7 +190,9 @@ class Shard {
   std::string binary_event_;                                                 // Reused.
   bool paused_ = false;
   bool flush_requested_ = false;
-  ShardStats stats_;
+  // Counted since the last Publish; what this shard last added to the shared gauges.
+  int64_t batch_events_ = 0, batch_rejected_ = 0, batch_duplicates_ = 0;
+  int64_t published_keys_ = 0, published_ids_ = 0;
 };
 
 }  // namespace meterd::ingest

@@ -250,6 +250,11 @@ absl::Status FakePartitionSource::LogBounds(int32_t partition, int64_t* low, int
   return absl::OkStatus();
 }
 
+int64_t FakePartitionSource::CachedLogEnd(int32_t partition) const {
+  std::lock_guard lock(mu_);
+  return LogEndLocked(partitions_.at(partition));
+}
+
 int FakePartitionSource::AssignedCount() const {
   std::lock_guard lock(mu_);
   int n = 0;

@@ -47,6 +47,7 @@ class FakePartitionSource final : public PartitionSource {
   absl::Status Close() override;
   absl::Status Seek(int32_t partition, int64_t offset) override;
   absl::Status LogBounds(int32_t partition, int64_t* low, int64_t* high) override;
+  int64_t CachedLogEnd(int32_t partition) const override;
   int AssignedCount() const override;
 
  private:

@@ -103,6 +103,9 @@ class PartitionSource {
   virtual absl::Status Seek(int32_t partition, int64_t offset) = 0;
   // The partition's first offset and the offset after its last message.
   virtual absl::Status LogBounds(int32_t partition, int64_t* low, int64_t* high) = 0;
+  // The partition's log end as last seen by the client (no broker round trip), -1 if unknown.
+  // Thread-safe: the lag gauge reads it on the metrics thread.
+  virtual int64_t CachedLogEnd(int32_t partition) const = 0;
   // Partitions currently assigned to this member. Thread-safe.
   virtual int AssignedCount() const = 0;
 };

@@ -246,4 +246,14 @@ absl::Status RdKafkaSource::LogBounds(int32_t partition, int64_t* low, int64_t* 
   return absl::UnavailableError(rd_kafka_err2str(err));
 }
 
+int64_t RdKafkaSource::CachedLogEnd(int32_t partition) const {
+  int64_t low = -1, high = -1;
+  // From the last fetch response: local, no request.
+  if (rd_kafka_get_watermark_offsets(consumer_.get(), options_.topic.c_str(), partition, &low,
+                                     &high) != RD_KAFKA_RESP_ERR_NO_ERROR) {
+    return -1;
+  }
+  return high;
+}
+
 }  // namespace meterd::kafka

@@ -35,6 +35,7 @@ class RdKafkaSource final : public PartitionSource {
   absl::Status Close() override;
   absl::Status Seek(int32_t partition, int64_t offset) override;
   absl::Status LogBounds(int32_t partition, int64_t* low, int64_t* high) override;
+  int64_t CachedLogEnd(int32_t partition) const override;
   int AssignedCount() const override { return assigned_.load(std::memory_order_relaxed); }
 
  private:

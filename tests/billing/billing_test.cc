@@ -601,10 +601,10 @@ TEST_F(BillingTest, OneOrgThatCannotBeInvoicedDoesNotBlockTheOthers) {
     ASSERT_TRUE(worker.ok()) << worker.status();
     (*worker)->Start();
     const absl::Time give_up = absl::Now() + absl::Seconds(20);
-    while ((*worker)->stats().open_close_failures.load() != 1 && absl::Now() < give_up) {
+    while ((*worker)->metrics().open_close_failures->value() != 1 && absl::Now() < give_up) {
       absl::SleepFor(absl::Milliseconds(20));
     }
-    EXPECT_EQ((*worker)->stats().open_close_failures.load(), 1);
+    EXPECT_EQ((*worker)->metrics().open_close_failures->value(), 1);
     (*worker)->Stop();
   }
   // Still failing on the next run: recorded once, attempts counted.
@@ -716,11 +716,11 @@ TEST_F(BillingTest, OverageWorkerIsolatesAnOrgItCannotPrice) {
   absl::SleepFor(absl::Seconds(2));
   EXPECT_EQ(Int("SELECT count(DISTINCT org_id) FROM shared.usage_charges"), 3);
   EXPECT_EQ(Int("SELECT count(*) FROM shared.usage_charges WHERE org_id = '" + Org(51) + "'"), 0);
-  EXPECT_EQ((*worker)->stats().failed_orgs.load(), 1);
-  EXPECT_EQ((*worker)->stats().pending_orgs.load(), 0);
-  const int64_t failures = (*worker)->stats().failures.load();
+  EXPECT_EQ((*worker)->metrics().failed_orgs->value(), 1);
+  EXPECT_EQ((*worker)->metrics().pending_orgs->value(), 0);
+  const int64_t failures = (*worker)->metrics().failures->value();
   absl::SleepFor(absl::Seconds(2));
-  EXPECT_EQ((*worker)->stats().failures.load(), failures) << "still retrying the outlier";
+  EXPECT_EQ((*worker)->metrics().failures->value(), failures) << "still retrying the outlier";
   (*worker)->Stop();
 }
 

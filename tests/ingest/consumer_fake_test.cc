@@ -259,7 +259,7 @@ TEST_F(ConsumerFakeTest, AFencedPartitionSeeksBackToTheStoredOffsetAndCountsOnEx
   Stop();
 
   EXPECT_GE(source_->seeks(), seeks_before + 1) << "the fenced partition was not sought back";
-  EXPECT_EQ(ingestor_->flush_stats().fenced.load(), 1);
+  EXPECT_EQ(ingestor_->metrics().Value("meterd_fenced_partitions_total"), 1);
   // 500 by us, 300 elsewhere, 200 by us after the fence: nothing twice, nothing lost.
   EXPECT_EQ(writer_->total(0), 1000);
 }
@@ -335,6 +335,34 @@ TEST_F(ConsumerFakeTest, FlushScheduleAndRetryBackoffFollowTheInjectedClock) {
   ASSERT_TRUE(writer_->WaitFor([&] { return writer_->offsets_[0] == 20; }));
   Stop();
   EXPECT_EQ(writer_->total(0), 20);
+}
+
+// The metrics an SRE reads: per-partition lag (log end - position) and how long the slowest
+// event of each flush waited to become visible, measured from its Kafka timestamp.
+TEST_F(ConsumerFakeTest, LagAndEventToVisibleLatencyAreMeasured) {
+  Start(/*partitions=*/1, /*shards=*/1, absl::Milliseconds(50));
+  // Produced two seconds ago.
+  const int64_t produced_ms = absl::ToUnixMillis(absl::Now() - absl::Seconds(2));
+  for (int i = 0; i < 100; ++i) {
+    source_->Append(0, EventAt(0, i, absl::Now()), produced_ms);
+    ++log_end_[0];
+  }
+  source_->Assign({0});
+  ASSERT_TRUE(writer_->WaitFor([&] { return writer_->offsets_[0] == 100; }));
+  MetricsRegistry& metrics = ingestor_->metrics();
+  EXPECT_EQ(metrics.Value("meterd_partition_lag", {{"partition", "0"}}), 0);
+  EXPECT_EQ(metrics.Value("meterd_events_total"), 100);
+  EXPECT_EQ(metrics.Value("meterd_flushed_events_total"), 100);
+  const std::string text = metrics.RenderPrometheus();
+  // At least one observation, none of them under 1 s: the wait counts from production.
+  EXPECT_NE(text.find("meterd_event_visible_latency_seconds_bucket{le=\"1\"} 0\n"),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(text.find("meterd_event_visible_latency_seconds_count 0\n"), std::string::npos) << text;
+  EXPECT_EQ(text.find("meterd_flush_duration_seconds_count 0\n"), std::string::npos) << text;
+  Stop();
+  // A released partition's lag series goes with it.
+  EXPECT_EQ(metrics.Value("meterd_partition_lag", {{"partition", "0"}}), std::nullopt);
 }
 
 }  // namespace

@@ -69,8 +69,8 @@ TEST(FlusherTest, RefreshFailureStreakIsLoggedOnceAndNeverStopsTheTicks) {
     }
     flusher.Stop();
     // Refresh failures are not flush failures: no backoff, shards never paused.
-    EXPECT_EQ(flusher.stats().failures.load(), 0);
-    EXPECT_TRUE(flusher.stats().last_ok.load());
+    EXPECT_EQ(flusher.metrics().failures->value(), 0);
+    EXPECT_TRUE(flusher.last_ok());
     // The fake lives as long as the flusher that owns it.
     EXPECT_GE(fake->refreshes.load(), 10);
     EXPECT_EQ(fake->writes.load(), 0);  // Nothing was pending: refreshing needs no flush.

@@ -12,6 +12,7 @@
 #include <pqxx/pqxx>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "lib/kafka/producer.h"
@@ -91,13 +92,11 @@ class PipelineTest : public ::testing::Test {
     return expected.ok() ? *expected : devtools::ExpectedTotals{};
   }
 
-  // The port `meterd run --http-listen 127.0.0.1:0` bound (it logs it); -1 after 30 s.
-  int HttpPortOf(ChildProcess& meterd) {
+  // Waits (up to 30 s) until meterd answers /healthz on `port`; the port, or -1.
+  int WaitForHttp(int port) {
     const absl::Time deadline = absl::Now() + absl::Seconds(30);
     while (absl::Now() < deadline) {
-      const std::string log = ReadFile(meterd.log_path());
-      const size_t at = log.find("(port ");
-      if (at != std::string::npos) return std::stoi(log.substr(at + 6));
+      if (HttpGet(port, "/healthz").first == 200) return port;
       absl::SleepFor(absl::Milliseconds(50));
     }
     return -1;
@@ -358,8 +357,10 @@ TEST_F(PipelineTest, MoreInstancesThanPartitionsAllStopCleanly) {
 // events: each costs one rejected row (not 250,000), flushes keep their pace, the valid totals
 // are exact and memory stays bounded.
 TEST_F(PipelineTest, PoisonBatchesCostOneRowEachAndStallNothing) {
-  auto meterd = StartMeterd("poison", "500ms", {"--http-listen", "127.0.0.1:0"});
-  const int port = HttpPortOf(*meterd);
+  const int http_port = FreeLocalPort();
+  auto meterd =
+      StartMeterd("poison", "500ms", {"--http-listen", absl::StrCat("127.0.0.1:", http_port)});
+  const int port = WaitForHttp(http_port);
   ASSERT_GT(port, 0) << ReadFile(meterd->log_path());
   auto loadgen = StartLoadgen(100'000, 500, 0.0, 8'000);
   ASSERT_TRUE(WaitForProgress(0, absl::Seconds(60))) << ReadFile(meterd->log_path());
@@ -422,7 +423,9 @@ TEST_F(PipelineTest, StoredOffsetPastTheLogEndIsReportedNotSkipped) {
         std::string(kTopic) + "', p, 1000000 FROM generate_series(0, 63) p");
     tx.commit();
   }
-  auto meterd = StartMeterd("gap", "300ms", {"--http-listen", "127.0.0.1:0"});
+  const int http_port = FreeLocalPort();
+  auto meterd =
+      StartMeterd("gap", "300ms", {"--http-listen", absl::StrCat("127.0.0.1:", http_port)});
   const absl::Time deadline = absl::Now() + absl::Seconds(60);
   while (QueryInt(url_,
                   "SELECT count(*) FROM shared.ingest_offsets WHERE next_offset < "
@@ -440,7 +443,7 @@ TEST_F(PipelineTest, StoredOffsetPastTheLogEndIsReportedNotSkipped) {
   ExpectExact(FinishLoadgen(*StartLoadgen(20'000, 200, 0.0, 0)));
   const std::string log = ReadFile(meterd->log_path());
   EXPECT_NE(log.find("offset gap: stored next offset 1000000"), std::string::npos) << log;
-  const int port = HttpPortOf(*meterd);
+  const int port = WaitForHttp(http_port);
   ASSERT_GT(port, 0);
   const std::string metrics = HttpGet(port, "/metrics").second;
   EXPECT_NE(metrics.find("\nmeterd_offset_gaps_total 64\n"), std::string::npos) << metrics;
@@ -534,10 +537,15 @@ TEST_F(PipelineTest, PostgresOutagePausesAndLosesNothing) {
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
 }
 
+// /metrics, /metrics.json and --summary-json render one registry: the same numbers, per
+// partition lag and the flush histograms included.
 TEST_F(PipelineTest, HttpEndpointServesMetricsAndReadiness) {
-  auto meterd = StartMeterd("a", "300ms", {"--http-listen", "127.0.0.1:0"});
-  // The port it bound is in its log.
-  const int port = HttpPortOf(*meterd);
+  const int http_port = FreeLocalPort();
+  const std::string summary = dir_ + "/summary.json";
+  auto meterd = StartMeterd(
+      "a", "300ms",
+      {"--http-listen", absl::StrCat("127.0.0.1:", http_port), "--summary-json", summary});
+  const int port = WaitForHttp(http_port);
   ASSERT_GT(port, 0) << ReadFile(meterd->log_path());
   EXPECT_EQ(HttpGet(port, "/healthz").first, 200);
   EXPECT_EQ(HttpGet(port, "/nope").first, 404);
@@ -553,8 +561,27 @@ TEST_F(PipelineTest, HttpEndpointServesMetricsAndReadiness) {
   EXPECT_NE(metrics.find("\nmeterd_flushed_events_total 20000\n"), std::string::npos) << metrics;
   EXPECT_NE(metrics.find("\nmeterd_assigned_partitions 64\n"), std::string::npos) << metrics;
   EXPECT_NE(metrics.find("# TYPE meterd_flushes_total counter"), std::string::npos);
+  // Everything read: every owned partition's lag is 0.
+  int lag_zero = 0;
+  for (size_t at = metrics.find("\nmeterd_partition_lag{"); at != std::string::npos;
+       at = metrics.find("\nmeterd_partition_lag{", at + 1)) {
+    const size_t end = metrics.find('\n', at + 1);
+    lag_zero += absl::EndsWith(metrics.substr(at, end - at), "} 0") ? 1 : 0;
+  }
+  EXPECT_EQ(lag_zero, 64) << metrics;
+  EXPECT_NE(metrics.find("# TYPE meterd_flush_duration_seconds histogram"), std::string::npos);
+  const size_t visible = metrics.find("\nmeterd_event_visible_latency_seconds_count ");
+  ASSERT_NE(visible, std::string::npos) << metrics;
+  EXPECT_GE(std::stoll(metrics.substr(visible + 44)), 1) << metrics;
+  const auto [json_status, json] = HttpGet(port, "/metrics.json");
+  EXPECT_EQ(json_status, 200);
+  EXPECT_NE(json.find("\"meterd_events_total\":20000"), std::string::npos) << json;
+
   meterd->Signal(SIGTERM);
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+  const std::string written = ReadFile(summary);
+  EXPECT_NE(written.find("\"meterd_flushed_events_total\":20000"), std::string::npos) << written;
+  EXPECT_NE(written.find("\"meterd_first_assignment_unix_ms\":"), std::string::npos) << written;
 }
 
 // The Kafka path and the direct SQL path (increment_api_usage) give the same billing status,

@@ -259,6 +259,22 @@ void ProduceOrDie(const std::string& brokers, const std::string& topic, const st
   if (!flushed.ok()) throw std::runtime_error(std::string(flushed.message()));
 }
 
+int FreeLocalPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = 0;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof(address);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    close(fd);
+    throw std::runtime_error("no free port on 127.0.0.1");
+  }
+  close(fd);
+  return ntohs(address.sin_port);
+}
+
 std::pair<int, std::string> HttpGet(int port, const std::string& path) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in address{};

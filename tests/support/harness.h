@@ -86,6 +86,10 @@ void ProduceOrDie(const std::string& brokers, const std::string& topic, const st
                   const std::vector<std::string>& payloads);
 // GET http://127.0.0.1:port/path; the status code and body (status -1 if unreachable).
 std::pair<int, std::string> HttpGet(int port, const std::string& path);
+
+// A port on 127.0.0.1 that was free a moment ago (bound to port 0, then released), for
+// --http-listen.
+int FreeLocalPort();
 // A CloudEvent for `org` stamped now.
 std::string UsageEventJson(const std::string& org, const std::string& meter, int64_t quantity,
                            const std::string& industry);

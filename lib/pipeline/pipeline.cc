@@ -1,0 +1,132 @@
+#include "lib/pipeline/pipeline.h"
+
+#include <cstdio>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "lib/billing/close_period.h"
+#include "lib/common/logging.h"
+#include "lib/common/process.h"
+#include "lib/common/status_macros.h"
+#include "lib/store/migrations.h"
+#include "lib/store/pg_flush_writer.h"
+
+namespace meterd::pipeline {
+
+absl::Status Validate(const PipelineOptions& o) {
+  if (o.pg.empty()) return absl::InvalidArgumentError("--pg is required (or set METERD_pg)");
+  if (o.ingest.brokers.empty()) {
+    return absl::InvalidArgumentError("--brokers is required (or set METERD_brokers)");
+  }
+  if (o.ingest.shards < 1) return absl::InvalidArgumentError("--shards must be at least 1");
+  if (o.ingest.flush_interval <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--flush-interval must be positive");
+  }
+  if (o.ingest.max_unflushed_keys < 1) {
+    return absl::InvalidArgumentError("--max-unflushed-keys must be at least 1");
+  }
+  if (o.ingest.dedup.window <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--dedup-window must be positive");
+  }
+  const store::PgTimeouts& t = o.pg_timeouts;
+  if (t.connect < absl::Seconds(2) || t.statement < absl::Seconds(1) ||
+      t.lock < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "--pg-connect-timeout must be at least 2s (libpq's minimum), --pg-statement-timeout at "
+        "least 1s, --pg-lock-timeout at least 0 (0: none)");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Start(PipelineOptions options,
+                                                          const Clock* clock) {
+  RETURN_IF_ERROR(Validate(options));
+  std::unique_ptr<Pipeline> p(new Pipeline(std::move(options)));
+  const PipelineOptions& o = p->options_;
+  p->metrics_.AddCallbackGauge("meterd_peak_rss_bytes", "Peak resident set size (bytes)", {},
+                               [] { return PeakRssKib() * 1024; });
+  if (!o.http_listen.empty()) {
+    Pipeline* self = p.get();
+    ASSIGN_OR_RETURN(p->server_,
+                     http::HttpServer::Start(o.http_listen, [self](const std::string& path) {
+                       return self->Serve(path);
+                     }));
+    LOG_INFO("http: /metrics, /metrics.json, /healthz, /readyz on {} (port {})", o.http_listen,
+             p->server_->port());
+  }
+  RETURN_IF_ERROR(store::CheckSchemaCurrent(o.pg));
+  // The close must look back as far as this instance accepts late events.
+  RETURN_IF_ERROR(billing::RecordLateWindow(o.pg, o.ingest.parse_limits.late_window));
+  ASSIGN_OR_RETURN(p->meters_, store::LoadMeters(o.pg));
+  ASSIGN_OR_RETURN(auto writer, store::PgFlushWriter::Create(o.pg, {o.ingest.group, o.ingest.topic},
+                                                             &p->meters_, o.pg_timeouts));
+  ingest::IngestOptions ingest = o.ingest;
+  ingest.metrics = &p->metrics_;
+  if (o.billing) {
+    ASSIGN_OR_RETURN(p->overage_, billing::OverageWorker::Create(
+                                      o.pg, {.clock = clock, .metrics = &p->metrics_}));
+    ingest.on_committed = [worker = p->overage_.get()](const std::vector<event::OrgId>& orgs) {
+      worker->OrgsTouched(orgs);
+    };
+    p->overage_->Start();
+  }
+  ASSIGN_OR_RETURN(p->ingestor_,
+                   ingest::Ingestor::Create(ingest, std::move(writer), &p->meters_, clock));
+  p->serving_.store(p->ingestor_.get());
+  return p;
+}
+
+Pipeline::~Pipeline() {
+  server_.reset();  // First: it reads everything else.
+  serving_.store(nullptr);
+}
+
+absl::Status Pipeline::Run(const std::function<bool()>& stop) {
+  absl::Status run = ingestor_->Run(stop);
+  if (overage_) {
+    overage_->Stop();
+    const billing::OverageMetrics& m = overage_->metrics();
+    LOG_INFO("overage worker: {} refreshes, {} orgs refreshed, {} alerts, {} failures",
+             m.refreshes->value(), m.orgs_refreshed->value(), m.alerts_raised->value(),
+             m.failures->value());
+  }
+  if (absl::Status written = WriteSummary(); !written.ok()) {
+    LOG_ERROR("{}", written.message());
+    if (run.ok()) run = written;
+  }
+  LOG_INFO("stopped{}; peak RSS {} KiB", run.ok() ? " cleanly" : "", PeakRssKib());
+  return run;
+}
+
+absl::Status Pipeline::WriteSummary() const {
+  if (options_.summary_json.empty()) return absl::OkStatus();
+  // Written whole, then renamed: a reader never sees half a file.
+  const std::string temp = options_.summary_json + ".tmp";
+  {
+    std::ofstream out(temp, std::ios::trunc);
+    out << metrics_.RenderJson() << "\n";
+    if (!out) return absl::InternalError(absl::StrCat("--summary-json: cannot write ", temp));
+  }
+  if (std::rename(temp.c_str(), options_.summary_json.c_str()) != 0) {
+    return absl::InternalError(
+        absl::StrCat("--summary-json: cannot rename ", temp, " to ", options_.summary_json));
+  }
+  return absl::OkStatus();
+}
+
+http::Response Pipeline::Serve(const std::string& path) const {
+  constexpr char kText[] = "text/plain; charset=utf-8";
+  if (path == "/healthz") return {200, kText, "ok\n"};
+  if (path == "/metrics") {
+    return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_.RenderPrometheus()};
+  }
+  if (path == "/metrics.json") return {200, "application/json", metrics_.RenderJson()};
+  if (path != "/readyz") return {404, kText, "try /metrics, /metrics.json, /healthz or /readyz\n"};
+  const ingest::Ingestor* ingestor = serving_.load();
+  if (ingestor == nullptr) return {503, kText, "starting\n"};
+  const absl::Status ready = ingestor->Readiness();
+  if (!ready.ok()) return {503, kText, absl::StrCat(ready.message(), "\n")};
+  return {200, kText, "ready\n"};
+}
+
+}  // namespace meterd::pipeline
