@@ -98,16 +98,16 @@ work, done_at, events, keys_exact, json_out = sys.argv[1], float(sys.argv[2]), i
 load = lambda n: json.load(open(f"{work}/{n}.json"))
 raw, naive, latency, gen = load("raw"), load("naive"), load("latency"), load("loadgen")
 # meterd's own numbers: the metrics registry, written as JSON when it stopped (--summary-json).
-m = load("meterd-summary")
-start = m["meterd_first_assignment_unix_ms"] / 1000
+metrics = load("meterd-summary")
+start = metrics["meterd_first_assignment_unix_ms"] / 1000
 meterd_eps = events / (done_at - start)
 # When the shards had counted the last event: the ingest rate, before the wait for the last
 # flush interval.
-counted = m["meterd_last_counted_unix_ms"] / 1000 if m["meterd_events_total"] >= events else None
+counted = metrics["meterd_last_counted_unix_ms"] / 1000 if metrics["meterd_events_total"] >= events else None
 ingest_eps = events / (counted - start) if counted else meterd_eps
-flushes, f_events, f_rows = m["meterd_flushes_total"], m["meterd_flushed_events_total"], m["meterd_flushed_rows_total"]
-max_events, max_rows = m["meterd_largest_flush_events"], m["meterd_largest_flush_rows"]
-rss_kib = m["meterd_peak_rss_bytes"] / 1024
+flushes, f_events, f_rows = metrics["meterd_flushes_total"], metrics["meterd_flushed_events_total"], metrics["meterd_flushed_rows_total"]
+max_events, max_rows = metrics["meterd_largest_flush_events"], metrics["meterd_largest_flush_rows"]
+rss_kib = metrics["meterd_peak_rss_bytes"] / 1024
 agg = [b for b in load("aggregate")["benchmarks"] if b["name"].startswith("BM_Aggregate/1000000")][0]
 cpu = open("/proc/cpuinfo").read()
 model = re.search(r"model name\s*:\s*(.*)", cpu).group(1)

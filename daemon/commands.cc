@@ -1,25 +1,21 @@
 // Subcommands: each reads its flags, wires library objects together, and maps the result to an
 // exit code with one clear line on failure. No logic of its own.
-#include <atomic>
 #include <cstdio>
-#include <iostream>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "daemon/flags.h"
 #include "lib/billing/close_period.h"
-#include "lib/billing/overage_worker.h"
 #include "lib/common/clock.h"
 #include "lib/common/logging.h"
 #include "lib/common/process.h"
 #include "lib/common/status_macros.h"
 #include "lib/devtools/dev_broker.h"
 #include "lib/devtools/loadgen.h"
-#include "lib/ingest/ingestor.h"
 #include "lib/pipeline/pipeline.h"
 #include "lib/store/migrations.h"
-#include "lib/store/pg_flush_writer.h"
 #include "lib/store/rejected_replay.h"
 
 namespace meterd::daemon {
@@ -33,7 +29,7 @@ int Fail(const char* command, const absl::Status& status) {
 absl::Status Require(const char* flag, const std::string& value) {
   if (value.empty()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--", flag, " is required (or set METERD_", flag, ")"));
+        absl::StrCat("--", flag, " is required (or set METERD_", absl::AsciiStrToUpper(flag), ")"));
   }
   return absl::OkStatus();
 }

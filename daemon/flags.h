@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "absl/flags/declare.h"
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
 
 ABSL_DECLARE_FLAG(std::string, pg);
@@ -50,5 +51,16 @@ struct Subcommand {
 };
 
 const std::vector<Subcommand>& Subcommands();
+
+struct CommandLine {
+  bool help = false;                          // --help / -h given: print the command's flags.
+  std::vector<std::string> kafka_properties;  // Every --kafka-property, environment first.
+};
+
+// Sets `command`'s flags from the environment (METERD_<FLAG>), then from argv[2..] (the command
+// line wins). Accepts --flag-name and --flag_name, `--flag value` and `--flag=value`, a bare
+// boolean flag; collects the repeatable --kafka-property. InvalidArgument, naming the flag or
+// variable, for anything else (a flag another command uses, a missing value, a bad value).
+absl::StatusOr<CommandLine> ParseCommandLine(const Subcommand& command, int argc, char** argv);
 
 }  // namespace meterd::daemon

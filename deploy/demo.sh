@@ -78,10 +78,10 @@ with open(f"{work}/expected.csv") as f:
         expected_rows[(row["org_id"], row["meter"], row["industry"], row["usage_date"])] = int(row["quantity"])
 stored_rows = {tuple(r[:4]): int(r[4]) for r in q("SELECT org_id::text, meter, industry, usage_date::text, quantity FROM shared.api_usage_meters")}
 # meterd's own numbers: its metrics registry, written as JSON when it stopped (--summary-json).
-m = json.load(open(f"{work}/meterd-summary.json"))
+metrics = json.load(open(f"{work}/meterd-summary.json"))
 # Ingest time runs from the first partition assignment (the group join is not meterd's speed).
-if m.get("meterd_first_assignment_unix_ms"):
-    first = m["meterd_first_assignment_unix_ms"] / 1000
+if metrics.get("meterd_first_assignment_unix_ms"):
+    first = metrics["meterd_first_assignment_unix_ms"] / 1000
 print()
 print("meterd demo: %d events, %d organizations, %d distinct (org, meter, industry, day) keys" % (events, len(set(k[0] for k in expected_rows)), len(expected_rows)))
 print()
@@ -98,8 +98,8 @@ print("malformed events produced %d, in shared.rejected_events %d (%s)" % (gen["
 ingest = done - first
 print()
 print("ingest: %.2f s from partition assignment to exact totals = %.0f events/s (wall %.2f s incl. group join)" % (ingest, events / ingest if ingest > 0 else 0, done - start))
-print("flushes: %d wrote %d events as %d rows; largest %d events as %d rows" % (m["meterd_flushes_total"], m["meterd_flushed_events_total"], m["meterd_flushed_rows_total"], m["meterd_largest_flush_events"], m["meterd_largest_flush_rows"]))
-print("meterd peak RSS: %.1f MiB; duplicates dropped: %d" % (m["meterd_peak_rss_bytes"] / 2**20, m["meterd_duplicate_events_total"]))
+print("flushes: %d wrote %d events as %d rows; largest %d events as %d rows" % (metrics["meterd_flushes_total"], metrics["meterd_flushed_events_total"], metrics["meterd_flushed_rows_total"], metrics["meterd_largest_flush_events"], metrics["meterd_largest_flush_rows"]))
+print("meterd peak RSS: %.1f MiB; duplicates dropped: %d" % (metrics["meterd_peak_rss_bytes"] / 2**20, metrics["meterd_duplicate_events_total"]))
 close = json.load(open(f"{work}/close.json"))
 def dollars(micros):
     return "${:,.2f}".format(micros / 1e6)

@@ -15,7 +15,7 @@ void PartitionCounters::Reject(int64_t offset, event::RejectReason reason, std::
   r.truncated = raw.size() > RejectedEvent::kMaxRawBytes;
   r.raw = std::string(raw.substr(0, RejectedEvent::kMaxRawBytes));
   rejected_bytes += r.raw.size() + r.detail.size();
-  ++events;
+  ++refused;
 }
 
 void PartitionCounters::RejectMessage(int64_t offset,
@@ -35,8 +35,8 @@ void PartitionCounters::RejectMessage(int64_t offset,
                   "; first: ", std::string(event::RejectReasonCode(rejections.front().reason)),
                   " (", std::string(rejections.front().detail), ")");
   Reject(offset, event::RejectReason::kBatchRejected, detail, raw);
-  // Reject counted one event; the refused elements are many.
-  events += static_cast<int64_t>(rejections.size()) - 1;
+  // Reject counted one refusal; the refused elements are many.
+  refused += static_cast<int64_t>(rejections.size()) - 1;
 }
 
 void MergeInto(SealedPartition& earlier, SealedPartition&& later) {
@@ -50,6 +50,7 @@ void MergeInto(SealedPartition& earlier, SealedPartition&& later) {
   for (auto& r : later.deltas.rejected) earlier.deltas.rejected.push_back(std::move(r));
   earlier.deltas.rejected_bytes += later.deltas.rejected_bytes;
   earlier.deltas.events += later.deltas.events;
+  earlier.deltas.refused += later.deltas.refused;
   if (earlier.oldest_timestamp_ms < 0 ||
       (later.oldest_timestamp_ms >= 0 && later.oldest_timestamp_ms < earlier.oldest_timestamp_ms)) {
     earlier.oldest_timestamp_ms = later.oldest_timestamp_ms;

@@ -55,7 +55,8 @@ struct RejectedEvent {
 struct PartitionCounters {
   CounterMap counters;
   std::vector<RejectedEvent> rejected;
-  int64_t events = 0;
+  int64_t events = 0;   // Events counted (added to `counters`).
+  int64_t refused = 0;  // Events refused (in `rejected`; a batch_rejected row holds many).
 
   void Add(const event::UsageEvent& e) { Add(CounterKey::Of(e), e.quantity); }
   void Add(const CounterKey& key, int64_t quantity) {
@@ -72,7 +73,7 @@ struct PartitionCounters {
                      size_t elements, std::string_view raw);
   // Raw bytes held by `rejected`: counted toward the shard's memory bound.
   size_t rejected_bytes = 0;
-  bool empty() const { return counters.empty() && rejected.empty() && events == 0; }
+  bool empty() const { return counters.empty() && rejected.empty() && events == 0 && refused == 0; }
 };
 
 // Adds events one message late, after prefetching their counter slots, so the cache miss on

@@ -115,7 +115,7 @@ void Flusher::Loop() {
       std::lock_guard lock(mu_);
       std::vector<SealedPartition> sealed;
       for (Shard* shard : shards_) {
-        auto part = shard->Seal({}, /*release=*/false);
+        auto part = shard->SealAll();
         std::move(part.begin(), part.end(), std::back_inserter(sealed));
       }
       status = WritePendingLocked(std::move(sealed));
@@ -249,7 +249,7 @@ absl::Status Flusher::FlushAndRelease(const std::vector<int32_t>& partitions,
       if (ShardFor(p) == shard) mine.push_back(p);
     }
     if (mine.empty()) continue;
-    auto part = shard->Seal(mine, /*release=*/true);
+    auto part = shard->SealAndRelease(mine);
     std::move(part.begin(), part.end(), std::back_inserter(sealed));
   }
   Backoff backoff({.initial = absl::Milliseconds(100), .max = absl::Seconds(5)});

@@ -348,42 +348,43 @@ void Shard::RecordGap(OwnedPartition& owned, int32_t partition, int64_t at,
   metrics_->offset_gaps->Add();
 }
 
-std::vector<SealedPartition> Shard::Seal(const std::vector<int32_t>& partitions, bool release) {
+void Shard::SealOne(int32_t partition, OwnedPartition& owned,
+                    std::vector<SealedPartition>& sealed) {
+  if (owned.next_offset == SealedPartition::kNoStoredOffset ||
+      owned.next_offset == owned.expected_offset) {
+    return;  // Nothing consumed since the last seal.
+  }
+  SealedPartition& s = sealed.emplace_back();
+  s.partition = partition;
+  s.expected_offset = owned.expected_offset;
+  s.next_offset = owned.next_offset;
+  s.oldest_timestamp_ms = owned.oldest_timestamp_ms;
+  owned.oldest_timestamp_ms = -1;
+  const size_t previous_size = owned.deltas.counters.size();
+  s.deltas = std::move(owned.deltas);
+  owned.deltas = {};
+  owned.deltas.counters.reserve(previous_size);  // The next interval touches similar keys.
+  owned.expected_offset = owned.next_offset;
+}
+
+std::vector<SealedPartition> Shard::SealAll() {
   return RunOnShard([&] {
     std::vector<SealedPartition> sealed;
-    auto seal_one = [&](int32_t partition, OwnedPartition& owned) {
-      if (owned.next_offset == SealedPartition::kNoStoredOffset ||
-          owned.next_offset == owned.expected_offset) {
-        return;  // Nothing consumed since the last seal.
-      }
-      SealedPartition& s = sealed.emplace_back();
-      s.partition = partition;
-      s.expected_offset = owned.expected_offset;
-      s.next_offset = owned.next_offset;
-      s.oldest_timestamp_ms = owned.oldest_timestamp_ms;
-      owned.oldest_timestamp_ms = -1;
-      const size_t previous_size = owned.deltas.counters.size();
-      s.deltas = std::move(owned.deltas);
-      owned.deltas = {};
-      owned.deltas.counters.reserve(previous_size);  // The next interval touches similar keys.
-      owned.expected_offset = owned.next_offset;
-    };
-    if (partitions.empty()) {
-      for (auto& [partition, owned] : partitions_) seal_one(partition, owned);
-    } else {
-      for (int32_t partition : partitions) {
-        auto it = partitions_.find(partition);
-        if (it == partitions_.end()) continue;
-        seal_one(partition, it->second);
-        if (release) {
-          DropLag(partition);
-          partitions_.erase(it);
-        }
-      }
-    }
-    if (release && partitions.empty()) {
-      for (const auto& [partition, owned] : partitions_) DropLag(partition);
-      partitions_.clear();
+    for (auto& [partition, owned] : partitions_) SealOne(partition, owned, sealed);
+    Publish(clock_->Now());
+    return sealed;
+  });
+}
+
+std::vector<SealedPartition> Shard::SealAndRelease(const std::vector<int32_t>& partitions) {
+  return RunOnShard([&] {
+    std::vector<SealedPartition> sealed;
+    for (int32_t partition : partitions) {
+      auto it = partitions_.find(partition);
+      if (it == partitions_.end()) continue;
+      SealOne(partition, it->second, sealed);
+      DropLag(partition);
+      partitions_.erase(it);
     }
     Publish(clock_->Now());
     return sealed;

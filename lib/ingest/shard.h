@@ -86,10 +86,11 @@ class Shard {
   // restarts at the log start.
   int64_t AddPartition(int32_t partition, int64_t stored_offset, int64_t log_start = -1,
                        int64_t log_end = -1);
-  // Seals the deltas of `partitions` (all owned ones when empty) and returns them; with
-  // `release`, also gives the partitions up (revoke).
-  std::vector<aggregate::SealedPartition> Seal(const std::vector<int32_t>& partitions,
-                                               bool release);
+  // Seals the deltas of every owned partition and returns them (the flush tick).
+  std::vector<aggregate::SealedPartition> SealAll();
+  // Seals the deltas of `partitions` and gives them up (revoke): nothing of them is counted
+  // here any more.
+  std::vector<aggregate::SealedPartition> SealAndRelease(const std::vector<int32_t>& partitions);
   // After a CAS miss: seek the partition to what Postgres holds and drop its unflushed deltas.
   void ResetPartition(int32_t partition, int64_t stored_offset);
   // The partition's log start and end (watermarks, asking the broker; -1 and false, logged,
@@ -132,6 +133,9 @@ class Shard {
   Shard(int index, kafka::PartitionSource* source, const event::MeterRegistry* meters,
         const Clock* clock, ShardOptions options, ShardMetrics* metrics, MetricsRegistry* registry,
         FlushRequest request_flush);
+  // Moves the partition's deltas since the last seal into `sealed` (nothing if none).
+  void SealOne(int32_t partition, OwnedPartition& owned,
+               std::vector<aggregate::SealedPartition>& sealed);
   // Publishes the batch's counts and the gauges' changes (shard thread).
   void Publish(absl::Time now);
   void SetPaused(bool paused);

@@ -14,9 +14,9 @@
 namespace meterd::pipeline {
 
 absl::Status Validate(const PipelineOptions& o) {
-  if (o.pg.empty()) return absl::InvalidArgumentError("--pg is required (or set METERD_pg)");
+  if (o.pg.empty()) return absl::InvalidArgumentError("--pg is required (or set METERD_PG)");
   if (o.ingest.brokers.empty()) {
-    return absl::InvalidArgumentError("--brokers is required (or set METERD_brokers)");
+    return absl::InvalidArgumentError("--brokers is required (or set METERD_BROKERS)");
   }
   if (o.ingest.shards < 1) return absl::InvalidArgumentError("--shards must be at least 1");
   if (o.ingest.flush_interval <= absl::ZeroDuration()) {

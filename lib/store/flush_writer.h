@@ -19,7 +19,6 @@ struct FlushOutcome {
   // Non-empty means the transaction was rolled back: these partitions failed the offset CAS.
   std::vector<FencedPartition> fenced;
   size_t rows_upserted = 0;
-  size_t rejected_inserted = 0;
 };
 
 // The seam between the flusher and Postgres; tests substitute it to inject faults.

@@ -268,7 +268,7 @@ absl::StatusOr<FlushOutcome> PgFlushWriter::Write(const std::vector<SealedPartit
     }
     outcome.rows_upserted = rows.size();
 
-    outcome.rejected_inserted = CopyRejected(tx, identity_.topic, batch);
+    CopyRejected(tx, identity_.topic, batch);
     tx.commit();
     return absl::OkStatus();
   });

@@ -47,6 +47,10 @@ TEST(CountersTest, RejectCapsRawBytes) {
   EXPECT_EQ(c.rejected[0].raw.size(), RejectedEvent::kMaxRawBytes);
   EXPECT_TRUE(c.rejected[0].truncated);
   EXPECT_EQ(c.rejected[0].offset, 7);
+  // A refusal is not a counted event.
+  EXPECT_EQ(c.events, 0);
+  EXPECT_EQ(c.refused, 1);
+  EXPECT_FALSE(c.empty());
 }
 
 TEST(CountersTest, MergeKeepsEarlierFenceAndLaterEnd) {
