@@ -6,6 +6,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "daemon/flags.h"
 #include "lib/billing/close_period.h"
 #include "lib/common/clock.h"
@@ -18,13 +19,72 @@
 #include "lib/store/migrations.h"
 #include "lib/store/rejected_replay.h"
 
+// The flags. Each subcommand lists the ones it reads (Subcommands() below); main refuses the
+// others and reads the environment through Abseil's reflection.
+ABSL_FLAG(std::string, pg, "", "Postgres connection: libpq URL or key=value string (required)");
+ABSL_FLAG(std::string, brokers, "", "Kafka bootstrap servers, host:port[,host:port] (required)");
+ABSL_FLAG(std::string, topic, "usage-events", "Kafka topic carrying the usage CloudEvents");
+ABSL_FLAG(std::string, group, "meterd", "Kafka consumer group; also keys shared.ingest_offsets");
+ABSL_FLAG(int, shards, static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),
+          "Consumer shard threads (default: number of cores)");
+ABSL_FLAG(absl::Duration, flush_interval, absl::Seconds(1),
+          "How often counters are written to Postgres");
+ABSL_FLAG(int64_t, max_unflushed_keys, 2'000'000,
+          "Unflushed counter keys (all shards) that force an early flush and pause consumption");
+ABSL_FLAG(absl::Duration, late_window, absl::Hours(24 * 62),
+          "Events older than this are rejected as time_too_old");
+ABSL_FLAG(absl::Duration, max_future_skew, absl::Minutes(5),
+          "Events further ahead of this host's clock are rejected as time_in_future");
+ABSL_FLAG(absl::Duration, stats_interval, absl::Seconds(10), "How often a stats line is logged");
+ABSL_FLAG(std::string, kafka_property, "",
+          "Extra librdkafka property key=value; repeat the flag for several");
+ABSL_FLAG(int, partitions, 16, "Partitions of the topic the embedded broker creates");
+ABSL_FLAG(int64_t, events, 100'000, "Events to produce");
+ABSL_FLAG(int, orgs, 1000, "Distinct organizations the events are spread over");
+ABSL_FLAG(double, malformed_share, 0.0, "Share (0..1) of malformed events mixed in");
+ABSL_FLAG(absl::Duration, pg_connect_timeout, absl::Seconds(10),
+          "Give up connecting to Postgres after this long (then retry with backoff)");
+ABSL_FLAG(absl::Duration, pg_statement_timeout, absl::Seconds(60),
+          "A flush (or offset load) not finished within this is abandoned and retried: set on "
+          "the server as statement_timeout and enforced on the client, so a Postgres that "
+          "stopped answering cannot stall ingestion");
+ABSL_FLAG(absl::Duration, pg_lock_timeout, absl::Seconds(10),
+          "Postgres lock_timeout of the flush (0: none): a flush blocked on a row lock fails "
+          "and is retried instead of waiting behind it");
+ABSL_FLAG(double, duplicate_share, 0.0,
+          "Share (0..1) of valid events produced again later with the same source and id "
+          "(a retrying producer); not in the expected totals");
+ABSL_FLAG(absl::Duration, dedup_window, absl::Hours(24),
+          "An event whose (source, id) its partition counted from a message sent at most this "
+          "long before (Kafka message timestamps) is a duplicate and not counted");
+ABSL_FLAG(int64_t, dedup_max_ids, 100'000,
+          "Ids remembered per partition for dedup (about 40 bytes each; 0 turns dedup off); "
+          "also how many messages are re-read on assignment to rebuild the window");
+ABSL_FLAG(std::string, expected_out, "",
+          "Write the expected per-(org, meter, industry, day) totals to this CSV file");
+ABSL_FLAG(int, days, 3, "Spread event times over the last N days");
+ABSL_FLAG(int64_t, rate, 0, "Events per second to produce at; 0 = as fast as possible");
+ABSL_FLAG(absl::Duration, startup_timeout, absl::Seconds(15),
+          "How long to wait for Kafka metadata at start before failing");
+ABSL_FLAG(std::string, reason, "",
+          "replay-rejected: the shared.rejected_events.reason code to replay (required)");
+ABSL_FLAG(std::string, since, "",
+          "replay-rejected: only rows rejected at or after this RFC 3339 time (default: all)");
+ABSL_FLAG(bool, billing, true,
+          "Run the overage worker: keep shared.usage_charges and quota alerts current");
+ABSL_FLAG(std::string, http_listen, "",
+          "Serve /metrics, /metrics.json, /healthz, /readyz on host:port (e.g. 0.0.0.0:9464); "
+          "empty: off");
+ABSL_FLAG(std::string, summary_json, "",
+          "When the run ends, write every metric (the same registry as /metrics) as one JSON "
+          "object to this file; empty: off");
+ABSL_FLAG(std::string, as_of, "", "Close periods that ended by this RFC 3339 time (default: now)");
+ABSL_FLAG(bool, allow_future, false,
+          "close-period: accept an --as-of in the future (invoices periods not yet ended)");
+ABSL_FLAG(uint64_t, seed, 1, "Seed for organization ids and event mix (same seed, same events)");
+
 namespace meterd::daemon {
 namespace {
-
-int Fail(const char* command, const absl::Status& status) {
-  std::fprintf(stderr, "meterd %s: %s\n", command, std::string(status.message()).c_str());
-  return 1;
-}
 
 absl::Status Require(const char* flag, const std::string& value) {
   if (value.empty()) {
@@ -74,7 +134,7 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   return pipeline->Run([] { return StopRequested(); });
 }
 
-absl::Status Migrate() {
+absl::Status Migrate(const std::vector<std::string>&) {
   const std::string pg = absl::GetFlag(FLAGS_pg);
   RETURN_IF_ERROR(Require("pg", pg));
   ASSIGN_OR_RETURN(int applied, store::ApplyMigrations(pg));
@@ -82,7 +142,7 @@ absl::Status Migrate() {
   return absl::OkStatus();
 }
 
-absl::Status ClosePeriod() {
+absl::Status ClosePeriod(const std::vector<std::string>&) {
   const std::string pg = absl::GetFlag(FLAGS_pg);
   RETURN_IF_ERROR(Require("pg", pg));
   absl::Time as_of = absl::Now();
@@ -108,7 +168,7 @@ absl::Status ClosePeriod() {
   return billing::FailuresStatus(summary);
 }
 
-absl::Status ReplayRejected() {
+absl::Status ReplayRejected(const std::vector<std::string>&) {
   const std::string pg = absl::GetFlag(FLAGS_pg);
   RETURN_IF_ERROR(Require("pg", pg));
   store::ReplayOptions options;
@@ -131,7 +191,7 @@ absl::Status ReplayRejected() {
   return absl::OkStatus();
 }
 
-absl::Status DevBroker() {
+absl::Status DevBroker(const std::vector<std::string>&) {
   InstallStopSignals();
   ASSIGN_OR_RETURN(auto broker, devtools::DevBroker::Start(absl::GetFlag(FLAGS_topic),
                                                            absl::GetFlag(FLAGS_partitions)));
@@ -168,31 +228,6 @@ absl::Status Loadgen(const std::vector<std::string>& raw_properties) {
   return absl::OkStatus();
 }
 
-int RunCommand(const std::vector<std::string>& p) {
-  absl::Status s = Run(p);
-  return s.ok() ? 0 : Fail("run", s);
-}
-int MigrateCommand(const std::vector<std::string>&) {
-  absl::Status s = Migrate();
-  return s.ok() ? 0 : Fail("migrate", s);
-}
-int ClosePeriodCommand(const std::vector<std::string>&) {
-  absl::Status s = ClosePeriod();
-  return s.ok() ? 0 : Fail("close-period", s);
-}
-int ReplayRejectedCommand(const std::vector<std::string>&) {
-  absl::Status s = ReplayRejected();
-  return s.ok() ? 0 : Fail("replay-rejected", s);
-}
-int DevBrokerCommand(const std::vector<std::string>&) {
-  absl::Status s = DevBroker();
-  return s.ok() ? 0 : Fail("dev-broker", s);
-}
-int LoadgenCommand(const std::vector<std::string>& p) {
-  absl::Status s = Loadgen(p);
-  return s.ok() ? 0 : Fail("loadgen", s);
-}
-
 }  // namespace
 
 const std::vector<Subcommand>& Subcommands() {
@@ -219,26 +254,26 @@ const std::vector<Subcommand>& Subcommands() {
         "http_listen",
         "summary_json",
         "kafka_property"},
-       &RunCommand},
-      {"migrate", "apply the embedded schema migrations", {"pg"}, &MigrateCommand},
+       &Run},
+      {"migrate", "apply the embedded schema migrations", {"pg"}, &Migrate},
       {"close-period",
        "invoice every subscription period that has ended (the monthly cron); idempotent",
        {"pg", "as_of", "allow_future"},
-       &ClosePeriodCommand},
+       &ClosePeriod},
       {"replay-rejected",
        "count the rejected events of one reason that parse now (new meter, raised maximum); "
        "each row at most once",
        {"pg", "reason", "since", "late_window", "max_future_skew"},
-       &ReplayRejectedCommand},
+       &ReplayRejected},
       {"dev-broker",
        "start an embedded Kafka (librdkafka mock cluster) on 127.0.0.1; prints its address",
        {"topic", "partitions"},
-       &DevBrokerCommand},
+       &DevBroker},
       {"loadgen",
        "produce generated usage events and print the expected totals as JSON",
        {"brokers", "topic", "events", "orgs", "malformed_share", "duplicate_share", "expected_out",
         "days", "seed", "rate", "kafka_property"},
-       &LoadgenCommand},
+       &Loadgen},
   };
   return kSubcommands;
 }

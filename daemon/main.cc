@@ -69,5 +69,8 @@ int main(int argc, char** argv) {
     PrintCommandHelp(*command);
     return 0;
   }
-  return command->run(line->kafka_properties);
+  const absl::Status status = command->run(line->kafka_properties);
+  if (status.ok()) return 0;
+  std::fprintf(stderr, "meterd %s: %s\n", command->name, std::string(status.message()).c_str());
+  return 1;
 }

@@ -1,19 +1,33 @@
 #include "lib/event/event_parser.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cstring>
+#include <optional>
 
 #include <simdjson.h>
+
+#include "absl/time/civil_time.h"
 
 namespace meterd::event {
 namespace {
 
 namespace od = simdjson::ondemand;
 
-struct Refusal {
-  RejectReason reason;
-  std::string_view detail;
+// The stages below say why an event is refused with a Rejection whose `raw` is still empty;
+// ParseOne fills it with the event's bytes.
+// What every event of one message is checked against: the meters, and the event times
+// accepted (Unix micros) by the consumer's clock and ParseLimits.
+struct EventChecks {
+  const MeterRegistry* meters;
+  int64_t min_micros;
+  int64_t max_micros;
 };
+
+EventChecks ChecksAt(const MeterRegistry* meters, const ParseLimits& limits, absl::Time now) {
+  return {meters, absl::ToUnixMicros(now - limits.late_window),
+          absl::ToUnixMicros(now + limits.max_future_skew)};
+}
 
 bool Digits(std::string_view text, size_t pos, size_t count, int* out) {
   if (pos + count > text.size()) return false;
@@ -32,11 +46,11 @@ bool AtEnd(od::document& doc) {
   return doc.current_location().get(location) == simdjson::OUT_OF_BOUNDS;
 }
 
-bool IsLeap(int year) { return (year % 4 == 0 && year % 100 != 0) || year % 400 == 0; }
-
-int DaysInMonth(int year, int month) {
-  static constexpr int kDays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-  return month == 2 && IsLeap(year) ? 29 : kDays[month - 1];
+// Batch mode is recognised by the first non-space byte, before handing the bytes to simdjson.
+bool StartsArray(std::string_view bytes) {
+  size_t first = 0;
+  while (first < bytes.size() && std::isspace(static_cast<unsigned char>(bytes[first]))) ++first;
+  return first < bytes.size() && bytes[first] == '[';
 }
 
 // The attributes meterd reads. Keys are matched on their raw bytes (CloudEvents attribute
@@ -66,7 +80,7 @@ Attribute Classify(const char* raw) {
 
 // Reads a string value. Fast path: the raw token when it has no escapes (all real producers'
 // UUIDs, meter names, industry codes and timestamps), with no copy; otherwise simdjson unescapes.
-bool ReadString(od::value value, std::string_view* out) {
+bool ReadString(od::value& value, std::string_view* out) {
   std::string_view token = value.raw_json_token();
   while (!token.empty() && (token.back() == ' ' || token.back() == '\n' || token.back() == '\r' ||
                             token.back() == '\t')) {
@@ -85,7 +99,7 @@ bool ReadString(od::value value, std::string_view* out) {
 
 // Reads a string value as its raw JSON text, escapes and all, without scanning it: for
 // attributes meterd only carries (id, source), never interprets.
-bool ReadRawString(od::value value, std::string_view* out) {
+bool ReadRawString(od::value& value, std::string_view* out) {
   std::string_view token = value.raw_json_token();
   if (token.empty() || token.front() != '"') return false;
   const size_t close = token.rfind('"');
@@ -94,73 +108,262 @@ bool ReadRawString(od::value value, std::string_view* out) {
   return true;
 }
 
-using StringReader = bool (*)(od::value, std::string_view*);
+using StringReader = bool (*)(od::value&, std::string_view*);
 
-// Batch mode is recognised by the first non-space byte, before handing the bytes to simdjson.
-bool StartsArray(std::string_view bytes) {
-  size_t first = 0;
-  while (first < bytes.size() && std::isspace(static_cast<unsigned char>(bytes[first]))) ++first;
-  return first < bytes.size() && bytes[first] == '[';
+// How one pass reads the string values meterd interprets (specversion, type, subject, time,
+// data.industry): raw, or with JSON escapes decoded. See ParseOne.
+enum class Strings { kRaw, kDecoded };
+
+// An event's attributes as read, before any of them is checked. The views point into the
+// padded buffer (or simdjson's string buffer for a decoded escape). `data` is converted as it
+// is read, so its refusals come in the order of the fields.
+struct Attributes {
+  struct Data {
+    int64_t quantity = 1;
+    Industry industry = Industry::kHomeServices;
+  };
+  std::optional<std::string_view> spec_version, id, source, type, subject, time;
+  std::optional<Data> data;
+};
+
+// ---- Reading: a JSON object's fields into Attributes ----
+
+// The document is one valid JSON scalar and nothing after it: valid JSON, but not an event.
+bool IsWholeScalar(od::document& doc, od::json_type type) {
+  bool valid = false;
+  switch (type) {
+    case od::json_type::string:
+      valid = doc.get_string().error() == simdjson::SUCCESS;
+      break;
+    case od::json_type::number:
+      valid = doc.get_number().error() == simdjson::SUCCESS;
+      break;
+    case od::json_type::boolean:
+      valid = doc.get_bool().error() == simdjson::SUCCESS;
+      break;
+    case od::json_type::null:
+      valid = doc.is_null().value_unsafe();
+      break;
+    default:
+      break;
+  }
+  return valid && AtEnd(doc);
 }
 
-std::optional<int64_t> ParseQuantity(od::value value, Refusal* refusal) {
-  int64_t quantity = 0;
-  if (value.get_int64().get(quantity) != simdjson::SUCCESS) {
-    *refusal = {RejectReason::kBadQuantity, "data.quantity must be a non-negative integer"};
-    return std::nullopt;
+// Starts iterating `bytes` as one event: anything but a JSON object is refused, valid JSON of
+// another shape as not_object and anything else as not_json.
+std::optional<Rejection> OpenObject(od::parser& parser, std::string_view bytes, size_t capacity,
+                                    od::document* doc, od::object* object) {
+  static constexpr Rejection kNotJson{RejectReason::kNotJson, "not parseable as JSON"};
+  od::json_type type;
+  if (parser.iterate(bytes.data(), bytes.size(), capacity).get(*doc) != simdjson::SUCCESS ||
+      doc->type().get(type) != simdjson::SUCCESS) {
+    return kNotJson;
   }
-  // The upper bound is the meter's (checked once the meter is known): quantity_too_large.
-  if (quantity < 0) {
-    *refusal = {RejectReason::kBadQuantity, "data.quantity must be a non-negative integer"};
-    return std::nullopt;
+  if (type != od::json_type::object) {
+    if (!IsWholeScalar(*doc, type)) return kNotJson;
+    return Rejection{RejectReason::kNotObject, "event must be a JSON object"};
   }
-  return quantity;
+  if (doc->get_object().get(*object) != simdjson::SUCCESS) return kNotJson;
+  return std::nullopt;
 }
 
-// Reads the "data" object: quantity (default 1) and industry (required).
-bool ParseData(od::value value, UsageEvent* event, Refusal* refusal, StringReader read_string) {
+// One string attribute. Given twice, it is refused: which one would count is a guess (JSON
+// leaves it open).
+std::optional<Rejection> ReadOnce(od::value& value, StringReader read, std::string_view wrong_type,
+                                  std::optional<std::string_view>* out) {
+  if (out->has_value()) return Rejection{RejectReason::kWrongType, "attribute given twice"};
+  std::string_view text;
+  if (!read(value, &text)) return Rejection{RejectReason::kWrongType, wrong_type};
+  *out = text;
+  return std::nullopt;
+}
+
+// The "data" object: quantity (default 1) and industry (required).
+std::optional<Rejection> ReadData(od::value& value, StringReader read, Attributes::Data* out) {
+  static constexpr Rejection kTwice{RejectReason::kWrongType, "data field given twice"};
   od::object data;
   if (value.get_object().get(data) != simdjson::SUCCESS) {
-    *refusal = {RejectReason::kWrongType, "data must be an object"};
-    return false;
+    return Rejection{RejectReason::kWrongType, "data must be an object"};
   }
   bool have_industry = false, have_quantity = false;
-  for (auto field : data) {
-    od::raw_json_string key;
-    if (field.key().get(key) != simdjson::SUCCESS) {
-      *refusal = {RejectReason::kNotJson, "malformed key in data"};
-      return false;
+  for (auto result : data) {
+    if (result.error() != simdjson::SUCCESS) {
+      return Rejection{RejectReason::kNotJson, "malformed key in data"};
     }
-    if ((key == "quantity" && have_quantity) || (key == "industry" && have_industry)) {
-      *refusal = {RejectReason::kWrongType, "data field given twice"};
-      return false;
-    }
+    od::field& field = result.value_unsafe();
+    const od::raw_json_string key = field.key();
     if (key == "quantity") {
+      if (have_quantity) return kTwice;
       have_quantity = true;
-      auto quantity = ParseQuantity(field.value(), refusal);
-      if (!quantity) return false;
-      event->quantity = *quantity;
+      // The upper bound is the meter's (checked once the meter is known): quantity_too_large.
+      if (field.value().get_int64().get(out->quantity) != simdjson::SUCCESS || out->quantity < 0) {
+        return Rejection{RejectReason::kBadQuantity,
+                         "data.quantity must be a non-negative integer"};
+      }
     } else if (key == "industry") {
-      std::string_view code;
-      if (!read_string(field.value(), &code)) {
-        *refusal = {RejectReason::kWrongType, "data.industry must be a string"};
-        return false;
-      }
-      auto industry = ParseIndustry(code);
-      if (!industry) {
-        *refusal = {RejectReason::kBadIndustry,
-                    "data.industry must be one of hs, rest, auto, ret, edu, payroll"};
-        return false;
-      }
-      event->industry = *industry;
+      if (have_industry) return kTwice;
       have_industry = true;
+      std::string_view code;
+      if (!read(field.value(), &code)) {
+        return Rejection{RejectReason::kWrongType, "data.industry must be a string"};
+      }
+      const auto industry = ParseIndustry(code);
+      if (!industry) {
+        return Rejection{RejectReason::kBadIndustry,
+                         "data.industry must be one of hs, rest, auto, ret, edu, payroll"};
+      }
+      out->industry = *industry;
     }
   }
-  if (!have_industry) {
-    *refusal = {RejectReason::kMissingField, "data.industry"};
-    return false;
+  if (!have_industry) return Rejection{RejectReason::kMissingField, "data.industry"};
+  return std::nullopt;
+}
+
+// Every field of the event object, in the order given; unknown ones (extensions) are skipped.
+std::optional<Rejection> ReadAttributes(od::object& object, Strings strings, Attributes* out) {
+  const StringReader read = strings == Strings::kDecoded ? &ReadString : &ReadRawString;
+  for (auto result : object) {
+    if (result.error() != simdjson::SUCCESS) {
+      return Rejection{RejectReason::kNotJson, "malformed object key"};
+    }
+    // Fields and values by reference: copying simdjson's iterators into by-value parameters
+    // stalled store forwarding (BM_Parse was ~35% slower).
+    od::field& field = result.value_unsafe();
+    std::optional<Rejection> refusal;
+    // Keys compared raw: CloudEvents attribute names never need escaping.
+    switch (Classify(field.key().raw())) {
+      case Attribute::kSpecVersion:
+        refusal = ReadOnce(field.value(), read, "specversion must be a string", &out->spec_version);
+        break;
+      case Attribute::kId:
+        refusal = ReadOnce(field.value(), &ReadRawString, "id must be a string", &out->id);
+        break;
+      case Attribute::kSource:
+        refusal = ReadOnce(field.value(), &ReadRawString, "source must be a string", &out->source);
+        break;
+      case Attribute::kType:
+        refusal = ReadOnce(field.value(), read, "type must be a string", &out->type);
+        break;
+      case Attribute::kSubject:
+        refusal = ReadOnce(field.value(), read, "subject must be a string", &out->subject);
+        break;
+      case Attribute::kTime:
+        refusal = ReadOnce(field.value(), read, "time must be a string", &out->time);
+        break;
+      case Attribute::kData:
+        if (out->data.has_value()) {
+          refusal = Rejection{RejectReason::kWrongType, "attribute given twice"};
+        } else {
+          refusal = ReadData(field.value(), read, &out->data.emplace());
+        }
+        break;
+      case Attribute::kOther:
+        break;
+    }
+    if (refusal) return refusal;
   }
-  return true;
+  return std::nullopt;
+}
+
+// ---- Validating: the envelope, then each value as it becomes part of the UsageEvent ----
+
+// Every attribute meterd needs is present (id and source not empty), and specversion is 1.0.
+std::optional<Rejection> CheckEnvelope(const Attributes& event) {
+  auto missing = [](std::string_view name) { return Rejection{RejectReason::kMissingField, name}; };
+  if (!event.spec_version) return missing("specversion");
+  if (*event.spec_version != "1.0") {
+    return Rejection{RejectReason::kBadSpecVersion, "specversion must be 1.0"};
+  }
+  if (!event.id || event.id->empty()) return missing("id");
+  if (!event.source || event.source->empty()) return missing("source");
+  if (!event.type) return missing("type");
+  if (!event.subject) return missing("subject");
+  if (!event.time) return missing("time");
+  if (!event.data) return missing("data");
+  return std::nullopt;
+}
+
+// A checked envelope → the UsageEvent: type must be a known meter (whose maximum bounds the
+// quantity), subject an organization UUID, time RFC 3339 within the accepted window.
+std::optional<Rejection> ToUsageEvent(const Attributes& in, const EventChecks& checks,
+                                      UsageEvent* out) {
+  const auto meter = checks.meters->Lookup(*in.type);
+  if (!meter) return Rejection{RejectReason::kUnknownMeter, "type is not a meter in shared.meters"};
+  // The registry holds every maximum at or below MeterRegistry::kMaxEventQuantity, so this also
+  // keeps a day's int64 sum from overflowing.
+  if (in.data->quantity > meter->max_quantity) {
+    return Rejection{RejectReason::kQuantityTooLarge,
+                     "data.quantity is above the meter's max_event_quantity"};
+  }
+  const auto org = ParseOrgId(*in.subject);
+  if (!org) return Rejection{RejectReason::kBadOrgId, "subject must be an organization UUID"};
+  const auto micros = ParseRfc3339Micros(*in.time);
+  if (!micros) return Rejection{RejectReason::kBadTime, "time must be RFC 3339"};
+  if (*micros > checks.max_micros) {
+    return Rejection{RejectReason::kTimeInFuture, "time is ahead of the consumer clock"};
+  }
+  if (*micros < checks.min_micros) {
+    return Rejection{RejectReason::kTimeTooOld, "time is older than the late window"};
+  }
+  *out = UsageEvent{.org = *org,
+                    .meter = meter->id,
+                    .industry = in.data->industry,
+                    .quantity = in.data->quantity,
+                    .time_micros = *micros,
+                    .id = *in.id,
+                    .source = *in.source};
+  return std::nullopt;
+}
+
+// ---- One event: read → validate → UsageEvent or Rejection ----
+
+// One pass over one event's bytes: *out is the event, or the refusal says why there is none.
+std::optional<Rejection> ParsePass(od::parser& parser, std::string_view bytes, size_t capacity,
+                                   Strings strings, const EventChecks& checks, UsageEvent* out) {
+  od::document doc;
+  od::object object;
+  if (auto refusal = OpenObject(parser, bytes, capacity, &doc, &object)) return refusal;
+  Attributes attributes;
+  if (auto refusal = ReadAttributes(object, strings, &attributes)) return refusal;
+  if (!AtEnd(doc)) return Rejection{RejectReason::kNotJson, "trailing bytes after event"};
+  if (auto refusal = CheckEnvelope(attributes)) return refusal;
+  return ToUsageEvent(attributes, checks, out);
+}
+
+// A refusal of a value that a JSON escape may have caused: the raw-strings pass compared the
+// escape's bytes, not the character it stands for.
+bool MayBeEscaped(const Rejection& refusal, std::string_view bytes) {
+  switch (refusal.reason) {
+    case RejectReason::kBadSpecVersion:
+    case RejectReason::kUnknownMeter:
+    case RejectReason::kBadOrgId:
+    case RejectReason::kBadIndustry:
+    case RejectReason::kBadTime:
+      return bytes.find('\\') != std::string_view::npos;
+    default:
+      return false;
+  }
+}
+
+// One event (a whole message, or one batch element read by its own simdjson parser while the
+// message's parser iterates the batch), appended to `result` as a UsageEvent or a Rejection.
+void ParseOne(od::parser& parser, std::string_view bytes, size_t capacity,
+              const EventChecks& checks, ParsedMessage* result) {
+  // Fast pass: strings are taken raw. A value with a JSON escape cannot pass the checks that
+  // follow (UUID, RFC 3339, meter and industry names, "1.0" admit no backslash), so only a
+  // refused event that holds a backslash is parsed again, decoding escapes.
+  UsageEvent event;
+  auto refusal = ParsePass(parser, bytes, capacity, Strings::kRaw, checks, &event);
+  if (refusal && MayBeEscaped(*refusal, bytes)) {
+    refusal = ParsePass(parser, bytes, capacity, Strings::kDecoded, checks, &event);
+  }
+  if (refusal) {
+    refusal->raw = bytes;
+    result->rejections.push_back(*refusal);
+  } else {
+    result->events.push_back(event);
+  }
 }
 
 }  // namespace
@@ -174,7 +377,12 @@ std::optional<int64_t> ParseRfc3339Micros(std::string_view text) {
       !Digits(text, 17, 2, &second)) {
     return std::nullopt;
   }
-  if (month < 1 || month > 12 || day < 1 || day > DaysInMonth(year, month) || hour > 23 ||
+  // absl::CivilDay normalizes, so a date that does not exist (month 13, February 30) comes back
+  // different. The time of day is checked by hand, a leap second (60) counting as 59:
+  // absl::CivilSecond for the whole date-time took 23.5 ns per timestamp, this 19.1 ns, the
+  // former hand-written IsLeap/DaysInMonth/DaysFromCivil 19.4 ns (microbenchmark, medians).
+  const absl::CivilDay date(year, month, day);
+  if (date.year() != year || date.month() != month || date.day() != day || hour > 23 ||
       minute > 59 || second > 60) {
     return std::nullopt;
   }
@@ -207,8 +415,7 @@ std::optional<int64_t> ParseRfc3339Micros(std::string_view text) {
     return std::nullopt;
   }
   if (pos != text.size()) return std::nullopt;
-  const int64_t days =
-      DaysFromCivil(year, static_cast<unsigned>(month), static_cast<unsigned>(day));
+  const int64_t days = date - absl::CivilDay(1970, 1, 1);
   const int64_t seconds =
       days * 86400 + hour * 3600 + minute * 60 + std::min(second, 59) - offset_seconds;
   return seconds * 1'000'000 + micros;
@@ -238,18 +445,13 @@ std::string_view EventParser::CopyPadded(std::string_view bytes) {
   return std::string_view(buffer_.get(), bytes.size());
 }
 
-EventParser::Window EventParser::WindowAt(absl::Time now) const {
-  return {absl::ToUnixMicros(now - limits_.late_window),
-          absl::ToUnixMicros(now + limits_.max_future_skew)};
-}
-
 const ParsedMessage& EventParser::Parse(std::string_view bytes, absl::Time now) {
   const std::string_view padded = CopyPadded(bytes);
-  const Window window = WindowAt(now);
   if (StartsArray(padded)) {
-    ParseBatch(padded, window);
+    ParseBatch(padded, now);
   } else {
-    ParseOne(/*element=*/false, padded, buffer_capacity_, window);
+    ParseOne(parsers_->message, padded, buffer_capacity_, ChecksAt(meters_, limits_, now),
+             &result_);
   }
   return result_;
 }
@@ -261,12 +463,14 @@ const ParsedMessage& EventParser::ParseElement(std::string_view bytes, absl::Tim
     result_.rejections.push_back(
         {RejectReason::kNotObject, "batch element is not an object", padded});
   } else {
-    ParseOne(/*element=*/false, padded, buffer_capacity_, WindowAt(now));
+    ParseOne(parsers_->message, padded, buffer_capacity_, ChecksAt(meters_, limits_, now),
+             &result_);
   }
   return result_;
 }
 
-void EventParser::ParseBatch(std::string_view padded_bytes, const Window& window) {
+void EventParser::ParseBatch(std::string_view padded_bytes, absl::Time now) {
+  const EventChecks checks = ChecksAt(meters_, limits_, now);
   od::document doc;
   od::array array;
   auto reject_all = [&](RejectReason reason, std::string_view detail) {
@@ -299,165 +503,10 @@ void EventParser::ParseBatch(std::string_view padded_bytes, const Window& window
     }
     // The element lies inside our padded buffer, so the bytes after it are readable padding.
     const size_t capacity = buffer_capacity_ - static_cast<size_t>(raw.data() - buffer_.get());
-    ParseOne(/*element=*/true, raw, capacity, window);
+    ParseOne(parsers_->element, raw, capacity, checks, &result_);
   }
   if (!AtEnd(doc)) return reject_all(RejectReason::kNotJson, "trailing bytes after batch");
   if (count == 0) return reject_all(RejectReason::kEmptyBatch, "batch array is empty");
-}
-
-void EventParser::ParseOne(bool element, std::string_view bytes, size_t capacity,
-                           const Window& window) {
-  // Fast pass: strings are taken raw. A value with a JSON escape cannot pass the checks that
-  // follow (UUID, RFC 3339, meter and industry names, "1.0" admit no backslash), so only a
-  // refused event that holds a backslash is parsed again, decoding escapes.
-  if (!ParseOneWith(element, bytes, capacity, window, /*decode_escapes=*/false)) {
-    ParseOneWith(element, bytes, capacity, window, /*decode_escapes=*/true);
-  }
-}
-
-bool EventParser::ParseOneWith(bool element, std::string_view bytes, size_t capacity,
-                               const Window& window, bool decode_escapes) {
-  od::parser& parser = element ? parsers_->element : parsers_->message;
-  const StringReader read = decode_escapes ? &ReadString : &ReadRawString;
-  Refusal refusal{RejectReason::kNotJson, ""};
-  // Returns false (and records nothing) when the slow pass should decide instead.
-  auto refuse = [&](RejectReason reason, std::string_view detail) {
-    const bool value_check =
-        reason == RejectReason::kBadSpecVersion || reason == RejectReason::kUnknownMeter ||
-        reason == RejectReason::kBadOrgId || reason == RejectReason::kBadIndustry ||
-        reason == RejectReason::kBadTime;
-    if (!decode_escapes && value_check && bytes.find('\\') != std::string_view::npos) return false;
-    result_.rejections.push_back({reason, detail, bytes});
-    return true;
-  };
-  od::document doc;
-  if (parser.iterate(bytes.data(), bytes.size(), capacity).get(doc) != simdjson::SUCCESS) {
-    return refuse(RejectReason::kNotJson, "not parseable as JSON");
-  }
-  od::json_type type;
-  if (doc.type().get(type) != simdjson::SUCCESS) {
-    return refuse(RejectReason::kNotJson, "not parseable as JSON");
-  }
-  od::object object;
-  if (type != od::json_type::object) {
-    // Valid JSON of another shape is not_object; anything else is not_json.
-    bool valid = false;
-    switch (type) {
-      case od::json_type::string:
-        valid = doc.get_string().error() == simdjson::SUCCESS;
-        break;
-      case od::json_type::number:
-        valid = doc.get_number().error() == simdjson::SUCCESS;
-        break;
-      case od::json_type::boolean:
-        valid = doc.get_bool().error() == simdjson::SUCCESS;
-        break;
-      case od::json_type::null:
-        valid = doc.is_null().value_unsafe();
-        break;
-      default:
-        break;
-    }
-    if (!valid || !AtEnd(doc)) return refuse(RejectReason::kNotJson, "not parseable as JSON");
-    return refuse(RejectReason::kNotObject, "event must be a JSON object");
-  }
-  if (doc.get_object().get(object) != simdjson::SUCCESS) {
-    return refuse(RejectReason::kNotJson, "not parseable as JSON");
-  }
-
-  UsageEvent event;
-  std::string_view spec_version, meter_name, subject, time_text;
-  bool have_spec = false, have_id = false, have_source = false, have_type = false,
-       have_subject = false, have_time = false, have_data = false;
-  for (auto field : object) {
-    // Keys compared raw: CloudEvents attribute names never need escaping.
-    od::raw_json_string key;
-    if (field.key().get(key) != simdjson::SUCCESS) {
-      return refuse(RejectReason::kNotJson, "malformed object key");
-    }
-    auto read_string = [&](std::string_view* out, bool* have, std::string_view detail,
-                           StringReader reader) {
-      if (*have) {
-        // Which one would count? Refused rather than guessed (JSON leaves it open).
-        refusal = {RejectReason::kWrongType, "attribute given twice"};
-        return false;
-      }
-      if (!reader(field.value(), out)) {
-        refusal = {RejectReason::kWrongType, detail};
-        return false;
-      }
-      *have = true;
-      return true;
-    };
-    bool ok = true;
-    switch (Classify(key.raw())) {
-      case Attribute::kSpecVersion:
-        ok = read_string(&spec_version, &have_spec, "specversion must be a string", read);
-        break;
-      case Attribute::kId:
-        ok = read_string(&event.id, &have_id, "id must be a string", &ReadRawString);
-        break;
-      case Attribute::kSource:
-        ok = read_string(&event.source, &have_source, "source must be a string", &ReadRawString);
-        break;
-      case Attribute::kType:
-        ok = read_string(&meter_name, &have_type, "type must be a string", read);
-        break;
-      case Attribute::kSubject:
-        ok = read_string(&subject, &have_subject, "subject must be a string", read);
-        break;
-      case Attribute::kTime:
-        ok = read_string(&time_text, &have_time, "time must be a string", read);
-        break;
-      case Attribute::kData:
-        if (have_data) {
-          refusal = {RejectReason::kWrongType, "attribute given twice"};
-          ok = false;
-          break;
-        }
-        ok = ParseData(field.value(), &event, &refusal, read);
-        have_data = true;
-        break;
-      case Attribute::kOther:
-        break;
-    }
-    if (!ok) return refuse(refusal.reason, refusal.detail);
-  }
-  if (!AtEnd(doc)) return refuse(RejectReason::kNotJson, "trailing bytes after event");
-
-  if (!have_spec) return refuse(RejectReason::kMissingField, "specversion");
-  if (spec_version != "1.0")
-    return refuse(RejectReason::kBadSpecVersion, "specversion must be 1.0");
-  if (!have_id || event.id.empty()) return refuse(RejectReason::kMissingField, "id");
-  if (!have_source || event.source.empty()) return refuse(RejectReason::kMissingField, "source");
-  if (!have_type) return refuse(RejectReason::kMissingField, "type");
-  if (!have_subject) return refuse(RejectReason::kMissingField, "subject");
-  if (!have_time) return refuse(RejectReason::kMissingField, "time");
-  if (!have_data) return refuse(RejectReason::kMissingField, "data");
-
-  const auto meter = meters_->Lookup(meter_name);
-  if (!meter) return refuse(RejectReason::kUnknownMeter, "type is not a meter in shared.meters");
-  event.meter = meter->id;
-  // The registry holds every maximum at or below MeterRegistry::kMaxEventQuantity, so this also
-  // keeps a day's int64 sum from overflowing.
-  if (event.quantity > meter->max_quantity) {
-    return refuse(RejectReason::kQuantityTooLarge,
-                  "data.quantity is above the meter's max_event_quantity");
-  }
-  auto org = ParseOrgId(subject);
-  if (!org) return refuse(RejectReason::kBadOrgId, "subject must be an organization UUID");
-  event.org = *org;
-  auto micros = ParseRfc3339Micros(time_text);
-  if (!micros) return refuse(RejectReason::kBadTime, "time must be RFC 3339");
-  if (*micros > window.max_micros) {
-    return refuse(RejectReason::kTimeInFuture, "time is ahead of the consumer clock");
-  }
-  if (*micros < window.min_micros) {
-    return refuse(RejectReason::kTimeTooOld, "time is older than the late window");
-  }
-  event.time_micros = *micros;
-  result_.events.push_back(event);
-  return true;
 }
 
 }  // namespace meterd::event

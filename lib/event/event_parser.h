@@ -18,8 +18,8 @@ struct ParseLimits {
 
 struct Rejection {
   RejectReason reason;
-  std::string_view detail;  // Static text naming the field or problem.
-  std::string_view raw;     // The refused bytes (the whole message, or one batch element).
+  std::string_view detail;    // Static text naming the field or problem.
+  std::string_view raw = {};  // The refused bytes (the whole message, or one batch element).
 };
 
 // Everything one Kafka message contained. Reused across calls: no allocation in steady state.
@@ -47,20 +47,11 @@ class EventParser {
   const ParsedMessage& ParseElement(std::string_view bytes, absl::Time now);
 
  private:
-  struct Window {
-    int64_t min_micros;
-    int64_t max_micros;
-  };
   struct SimdParsers;  // simdjson's types stay out of this header.
   // Copies `bytes` into the padded buffer simdjson reads and clears the result.
   std::string_view CopyPadded(std::string_view bytes);
-  Window WindowAt(absl::Time now) const;
-  void ParseBatch(std::string_view padded_bytes, const Window& window);
-  void ParseOne(bool element, std::string_view bytes, size_t capacity, const Window& window);
-  // One pass; false when the event was refused on a value holding a JSON escape and was not
-  // decoding escapes (the caller then parses again with `decode_escapes`).
-  bool ParseOneWith(bool element, std::string_view bytes, size_t capacity, const Window& window,
-                    bool decode_escapes);
+  // A message whose first non-space byte is '[': each element is one event.
+  void ParseBatch(std::string_view padded_bytes, absl::Time now);
 
   const MeterRegistry* meters_;
   ParseLimits limits_;

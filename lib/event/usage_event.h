@@ -151,7 +151,8 @@ inline constexpr int kRejectReasonCount = static_cast<int>(RejectReason::kOffset
 std::string_view RejectReasonCode(RejectReason reason);
 std::optional<RejectReason> ParseRejectReason(std::string_view code);
 
-// Days since epoch for a proleptic Gregorian date (Howard Hinnant's algorithm).
+// Days since 1970-01-01 for a proleptic Gregorian date (absl::CivilDay; an impossible date
+// normalizes, so 2026-02-30 is 2026-03-02). Not on the per-event path: set-up and tests.
 int64_t DaysFromCivil(int64_t year, unsigned month, unsigned day);
 // Inverse, as "YYYY-MM-DD".
 std::string DayToIsoDate(int32_t day);

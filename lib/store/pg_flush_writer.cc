@@ -112,21 +112,15 @@ std::string Hex(std::string_view bytes) {
 // COPY text format: backslash, and the characters COPY would read as delimiters, escaped.
 void AppendCopyText(std::string* out, std::string_view text) {
   for (char c : text) {
-    switch (c) {
-      case '\\':
-        out->append("\\\\");
-        break;
-      case '\t':
-        out->append("\\t");
-        break;
-      case '\n':
-        out->append("\\n");
-        break;
-      case '\r':
-        out->append("\\r");
-        break;
-      default:
-        out->push_back(c);
+    const char* escaped = c == '\\'   ? "\\\\"
+                          : c == '\t' ? "\\t"
+                          : c == '\n' ? "\\n"
+                          : c == '\r' ? "\\r"
+                                      : nullptr;
+    if (escaped != nullptr) {
+      out->append(escaped);
+    } else {
+      out->push_back(c);
     }
   }
 }
