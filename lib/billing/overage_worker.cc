@@ -61,7 +61,7 @@ void OverageWorker::Stop(absl::Duration deadline) {
     std::lock_guard lock(mu_);
     if (stopping_) return;
     stopping_ = true;
-    stop_deadline_ = options_.clock->Now() + deadline;
+    stop_deadline_ = options_.clock->Steady() + deadline;
   }
   wake_.notify_all();
   if (thread_.joinable()) thread_.join();
@@ -95,10 +95,10 @@ void OverageWorker::Loop() {
     {
       std::unique_lock lock(mu_);
       auto ready = [this] { return stopping_ || overflowed_ || !pending_.empty(); };
-      const absl::Time retry_at = clock.Now() + retry_in;
-      while (!stopping_ && clock.Now() < retry_at) clock.WaitUntil(wake_, lock, retry_at);
-      const absl::Time idle_until = clock.Now() + kCloseFailuresEvery;
-      while (!ready() && clock.Now() < idle_until) clock.WaitUntil(wake_, lock, idle_until);
+      const absl::Time retry_at = clock.Steady() + retry_in;
+      while (!stopping_ && clock.Steady() < retry_at) clock.WaitUntil(wake_, lock, retry_at);
+      const absl::Time idle_until = clock.Steady() + kCloseFailuresEvery;
+      while (!ready() && clock.Steady() < idle_until) clock.WaitUntil(wake_, lock, idle_until);
       if (!ready()) {
         // Idle: refresh the close-failures gauge (the close is a cron; this is its alarm).
         lock.unlock();
@@ -106,7 +106,7 @@ void OverageWorker::Loop() {
         continue;
       }
       if (pending_.empty() && !overflowed_) return;  // Stopping with nothing to do.
-      if (stopping_ && clock.Now() > stop_deadline_) {
+      if (stopping_ && clock.Steady() > stop_deadline_) {
         LOG_WARN("overage worker: stopping with {} orgs not refreshed (recomputed on next touch)",
                  pending_.size());
         return;

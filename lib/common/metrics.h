@@ -41,6 +41,12 @@ class Gauge {
 
   void Set(int64_t v) { value_.store(v, std::memory_order_relaxed); }
   void Add(int64_t n) { value_.fetch_add(n, std::memory_order_relaxed); }
+  // Raises the value to `v` if it is higher (several writers keeping a maximum).
+  void SetMax(int64_t v) {
+    int64_t current = value_.load(std::memory_order_relaxed);
+    while (v > current && !value_.compare_exchange_weak(current, v, std::memory_order_relaxed)) {
+    }
+  }
   int64_t value() const { return callback_ ? callback_() : value_.load(std::memory_order_relaxed); }
   bool has_callback() const { return static_cast<bool>(callback_); }
 

@@ -13,10 +13,6 @@ using aggregate::SealedPartition;
 
 namespace {
 
-void StoreMax(Gauge* target, int64_t value) {
-  if (value > target->value()) target->Set(value);  // One writer at a time (under mu_).
-}
-
 MetricsRegistry* RegistryOr(MetricsRegistry* given, std::unique_ptr<MetricsRegistry>& own) {
   if (given != nullptr) return given;
   own = std::make_unique<MetricsRegistry>();
@@ -66,10 +62,15 @@ Flusher::Flusher(std::vector<Shard*> shards, std::unique_ptr<store::FlushWriter>
                  FlusherOptions options)
     : shards_(std::move(shards)),
       options_(options),
-      metrics_(*RegistryOr(options.metrics, own_metrics_), options.clock),
+      registry_(RegistryOr(options.metrics, own_metrics_)),
+      metrics_(*registry_, options.clock),
       writer_(std::move(writer)) {}
 
-Flusher::~Flusher() { Stop(); }
+Flusher::~Flusher() {
+  Stop();
+  // Its callback reads the clock, which may go before the registry does.
+  registry_->Remove("meterd_last_flush_age_seconds");
+}
 
 void Flusher::Start() {
   thread_ = std::thread([this] { Loop(); });
@@ -98,18 +99,18 @@ void Flusher::Loop() {
   // time a flush takes does not stretch the period (event -> visible stays within
   // interval + one flush). While flushes fail (Postgres unavailable) the retry comes after an
   // exponential backoff instead; the shards are paused meanwhile.
-  absl::Time due = clock.Now() + options_.interval;
+  absl::Time due = clock.Steady() + options_.interval;
   Backoff backoff({.initial = absl::Milliseconds(200), .max = options_.max_backoff});
   while (true) {
     {
       std::unique_lock lock(wake_mu_);
-      while (!stopping_ && !wake_requested_ && clock.Now() < due) {
+      while (!stopping_ && !wake_requested_ && clock.Steady() < due) {
         clock.WaitUntil(wake_, lock, due);
       }
       if (stopping_) return;
       wake_requested_ = false;
     }
-    const absl::Time started = clock.Now();
+    const absl::Time started = clock.Steady();
     absl::Status status;
     {
       std::lock_guard lock(mu_);
@@ -126,12 +127,12 @@ void Flusher::Loop() {
     }
     last_ok_.store(status.ok(), std::memory_order_relaxed);
     if (status.ok()) {
-      metrics_.duration->Observe(absl::ToDoubleSeconds(clock.Now() - started));
+      metrics_.duration->Observe(absl::ToDoubleSeconds(clock.Steady() - started));
       backoff.Reset();
-      due = std::max(started + options_.interval, clock.Now());
+      due = std::max(started + options_.interval, clock.Steady());
     } else {
       const absl::Duration delay = backoff.Next();
-      due = clock.Now() + delay;
+      due = clock.Steady() + delay;
       LOG_WARN("flush failed, retrying in {}: {}", absl::FormatDuration(delay), status.message());
     }
   }
@@ -175,8 +176,8 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
       metrics_.events->Add(events);
       metrics_.last_rows->Set(rows);
       metrics_.last_events->Set(events);
-      StoreMax(metrics_.largest_rows, rows);
-      StoreMax(metrics_.largest_events, events);
+      metrics_.largest_rows->SetMax(rows);
+      metrics_.largest_events->SetMax(events);
       metrics_.last_success_unix_ms->Set(absl::ToUnixMillis(committed));
       for (const SealedPartition& p : pending_) {
         if (p.oldest_timestamp_ms < 0) continue;
@@ -240,7 +241,7 @@ void Flusher::ResumeShardsLocked() {
 absl::Status Flusher::FlushAndRelease(const std::vector<int32_t>& partitions,
                                       absl::Duration deadline) {
   const Clock& clock = *options_.clock;
-  const absl::Time give_up = clock.Now() + deadline;
+  const absl::Time give_up = clock.Steady() + deadline;
   std::unique_lock lock(mu_);
   std::vector<SealedPartition> sealed;
   for (Shard* shard : shards_) {
@@ -254,7 +255,7 @@ absl::Status Flusher::FlushAndRelease(const std::vector<int32_t>& partitions,
   }
   Backoff backoff({.initial = absl::Milliseconds(100), .max = absl::Seconds(5)});
   absl::Status status = WritePendingLocked(std::move(sealed));
-  while (!status.ok() && clock.Now() + backoff.current() < give_up) {
+  while (!status.ok() && clock.Steady() + backoff.current() < give_up) {
     lock.unlock();
     clock.SleepFor(backoff.Next());
     lock.lock();
@@ -275,7 +276,7 @@ absl::Status Flusher::FlushAndRelease(const std::vector<int32_t>& partitions,
 absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> Flusher::LoadOffsets(
     absl::Duration deadline) {
   const Clock& clock = *options_.clock;
-  const absl::Time give_up = clock.Now() + deadline;
+  const absl::Time give_up = clock.Steady() + deadline;
   Backoff backoff({.initial = absl::Milliseconds(100), .max = absl::Seconds(5)});
   while (true) {
     absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> offsets;
@@ -283,7 +284,7 @@ absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> Flusher::LoadOffsets(
       std::lock_guard lock(mu_);
       offsets = writer_->LoadOffsets();
     }
-    if (offsets.ok() || clock.Now() + backoff.current() > give_up) return offsets;
+    if (offsets.ok() || clock.Steady() + backoff.current() > give_up) return offsets;
     const absl::Duration delay = backoff.Next();
     LOG_WARN("loading offsets failed, retrying in {}: {}", absl::FormatDuration(delay),
              offsets.status().message());

@@ -87,6 +87,7 @@ class Flusher {
   const std::vector<Shard*> shards_;
   const FlusherOptions options_;
   std::unique_ptr<MetricsRegistry> own_metrics_;  // When options.metrics is null.
+  MetricsRegistry* const registry_;               // options.metrics or own_metrics_.
   FlushMetrics metrics_;
   std::atomic<bool> last_ok_{true};
 

@@ -126,15 +126,21 @@ bool Ingestor::OnAssign(std::vector<kafka::AssignedPartition>& partitions) {
   if (first_assignment_unix_ms_->value() == 0) {
     first_assignment_unix_ms_->Set(absl::ToUnixMillis(clock_->Now()));
   }
+  // Without the stored offsets no safe start exists, and declining an assignment leaves the
+  // partitions with nobody (the member keeps heartbeating): keep trying while Postgres is
+  // away, as a flush does, unless meterd is stopping.
   auto offsets = flusher_->LoadOffsets(kRebalanceDeadline);
-  if (!offsets.ok()) {
-    // Without the stored offsets no safe start exists; take nothing and let the group
-    // reassign (the session times out and another member, or we later, get them).
+  while (!offsets.ok()) {
     std::vector<int32_t> ids;
     for (const kafka::AssignedPartition& a : partitions) ids.push_back(a.partition);
-    LOG_ERROR("cannot load offsets for assigned partitions [{}]: {}", absl::StrJoin(ids, ","),
-              offsets.status().message());
-    return false;
+    if (stop_ != nullptr && (*stop_)()) {
+      LOG_ERROR("cannot load offsets for assigned partitions [{}]: {}; stopping, taking none",
+                absl::StrJoin(ids, ","), offsets.status().message());
+      return false;
+    }
+    LOG_ERROR("cannot load offsets for assigned partitions [{}]: {}; retrying",
+              absl::StrJoin(ids, ","), offsets.status().message());
+    offsets = flusher_->LoadOffsets(kRebalanceDeadline);
   }
   for (kafka::AssignedPartition& assigned : partitions) {
     auto it = offsets->find(assigned.partition);
@@ -181,13 +187,14 @@ void Ingestor::LogStats(absl::Duration elapsed) {
 }
 
 absl::Status Ingestor::Run(const std::function<bool()>& stop) {
+  stop_ = &stop;
   RETURN_IF_ERROR(source_->Subscribe(this));
   LOG_INFO("consuming topic {} as group {} with {} shards, flush every {}", options_.topic,
            options_.group, shards_.size(), absl::FormatDuration(options_.flush_interval));
   flusher_->Start();
 
   absl::Status result;
-  absl::Time last_stats = clock_->Now();
+  absl::Time last_stats = clock_->Steady();
   absl::Time last_error_log = absl::InfinitePast();
   while (!stop()) {
     const kafka::PollEvent event = source_->Poll(absl::Milliseconds(100));
@@ -198,12 +205,12 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
     if (event.kind == kafka::PollEvent::Kind::kOutOfRange) {
       ShardFor(event.partition)->PositionOutOfRange(event.partition);
     } else if (event.kind == kafka::PollEvent::Kind::kError &&
-               clock_->Now() - last_error_log > absl::Seconds(5)) {
+               clock_->Steady() - last_error_log > absl::Seconds(5)) {
       // The client retries on its own; we keep waiting and say so at most every 5 s.
       LOG_WARN("Kafka: {} (retrying)", event.text);
-      last_error_log = clock_->Now();
+      last_error_log = clock_->Steady();
     }
-    const absl::Time now = clock_->Now();
+    const absl::Time now = clock_->Steady();
     if (now - last_stats >= options_.stats_interval) {
       LogStats(now - last_stats);
       last_stats = now;
@@ -214,6 +221,7 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
   // Close revokes every partition through OnRebalance, which flushes each before unassigning.
   last_revoke_status_ = absl::OkStatus();
   if (absl::Status closed = source_->Close(); !closed.ok()) LOG_WARN("{}", closed.message());
+  stop_ = nullptr;
   if (result.ok() && !last_revoke_status_.ok()) {
     // Nothing is lost (offsets were not advanced), but this was not a clean stop.
     result = absl::UnavailableError(absl::StrCat(
@@ -222,7 +230,7 @@ absl::Status Ingestor::Run(const std::function<bool()>& stop) {
   }
   flusher_->Stop();
   // Anything still pending (a failed final flush) was already logged and left unadvanced.
-  LogStats(clock_->Now() - last_stats);
+  LogStats(clock_->Steady() - last_stats);
   const FlushMetrics& f = flusher_->metrics();
   LOG_INFO("flush summary: {} flushes wrote {} events as {} rows; largest flush {} events, {} rows",
            f.flushes->value(), f.events->value(), f.rows->value(), f.largest_events->value(),

@@ -85,7 +85,8 @@ class Ingestor final : private kafka::GroupListener {
   std::vector<std::unique_ptr<Shard>> shards_;
   std::unique_ptr<Flusher> flusher_;
   int64_t last_logged_events_ = 0;
-  absl::Status last_revoke_status_;  // Of the last revoke's flush; poll thread only.
+  absl::Status last_revoke_status_;              // Of the last revoke's flush; poll thread only.
+  const std::function<bool()>* stop_ = nullptr;  // Run's, while it runs; poll thread only.
 };
 
 }  // namespace meterd::ingest

@@ -124,7 +124,8 @@ void Shard::Drain() {
     if (batch.empty()) break;
     const absl::Time now = clock_->Now();  // Once per batch, not per event.
     for (const kafka::Message& message : batch) Process(message, now);
-    adder_.Apply();  // Before anything else on this thread reads or moves the counters.
+    queue_->Release();  // Before any wait: held messages pin the client's fetch buffers.
+    adder_.Apply();     // Before anything else on this thread reads or moves the counters.
     metrics_->messages->Add(static_cast<int64_t>(batch.size()));
     Publish(now);
     if (static_cast<size_t>(published_keys_) >= options_.max_unflushed_keys) {
@@ -436,7 +437,7 @@ void Shard::Resume() {
 void Shard::Publish(absl::Time now) {
   if (batch_events_ > 0) {
     metrics_->events->Add(batch_events_);
-    metrics_->last_counted_unix_ms->Set(absl::ToUnixMillis(now));
+    metrics_->last_counted_unix_ms->SetMax(absl::ToUnixMillis(now));  // Shards race: latest wins.
   }
   if (batch_rejected_ > 0) metrics_->rejected->Add(batch_rejected_);
   if (batch_duplicates_ > 0) metrics_->duplicates->Add(batch_duplicates_);

@@ -55,8 +55,11 @@ class MessageQueue {
   // From now on one byte is written to `fd` whenever the queue goes from empty to non-empty
   // (-1: never again). The consumer drains until Poll returns nothing, then waits on `fd`.
   virtual void NotifyOn(int fd) = 0;
-  // Up to `max` messages, without waiting. They stay valid until the next Poll.
+  // Up to `max` messages, without waiting. They stay valid until Release or the next Poll.
   virtual std::span<const Message> Poll(size_t max) = 0;
+  // Gives the last batch back (its memory may pin the client's fetch buffers): call when done
+  // with it, before waiting.
+  virtual void Release() {}
 };
 
 struct AssignedPartition {

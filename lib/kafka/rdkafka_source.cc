@@ -10,7 +10,7 @@ class RdKafkaQueue final : public MessageQueue {
  public:
   explicit RdKafkaQueue(rd_kafka_t* consumer) : queue_(rd_kafka_queue_new(consumer)) {}
   ~RdKafkaQueue() override {
-    DestroyBatch();
+    Release();
     rd_kafka_queue_io_event_enable(queue_, -1, nullptr, 0);
     rd_kafka_queue_destroy(queue_);
   }
@@ -23,15 +23,16 @@ class RdKafkaQueue final : public MessageQueue {
   }
 
   std::span<const Message> Poll(size_t max) override {
-    DestroyBatch();
-    raw_.resize(max);
+    Release();
+    if (raw_.size() < max) raw_.resize(max);
     const ssize_t count = rd_kafka_consume_batch_queue(queue_, 0, raw_.data(), max);
-    raw_.resize(count > 0 ? static_cast<size_t>(count) : 0);
+    held_ = count > 0 ? static_cast<size_t>(count) : 0;
     messages_.clear();
-    messages_.reserve(raw_.size());  // Convert takes an element's index: no reallocation.
+    messages_.reserve(held_);  // Convert takes an element's index: no reallocation.
     headers_.clear();
     header_ranges_.clear();
-    for (rd_kafka_message_t* m : raw_) {
+    for (size_t i = 0; i < held_; ++i) {
+      const rd_kafka_message_t* m = raw_[i];
       // End of partition is no news (enable.partition.eof is off unless overridden).
       if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF) Convert(*m, messages_.emplace_back());
     }
@@ -43,9 +44,10 @@ class RdKafkaQueue final : public MessageQueue {
   }
 
  private:
-  void DestroyBatch() {
-    for (rd_kafka_message_t* m : raw_) rd_kafka_message_destroy(m);
-    raw_.clear();
+  void Release() override {
+    for (size_t i = 0; i < held_; ++i) rd_kafka_message_destroy(raw_[i]);
+    held_ = 0;
+    messages_.clear();
   }
 
   void Convert(const rd_kafka_message_t& m, Message& out) {
@@ -89,7 +91,8 @@ class RdKafkaQueue final : public MessageQueue {
     size_t message, begin, count;
   };
   rd_kafka_queue_t* const queue_;
-  std::vector<rd_kafka_message_t*> raw_;  // The last batch, destroyed by the next Poll.
+  std::vector<rd_kafka_message_t*> raw_;  // raw_[0, held_): the last batch, until Release.
+  size_t held_ = 0;
   std::vector<Message> messages_;
   std::vector<Header> headers_;
   std::vector<HeaderRange> header_ranges_;
@@ -131,6 +134,12 @@ RdKafkaSource::~RdKafkaSource() {
         "leaving the Kafka handle to process exit: no assignment was ever received "
         "(librdkafka 2.0.2 bug 4312)");
     (void)consumer_.release();
+    return;
+  }
+  // Close already left the group (the Ingestor's Run ends with it); without the flag a
+  // destroy would close again and call the listener, which may be gone by now.
+  if (consumer_ != nullptr) {
+    rd_kafka_destroy_flags(consumer_.release(), RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
   }
 }
 
@@ -176,19 +185,24 @@ void RdKafkaSource::Assign(rd_kafka_topic_partition_list_t* partitions) {
   ever_assigned_ = true;
   std::vector<AssignedPartition> assigned;
   for (int32_t partition : PartitionsOf(partitions)) assigned.push_back({partition});
-  if (!listener_->OnAssign(assigned)) return;
+  if (listener_ == nullptr || !listener_->OnAssign(assigned)) return;
   for (int i = 0; i < partitions->cnt; ++i) partitions->elems[i].offset = assigned[i].start_offset;
   if (rd_kafka_error_t* error = rd_kafka_incremental_assign(consumer_.get(), partitions)) {
     LOG_ERROR("incremental assign failed: {}", rd_kafka_error_string(error));
     rd_kafka_error_destroy(error);
     return;
   }
-  assigned_.fetch_add(partitions->cnt, std::memory_order_relaxed);
+  std::lock_guard lock(assigned_mu_);
+  for (const kafka::AssignedPartition& a : assigned) assigned_.insert(a.partition);
 }
 
 void RdKafkaSource::Revoke(rd_kafka_topic_partition_list_t* partitions) {
-  listener_->OnRevoke(PartitionsOf(partitions), rd_kafka_assignment_lost(consumer_.get()));
-  assigned_.fetch_sub(partitions->cnt, std::memory_order_relaxed);
+  const std::vector<int32_t> revoked = PartitionsOf(partitions);
+  if (listener_ != nullptr) listener_->OnRevoke(revoked, rd_kafka_assignment_lost(consumer_.get()));
+  {
+    std::lock_guard lock(assigned_mu_);
+    for (int32_t partition : revoked) assigned_.erase(partition);
+  }
   if (rd_kafka_error_t* error = rd_kafka_incremental_unassign(consumer_.get(), partitions)) {
     LOG_ERROR("incremental unassign failed: {}", rd_kafka_error_string(error));
     rd_kafka_error_destroy(error);
@@ -244,6 +258,11 @@ absl::Status RdKafkaSource::LogBounds(int32_t partition, int64_t* low, int64_t* 
   if (err == RD_KAFKA_RESP_ERR_NO_ERROR) return absl::OkStatus();
   *low = *high = -1;
   return absl::UnavailableError(rd_kafka_err2str(err));
+}
+
+int RdKafkaSource::AssignedCount() const {
+  std::lock_guard lock(assigned_mu_);
+  return static_cast<int>(assigned_.size());
 }
 
 int64_t RdKafkaSource::CachedLogEnd(int32_t partition) const {

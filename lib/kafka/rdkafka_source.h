@@ -1,12 +1,13 @@
 #pragma once
 
-#include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include <librdkafka/rdkafka.h>
 
+#include "absl/container/flat_hash_set.h"
 #include "lib/kafka/client.h"
 #include "lib/kafka/partition_source.h"
 
@@ -36,7 +37,7 @@ class RdKafkaSource final : public PartitionSource {
   absl::Status Seek(int32_t partition, int64_t offset) override;
   absl::Status LogBounds(int32_t partition, int64_t* low, int64_t* high) override;
   int64_t CachedLogEnd(int32_t partition) const override;
-  int AssignedCount() const override { return assigned_.load(std::memory_order_relaxed); }
+  int AssignedCount() const override;
 
  private:
   explicit RdKafkaSource(RdKafkaSourceOptions options) : options_(std::move(options)) {}
@@ -48,7 +49,8 @@ class RdKafkaSource final : public PartitionSource {
   const RdKafkaSourceOptions options_;
   Handle consumer_;
   GroupListener* listener_ = nullptr;
-  std::atomic<int> assigned_{0};
+  mutable std::mutex assigned_mu_;
+  absl::flat_hash_set<int32_t> assigned_;  // Guarded by assigned_mu_: what incremental_assign took.
   // Poll thread only (read again in the destructor, after the poll loop ended).
   bool subscribed_ = false;
   bool ever_assigned_ = false;

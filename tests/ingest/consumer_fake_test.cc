@@ -73,6 +73,8 @@ class MemoryWriter final : public store::FlushWriter {
   }
   absl::StatusOr<absl::flat_hash_map<int32_t, int64_t>> LoadOffsets() override {
     std::lock_guard lock(mu_);
+    ++loads_;
+    if (fail_loads_) return absl::UnavailableError("injected: Postgres unavailable");
     return absl::flat_hash_map<int32_t, int64_t>(offsets_.begin(), offsets_.end());
   }
   absl::Status RefreshMeters() override { return absl::OkStatus(); }
@@ -95,6 +97,14 @@ class MemoryWriter final : public store::FlushWriter {
     std::lock_guard lock(mu_);
     blocked_ = false;
     changed_.notify_all();
+  }
+  void FailLoads(bool fail) {
+    std::lock_guard lock(mu_);
+    fail_loads_ = fail;
+  }
+  int loads() {
+    std::lock_guard lock(mu_);
+    return loads_;
   }
   void FailNextWrites(int n) {
     std::lock_guard lock(mu_);
@@ -131,6 +141,8 @@ class MemoryWriter final : public store::FlushWriter {
   std::condition_variable changed_;
   std::map<std::string, int64_t> totals_;
   int attempts_ = 0;
+  int loads_ = 0;
+  bool fail_loads_ = false;
   int failures_left_ = 0;
   bool block_next_ = false;
   bool blocked_ = false;
@@ -335,6 +347,37 @@ TEST_F(ConsumerFakeTest, FlushScheduleAndRetryBackoffFollowTheInjectedClock) {
   ASSERT_TRUE(writer_->WaitFor([&] { return writer_->offsets_[0] == 20; }));
   Stop();
   EXPECT_EQ(writer_->total(0), 20);
+}
+
+// Postgres is away when the group assigns partitions, for longer than the rebalance's 20 s
+// offset-load deadline: the assignment waits and retries (declining it would leave the
+// partitions with nobody while this member keeps heartbeating), then counts exactly.
+TEST_F(ConsumerFakeTest, AnAssignmentWaitsForTheStoredOffsetsInsteadOfDecliningThem) {
+  ManualClock clock(absl::Now());
+  Start(/*partitions=*/1, /*shards=*/1, absl::Seconds(1), &clock);
+  Append(0, 50);
+  writer_->FailLoads(true);
+  source_->Assign({0});
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  // Move the clock on past two 20 s deadlines (the load's backoff sleeps on it).
+  while (writer_->loads() < 12 && absl::Now() < deadline) {
+    clock.Advance(absl::Seconds(1));
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  ASSERT_GE(writer_->loads(), 12);
+  EXPECT_EQ(source_->AssignedCount(), 0);
+  writer_->FailLoads(false);
+  while (source_->AssignedCount() == 0 && absl::Now() < deadline) {
+    clock.Advance(absl::Milliseconds(100));
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  ASSERT_EQ(source_->AssignedCount(), 1) << "the assignment was given up";
+  while (writer_->offset(0) != 50 && absl::Now() < deadline) {
+    clock.Advance(absl::Milliseconds(100));
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  Stop();
+  EXPECT_EQ(writer_->total(0), 50);
 }
 
 // The metrics an SRE reads: per-partition lag (log end - position) and how long the slowest

@@ -103,7 +103,14 @@ class IngestorTest : public ::testing::Test {
     while (!done() && absl::Now() < deadline) wait(absl::Milliseconds(100));
     for (int i = 0; i < 10; ++i) wait(absl::Milliseconds(100));  // Room for a wrong extra flush.
     stop = true;
+    // The stop (final flush, retries) waits on the clock too: keep it moving until it is done.
+    std::atomic<bool> joined{false};
+    std::thread ticker([&] {
+      while (!joined.load()) wait(absl::Milliseconds(10));
+    });
     runner.join();
+    joined = true;
+    ticker.join();
     EXPECT_TRUE(status.ok()) << status;
   }
 
