@@ -13,6 +13,7 @@ packages=(
   postgresql-15 postgresql-client-15
   python3
   python3-jsonschema python3-fastjsonschema nodejs node-ajv
+  clang libclang-rt-14-dev
 )
 
 missing=()

@@ -117,11 +117,15 @@ enum class Strings { kRaw, kDecoded };
 // An event's attributes as read, before any of them is checked. The views point into the
 // padded buffer (or simdjson's string buffer for a decoded escape). `data` is converted as it
 // is read, so its refusals come in the order of the fields.
+// The event's `data` (outside Attributes: clang cannot default-construct a nested struct with
+// member initializers before its enclosing class is complete).
+struct EventData {
+  int64_t quantity = 1;
+  Industry industry = Industry::kHomeServices;
+};
+
 struct Attributes {
-  struct Data {
-    int64_t quantity = 1;
-    Industry industry = Industry::kHomeServices;
-  };
+  using Data = EventData;
   std::optional<std::string_view> spec_version, id, source, type, subject, time;
   std::optional<Data> data;
 };
