@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The in-process tests under sanitizers: deploy/sanitize.sh [asan|tsan]... (default: both).
+#   asan: AddressSanitizer + UndefinedBehaviorSanitizer over every unit test (parser, counters,
+#         dedup window, meter registry, metrics, backoff, flusher, shards on the fake source).
+#   tsan: ThreadSanitizer over the multi-threaded ones (shards, flusher and rebalance on the
+#         fake partition source; the metrics registry; the meter registry's readers).
+# Each builds its own tree (build-asan, build-tsan) and fails on the first report.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+"$root/deploy/install-deps.sh"
+kinds=("$@")
+((${#kinds[@]})) || kinds=(asan tsan)
+asan_tests=(event_parser_test binary_mode_test counters_test dedup_window_test meter_registry_test
+            metrics_test backoff_test flusher_test consumer_fake_test)
+tsan_tests=(consumer_fake_test flusher_test metrics_test meter_registry_test)
+for kind in "${kinds[@]}"; do
+  case "$kind" in
+    asan) option=-DMETERD_ASAN=ON; tests=("${asan_tests[@]}") ;;
+    tsan) option=-DMETERD_TSAN=ON; tests=("${tsan_tests[@]}") ;;
+    *) echo "sanitize: unknown kind '$kind' (asan or tsan)" >&2; exit 2 ;;
+  esac
+  build="$root/build-$kind"
+  echo "== $kind: building ${tests[*]}" >&2
+  cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo "$option" \
+    -DMETERD_BUILD_BENCH=OFF >/dev/null
+  cmake --build "$build" -j"$(nproc)" --target "${tests[@]}" >/dev/null
+  for t in "${tests[@]}"; do
+    echo "== $kind: $t" >&2
+    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+      UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+      TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
+      "$build/tests/$t" --gtest_brief=1 || { echo "sanitize: $kind: $t failed" >&2; exit 1; }
+  done
+done
+echo "sanitize: ${kinds[*]}: clean" >&2
