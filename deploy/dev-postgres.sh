@@ -2,14 +2,15 @@
 # A private PostgreSQL 15 for the demo, tests and benchmarks: its own data directory, a random
 # port on 127.0.0.1, trust auth. Never touches a system cluster.
 #   dev-postgres.sh start DIR   → initdb if needed, start, print the connection URL on stdout
-#   dev-postgres.sh stop DIR
+#   dev-postgres.sh stop DIR    (fast shutdown)
+#   dev-postgres.sh crash DIR   (immediate shutdown: no checkpoint, crash recovery on start)
 # DEV_PG_TIMEZONE sets the server's `timezone` (e.g. America/New_York): the billing tests run
 # under non-UTC server zones to prove billing never depends on it.
 # As root, the server runs as the `postgres` user (initdb refuses root).
 set -euo pipefail
 
-cmd=${1:?usage: dev-postgres.sh start|stop DIR}
-dir=${2:?usage: dev-postgres.sh start|stop DIR}
+cmd=${1:?usage: dev-postgres.sh start|stop|crash DIR}
+dir=${2:?usage: dev-postgres.sh start|stop|crash DIR}
 bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 [[ -x "$bindir/pg_ctl" ]] || { echo "dev-postgres: PostgreSQL server binaries not found; run deploy/install-deps.sh" >&2; exit 1; }
 
@@ -44,9 +45,11 @@ case "$cmd" in
     "${as_owner[@]}" "$bindir/psql" -h 127.0.0.1 -p "$port" -U postgres -qAt -c "CREATE DATABASE meterd" postgres >/dev/null 2>&1 || true
     echo "postgresql://postgres@127.0.0.1:$port/meterd"
     ;;
-  stop)
+  stop|crash)
     [[ -f "$dir/data/PG_VERSION" ]] || exit 0
-    "${as_owner[@]}" "$bindir/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+    mode=fast
+    [[ "$cmd" == crash ]] && mode=immediate
+    "${as_owner[@]}" "$bindir/pg_ctl" -D "$dir/data" -m "$mode" -w stop >/dev/null 2>&1 || true
     ;;
-  *) echo "usage: dev-postgres.sh start|stop DIR" >&2; exit 2 ;;
+  *) echo "usage: dev-postgres.sh start|stop|crash DIR" >&2; exit 2 ;;
 esac

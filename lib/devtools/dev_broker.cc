@@ -2,6 +2,8 @@
 
 #include <librdkafka/rdkafka_mock.h>
 
+#include <vector>
+
 #include "absl/strings/str_cat.h"
 
 namespace meterd::devtools {
@@ -26,6 +28,23 @@ absl::StatusOr<std::unique_ptr<DevBroker>> DevBroker::Start(const std::string& t
 
 DevBroker::~DevBroker() {
   if (cluster_ != nullptr) rd_kafka_mock_cluster_destroy(cluster_);
+}
+
+void DevBroker::SetDown(bool down) {
+  if (down) {
+    rd_kafka_mock_broker_set_down(cluster_, -1);
+  } else {
+    rd_kafka_mock_broker_set_up(cluster_, -1);
+  }
+}
+
+void DevBroker::SetRtt(absl::Duration rtt) {
+  rd_kafka_mock_broker_set_rtt(cluster_, -1, static_cast<int>(absl::ToInt64Milliseconds(rtt)));
+}
+
+void DevBroker::FailRequests(int16_t api_key, int count, rd_kafka_resp_err_t error) {
+  const std::vector<rd_kafka_resp_err_t> errors(static_cast<size_t>(count), error);
+  rd_kafka_mock_push_request_errors_array(cluster_, api_key, errors.size(), errors.data());
 }
 
 }  // namespace meterd::devtools

@@ -8,6 +8,7 @@
 #include <librdkafka/rdkafka_mock.h>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "lib/kafka/client.h"
 
 namespace meterd::devtools {
@@ -20,6 +21,13 @@ class DevBroker {
   static absl::StatusOr<std::unique_ptr<DevBroker>> Start(const std::string& topic, int partitions);
   ~DevBroker();
   const std::string& bootstrap() const { return bootstrap_; }
+
+  // Fault injection (the chaos driver): the broker refuses connections / accepts them again;
+  // every request answered `rtt` late; the next `count` requests of Kafka protocol API
+  // `api_key` (0 Produce, 1 Fetch, 12 Heartbeat, ...) fail with `error`.
+  void SetDown(bool down);
+  void SetRtt(absl::Duration rtt);
+  void FailRequests(int16_t api_key, int count, rd_kafka_resp_err_t error);
 
  private:
   DevBroker() = default;

@@ -537,6 +537,44 @@ TEST_F(PipelineTest, PostgresOutagePausesAndLosesNothing) {
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
 }
 
+// Postgres gone for a minute under steady load: consumption pauses (the shards stop draining,
+// librdkafka's bounded buffer fills), memory stays bounded, and once Postgres is back every
+// event is counted exactly once.
+TEST_F(PipelineTest, AMinuteWithoutPostgresPausesWithinAMemoryBoundThenCatchesUpExactly) {
+  const int http_port = FreeLocalPort();
+  auto meterd = StartMeterd("outage", "500ms",
+                            {"--http-listen", absl::StrCat("127.0.0.1:", http_port),
+                             "--max-unflushed-keys", "20000", "--billing=false"});
+  ASSERT_GT(WaitForHttp(http_port), 0) << ReadFile(meterd->log_path());
+  // 5,000 events/s for 80 s: the outage sits in the middle of the load.
+  auto loadgen = StartLoadgen(400'000, 1'000, 0.0, 5'000);
+  ASSERT_TRUE(WaitForProgress(0, absl::Seconds(45))) << ReadFile(meterd->log_path());
+  auto metric = [&](const std::string& name) -> int64_t {
+    const std::string text = HttpGet(http_port, "/metrics").second;
+    const size_t at = text.find("\n" + name + " ");
+    return at == std::string::npos ? -1 : std::stoll(text.substr(at + name.size() + 2));
+  };
+  SharedPostgres().Stop();
+  absl::SleepFor(absl::Seconds(20));
+  const int64_t messages_at_20s = metric("meterd_messages_total");
+  EXPECT_GT(metric("meterd_paused_shards"), 0) << "consumption did not pause";
+  absl::SleepFor(absl::Seconds(40));
+  // Paused: at most what librdkafka had already buffered arrives in 40 more seconds, not the
+  // 200,000 events produced meanwhile.
+  EXPECT_LT(metric("meterd_messages_total") - messages_at_20s, 50'000);
+  // The bound: the process's start-up size, librdkafka's buffer
+  // (queued.max.messages.kbytes = 64 MiB) and the unflushed keys (20,000 at a few hundred
+  // bytes each), with room to spare; not the ~130 MB the minute's events would take.
+  const int64_t rss = metric("meterd_peak_rss_bytes");
+  EXPECT_GT(rss, 0);
+  EXPECT_LT(rss, 200LL * 1024 * 1024) << "peak RSS " << rss;
+  SharedPostgres().Start();
+  ExpectExact(FinishLoadgen(*loadgen));
+  EXPECT_EQ(metric("meterd_paused_shards"), 0);
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
 // /metrics, /metrics.json and --summary-json render one registry: the same numbers, per
 // partition lag and the flush histograms included.
 TEST_F(PipelineTest, HttpEndpointServesMetricsAndReadiness) {

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -69,6 +70,44 @@ PostgresInstance::~PostgresInstance() {
 
 void PostgresInstance::Stop() {
   RunScript(absl::StrCat(METERD_SOURCE_DIR, "/deploy/dev-postgres.sh stop ", dir_));
+}
+
+void PostgresInstance::Crash() {
+  RunScript(absl::StrCat(METERD_SOURCE_DIR, "/deploy/dev-postgres.sh crash ", dir_));
+}
+
+namespace {
+
+// The postmaster (first line of postmaster.pid) and its children.
+std::vector<pid_t> ServerProcesses(const std::string& dir) {
+  std::vector<pid_t> pids;
+  std::istringstream pid_file(ReadFile(dir + "/data/postmaster.pid"));
+  pid_t postmaster = 0;
+  if (!(pid_file >> postmaster) || postmaster <= 0) return pids;
+  pids.push_back(postmaster);
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.empty() || !absl::ascii_isdigit(name[0])) continue;
+    // /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so read after ')'.
+    const std::string stat = ReadFile(entry.path().string() + "/stat");
+    const size_t close = stat.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(stat.substr(close + 1));
+    std::string state;
+    pid_t parent = 0;
+    if (rest >> state >> parent && parent == postmaster) pids.push_back(std::stoi(name));
+  }
+  return pids;
+}
+
+}  // namespace
+
+void PostgresInstance::Pause() {
+  for (pid_t pid : ServerProcesses(dir_)) kill(pid, SIGSTOP);
+}
+
+void PostgresInstance::Resume() {
+  for (pid_t pid : ServerProcesses(dir_)) kill(pid, SIGCONT);
 }
 
 void PostgresInstance::Start() {

@@ -22,9 +22,15 @@ class PostgresInstance {
   std::string CreateMigratedDatabase(const std::string& name);
   std::string CreateDatabase(const std::string& name);
   const std::string& admin_url() const { return admin_url_; }
-  // Stops / starts the server on the same port (outage injection).
+  // Stops / starts the server on the same port (outage injection). Crash is an immediate
+  // shutdown (pg_ctl -m immediate: no checkpoint; crash recovery on the next Start).
   void Stop();
   void Start();
+  void Crash();
+  // Freezes / thaws the postmaster and every backend (SIGSTOP / SIGCONT): a hung server whose
+  // connections stay open.
+  void Pause();
+  void Resume();
 
  private:
   std::string dir_;
