@@ -184,6 +184,63 @@ std::optional<Rejection> ReadOnce(od::value& value, StringReader read, std::stri
 }
 
 // The "data" object: quantity (default 1) and industry (required).
+// Deeper than this, a document is refused (not_json): meterd's own fields are two levels deep,
+// and a producer's extra fields need no more; past it other JSON tools refuse or crash
+// (Python's json recurses), and the stored raw event must stay readable by them.
+constexpr int kMaxDepth = 64;
+
+// The deepest nesting of arrays and objects in `raw` (one JSON value), strings skipped.
+int Depth(std::string_view raw) {
+  int depth = 0, deepest = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < raw.size(); ++i) {
+    const char c = raw[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
+// A field meterd does not read: skipped, unless it is an array or object nested too deep.
+// Scalars (the common case) cost one type peek.
+std::optional<Rejection> CheckUnread(od::value& value) {
+  static constexpr Rejection kTooDeep{RejectReason::kNotJson,
+                                      "nested deeper than 64 levels of arrays and objects"};
+  od::json_type type;
+  if (value.type().get(type) != simdjson::SUCCESS) {
+    return Rejection{RejectReason::kNotJson, "malformed value"};
+  }
+  std::string_view raw;
+  if (type == od::json_type::array) {
+    od::array array;
+    if (value.get_array().get(array) != simdjson::SUCCESS ||
+        array.raw_json().get(raw) != simdjson::SUCCESS) {
+      return kTooDeep;
+    }
+  } else if (type == od::json_type::object) {
+    od::object object;
+    if (value.get_object().get(object) != simdjson::SUCCESS ||
+        object.raw_json().get(raw) != simdjson::SUCCESS) {
+      return kTooDeep;
+    }
+  } else {
+    return std::nullopt;
+  }
+  if (Depth(raw) > kMaxDepth - 2) return kTooDeep;  // It sits two levels down already.
+  return std::nullopt;
+}
+
 std::optional<Rejection> ReadData(od::value& value, StringReader read, Attributes::Data* out) {
   static constexpr Rejection kTwice{RejectReason::kWrongType, "data field given twice"};
   od::object data;
@@ -218,6 +275,8 @@ std::optional<Rejection> ReadData(od::value& value, StringReader read, Attribute
                          "data.industry must be one of hs, rest, auto, ret, edu, payroll"};
       }
       out->industry = *industry;
+    } else if (std::optional<Rejection> refusal = CheckUnread(field.value())) {
+      return refusal;
     }
   }
   if (!have_industry) return Rejection{RejectReason::kMissingField, "data.industry"};
@@ -263,6 +322,7 @@ std::optional<Rejection> ReadAttributes(od::object& object, Strings strings, Att
         }
         break;
       case Attribute::kOther:
+        refusal = CheckUnread(field.value());
         break;
     }
     if (refusal) return refusal;

@@ -14,6 +14,7 @@
 // delays); what the processes do in between depends on timing.
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -62,13 +63,21 @@ class Chaos {
     return true;
   }
 
-  // One fault, chosen and parameterised by the seeded generator.
+  // One fault, chosen and parameterised by the seeded generator: the first kKinds steps are a
+  // seeded permutation of every kind (so even a short run has each at least once), then any.
   void Step() {
-    switch (Uniform(0, 7)) {
+    if (order_.empty()) {
+      for (int k = 0; k < kKinds; ++k) order_.push_back(k);
+      std::shuffle(order_.begin(), order_.end(), rng_);
+    }
+    const int kind = steps_ < kKinds ? order_[steps_] : Uniform(0, kKinds - 1);
+    ++steps_;
+    ++counts_[kind];
+    switch (kind) {
       case 0: {
         const int i = RunningInstance();
         if (i < 0) break;
-        Log("SIGKILL instance %d", i);
+        Log("SIGKILL instance %d", i);  // Its partitions move after the session timeout.
         instances_[i]->Signal(SIGKILL);
         instances_[i]->Wait(absl::Seconds(10));
         instances_[i].reset();
@@ -80,13 +89,19 @@ class Chaos {
         for (int i = 0; i < kMaxInstances; ++i) {
           if (!instances_[i]) {
             Launch(i);
-            break;
+            return;
           }
         }
+        Log("join skipped: %d instances already", kMaxInstances);
+        --counts_[kind];
         break;
       }
       case 2: {
-        if (Running() < 2) break;
+        if (Running() < 2) {
+          Log("leave skipped: one instance left");
+          --counts_[kind];
+          break;
+        }
         const int i = RunningInstance();
         Log("SIGTERM instance %d (leaves the group)", i);
         instances_[i]->Signal(SIGTERM);
@@ -98,7 +113,11 @@ class Chaos {
       }
       case 3: {
         const int i = RunningInstance();
-        if (i < 0 || Running() < 2) break;
+        if (i < 0 || Running() < 2) {
+          Log("zombie skipped: one instance left");
+          --counts_[kind];
+          break;
+        }
         Log("zombie: SIGSTOP instance %d for 8 s (session timeout 6 s)", i);
         instances_[i]->Signal(SIGSTOP);
         absl::SleepFor(absl::Seconds(8));
@@ -175,6 +194,16 @@ class Chaos {
     return ok;
   }
 
+  // How many faults of each kind ran.
+  std::string Counts() const {
+    static constexpr const char* kNames[kKinds] = {
+        "kill", "join", "leave", "zombie", "postgres", "broker_down", "latency", "request_errors"};
+    std::string out;
+    for (int k = 0; k < kKinds; ++k)
+      absl::StrAppend(&out, k ? ", " : "", kNames[k], " ", counts_[k]);
+    return out;
+  }
+
   const std::string& url() const { return url_; }
   const std::string& bootstrap() const { return broker_->bootstrap(); }
 
@@ -211,7 +240,11 @@ class Chaos {
         absl::StrCat(dir_, "/meterd-", i, "-", ++launches_, ".log"));
   }
 
+  static constexpr int kKinds = 8;
   std::mt19937_64 rng_;
+  std::vector<int> order_;
+  int steps_ = 0;
+  int counts_[kKinds] = {};
   const std::string dir_;
   const absl::Time start_;
   std::string url_;
@@ -260,6 +293,7 @@ int Main(uint64_t seed, int seconds, int rate, int partitions) {
   const bool stopped_cleanly = chaos.StopAll();
   const std::string diff = DiffTotals(produced->totals, StoredTotals(chaos.url()));
   const int64_t rejected = QueryInt(chaos.url(), "SELECT count(*) FROM shared.rejected_events");
+  chaos.Log("faults: %s", chaos.Counts());
   chaos.Log("quantity produced %d, stored %d; rejected rows %d for %d malformed", want, got,
             rejected, produced->malformed);
   bool ok = true;
@@ -274,6 +308,16 @@ int Main(uint64_t seed, int seconds, int rate, int partitions) {
   if (!stopped_cleanly) {
     chaos.Log("an instance did not exit 0 on SIGTERM");
     ok = false;
+  }
+  // Under a sanitizer build, any report in any instance's log fails the run.
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    const std::string log = ReadFile(entry.path().string());
+    for (const char* report : {"ERROR: AddressSanitizer", "runtime error:", "ThreadSanitizer"}) {
+      if (log.find(report) != std::string::npos) {
+        chaos.Log("sanitizer report in %s", entry.path().string());
+        ok = false;
+      }
+    }
   }
   chaos.Log("%s (seed %d)", ok ? "EXACT: every key matches" : "FAILED", seed);
   if (ok) std::filesystem::remove_all(dir);  // Logs are kept only for a failed run.
