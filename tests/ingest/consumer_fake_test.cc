@@ -132,13 +132,18 @@ class MemoryWriter final : public store::FlushWriter {
     std::lock_guard lock(mu_);
     return commits_;
   }
-  // Guarded by mu_ (read inside WaitFor's predicate).
-  std::map<int32_t, int64_t> offsets_;
-  int commits_ = 0;
+  // For WaitFor's predicate (the lock is held): the stored offset, without inserting a row
+  // (an inserted 0 would fence the first flush).
+  int64_t OffsetLocked(int32_t partition) const {
+    auto it = offsets_.find(partition);
+    return it == offsets_.end() ? SealedPartition::kNoStoredOffset : it->second;
+  }
+  int commits_ = 0;  // Guarded by mu_ (read inside WaitFor's predicate).
 
  private:
   std::mutex mu_;
   std::condition_variable changed_;
+  std::map<int32_t, int64_t> offsets_;
   std::map<std::string, int64_t> totals_;
   int attempts_ = 0;
   int loads_ = 0;
@@ -262,12 +267,12 @@ TEST_F(ConsumerFakeTest, AFencedPartitionSeeksBackToTheStoredOffsetAndCountsOnEx
   Start(/*partitions=*/1, /*shards=*/1, absl::Milliseconds(50));
   Append(0, 500);
   source_->Assign({0});
-  ASSERT_TRUE(writer_->WaitFor([&] { return writer_->offsets_[0] == 500; }));
+  ASSERT_TRUE(writer_->WaitFor([&] { return writer_->OffsetLocked(0) == 500; }));
   const int64_t seeks_before = source_->seeks();
 
   writer_->CountedElsewhere(0, 500, 800);  // Messages [500, 800) were counted by the new owner.
   Append(0, 500);                          // [500, 1000)
-  ASSERT_TRUE(writer_->WaitFor([&] { return writer_->offsets_[0] == 1000; }));
+  ASSERT_TRUE(writer_->WaitFor([&] { return writer_->OffsetLocked(0) == 1000; }));
   Stop();
 
   EXPECT_GE(source_->seeks(), seeks_before + 1) << "the fenced partition was not sought back";
@@ -284,7 +289,7 @@ TEST_F(ConsumerFakeTest, ARevokeDuringAFlushWaitsForItAndLosesNothing) {
   Append(0, 300);
   Append(1, 300);
   source_->Assign({0, 1});
-  ASSERT_TRUE(writer_->WaitFor([&] { return writer_->offsets_[0] == 300; }));
+  ASSERT_TRUE(writer_->WaitFor([&] { return writer_->OffsetLocked(0) == 300; }));
 
   writer_->BlockNextWrite();
   Append(0, 200);
@@ -301,8 +306,8 @@ TEST_F(ConsumerFakeTest, ARevokeDuringAFlushWaitsForItAndLosesNothing) {
 
   Append(0, 100);
   source_->Assign({0});
-  ASSERT_TRUE(
-      writer_->WaitFor([&] { return writer_->offsets_[0] == 700 && writer_->offsets_[1] == 500; }));
+  ASSERT_TRUE(writer_->WaitFor(
+      [&] { return writer_->OffsetLocked(0) == 700 && writer_->OffsetLocked(1) == 500; }));
   Stop();
   EXPECT_EQ(writer_->total(0), 700);
   EXPECT_EQ(writer_->total(1), 500);
@@ -344,7 +349,7 @@ TEST_F(ConsumerFakeTest, FlushScheduleAndRetryBackoffFollowTheInjectedClock) {
   settle();
   EXPECT_EQ(writer_->attempts(), 3) << "retried before the 400 ms backoff";
   clock.Advance(absl::Milliseconds(1));
-  ASSERT_TRUE(writer_->WaitFor([&] { return writer_->offsets_[0] == 20; }));
+  ASSERT_TRUE(writer_->WaitFor([&] { return writer_->OffsetLocked(0) == 20; }));
   Stop();
   EXPECT_EQ(writer_->total(0), 20);
 }
@@ -391,7 +396,7 @@ TEST_F(ConsumerFakeTest, LagAndEventToVisibleLatencyAreMeasured) {
     ++log_end_[0];
   }
   source_->Assign({0});
-  ASSERT_TRUE(writer_->WaitFor([&] { return writer_->offsets_[0] == 100; }));
+  ASSERT_TRUE(writer_->WaitFor([&] { return writer_->OffsetLocked(0) == 100; }));
   MetricsRegistry& metrics = ingestor_->metrics();
   EXPECT_EQ(metrics.Value("meterd_partition_lag", {{"partition", "0"}}), 0);
   EXPECT_EQ(metrics.Value("meterd_events_total"), 100);
