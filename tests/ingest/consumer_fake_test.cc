@@ -337,18 +337,21 @@ TEST_F(ConsumerFakeTest, FlushScheduleAndRetryBackoffFollowTheInjectedClock) {
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
   while (writer_->attempts() < 2 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
   ASSERT_EQ(writer_->attempts(), 2);
-  settle();
-  clock.Advance(absl::Milliseconds(199));
-  settle();
-  EXPECT_EQ(writer_->attempts(), 2) << "retried before the 200 ms backoff";
-  clock.Advance(absl::Milliseconds(1));  // First retry: fails again; the next waits 400 ms.
-  while (writer_->attempts() < 3 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+  // No retry 1 ms before the backoff is up; one right at it.
+  auto expect_retry_after = [&](absl::Duration backoff, int attempts_before) {
+    settle();
+    clock.Advance(backoff - absl::Milliseconds(1));
+    settle();
+    EXPECT_EQ(writer_->attempts(), attempts_before)
+        << "retried before the " << absl::FormatDuration(backoff) << " backoff";
+    clock.Advance(absl::Milliseconds(1));
+    while (writer_->attempts() == attempts_before && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+  };
+  expect_retry_after(absl::Milliseconds(200), 2);  // Fails again: the next waits 400 ms.
   ASSERT_EQ(writer_->attempts(), 3);
-  settle();
-  clock.Advance(absl::Milliseconds(399));
-  settle();
-  EXPECT_EQ(writer_->attempts(), 3) << "retried before the 400 ms backoff";
-  clock.Advance(absl::Milliseconds(1));
+  expect_retry_after(absl::Milliseconds(400), 3);
   ASSERT_TRUE(writer_->WaitFor([&] { return writer_->OffsetLocked(0) == 20; }));
   Stop();
   EXPECT_EQ(writer_->total(0), 20);
