@@ -25,20 +25,10 @@ OverageMetrics::OverageMetrics(MetricsRegistry& r)
                                      "Subscription periods close-period could not invoice, "
                                      "unresolved (shared.billing_close_failures)")) {}
 
-namespace {
-
-MetricsRegistry& RegistryOr(MetricsRegistry* given, std::unique_ptr<MetricsRegistry>& own) {
-  if (given != nullptr) return *given;
-  own = std::make_unique<MetricsRegistry>();
-  return *own;
-}
-
-}  // namespace
-
 OverageWorker::OverageWorker(std::string conninfo, OverageWorkerOptions options)
     : conninfo_(std::move(conninfo)),
       options_(options),
-      metrics_(RegistryOr(options.metrics, own_metrics_)) {}
+      metrics_(RegistryOrOwn(options.metrics, own_metrics_)) {}
 
 absl::StatusOr<std::unique_ptr<OverageWorker>> OverageWorker::Create(std::string conninfo,
                                                                      OverageWorkerOptions options) {

@@ -137,4 +137,13 @@ class MetricsRegistry {
   std::map<std::string, Family> families_;  // Guarded by mutex_.
 };
 
+// For a component whose options may name a registry: `given`, or (when null) a private one
+// created in `own`, which the component keeps for its lifetime.
+inline MetricsRegistry& RegistryOrOwn(MetricsRegistry* given,
+                                      std::unique_ptr<MetricsRegistry>& own) {
+  if (given != nullptr) return *given;
+  own = std::make_unique<MetricsRegistry>();
+  return *own;
+}
+
 }  // namespace meterd

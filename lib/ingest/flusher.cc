@@ -13,12 +13,6 @@ using aggregate::SealedPartition;
 
 namespace {
 
-MetricsRegistry* RegistryOr(MetricsRegistry* given, std::unique_ptr<MetricsRegistry>& own) {
-  if (given != nullptr) return given;
-  own = std::make_unique<MetricsRegistry>();
-  return own.get();
-}
-
 std::vector<event::OrgId> TouchedOrgs(const std::vector<SealedPartition>& batch) {
   absl::flat_hash_set<event::OrgId> orgs;
   for (const SealedPartition& p : batch) {
@@ -62,7 +56,7 @@ Flusher::Flusher(std::vector<Shard*> shards, std::unique_ptr<store::FlushWriter>
                  FlusherOptions options)
     : shards_(std::move(shards)),
       options_(options),
-      registry_(RegistryOr(options.metrics, own_metrics_)),
+      registry_(&RegistryOrOwn(options.metrics, own_metrics_)),
       metrics_(*registry_, options.clock),
       writer_(std::move(writer)) {}
 

@@ -74,8 +74,7 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::CreateWithSource(
   std::unique_ptr<Ingestor> ingestor(new Ingestor(std::move(options), clock));
   const IngestOptions& o = ingestor->options_;
   ingestor->source_ = std::move(source);
-  if (o.metrics == nullptr) ingestor->own_metrics_ = std::make_unique<MetricsRegistry>();
-  MetricsRegistry& metrics = o.metrics != nullptr ? *o.metrics : *ingestor->own_metrics_;
+  MetricsRegistry& metrics = RegistryOrOwn(o.metrics, ingestor->own_metrics_);
   ingestor->metrics_ = &metrics;
   ingestor->shard_metrics_ = std::make_unique<ShardMetrics>(metrics);
   metrics.AddGauge("meterd_shards", "Shard threads")->Set(o.shards);
@@ -133,13 +132,10 @@ bool Ingestor::OnAssign(std::vector<kafka::AssignedPartition>& partitions) {
   while (!offsets.ok()) {
     std::vector<int32_t> ids;
     for (const kafka::AssignedPartition& a : partitions) ids.push_back(a.partition);
-    if (stop_ != nullptr && (*stop_)()) {
-      LOG_ERROR("cannot load offsets for assigned partitions [{}]: {}; stopping, taking none",
-                absl::StrJoin(ids, ","), offsets.status().message());
-      return false;
-    }
-    LOG_ERROR("cannot load offsets for assigned partitions [{}]: {}; retrying",
-              absl::StrJoin(ids, ","), offsets.status().message());
+    const bool stopping = stop_ != nullptr && (*stop_)();
+    LOG_ERROR("cannot load offsets for assigned partitions [{}]: {}; {}", absl::StrJoin(ids, ","),
+              offsets.status().message(), stopping ? "stopping, taking none" : "retrying");
+    if (stopping) return false;
     offsets = flusher_->LoadOffsets(kRebalanceDeadline);
   }
   for (kafka::AssignedPartition& assigned : partitions) {

@@ -15,6 +15,7 @@
 #include "absl/time/clock.h"
 #include "lib/ingest/ingestor.h"
 #include "lib/kafka/fake_partition_source.h"
+#include "tests/support/harness.h"
 
 namespace meterd::ingest {
 namespace {
@@ -203,11 +204,8 @@ class ConsumerFakeTest : public ::testing::Test {
 
   // Blocks until the group has served `fake`'s pending events (assign/revoke), bounded.
   bool WaitAssigned(int count, absl::Duration timeout = absl::Seconds(10)) {
-    const absl::Time deadline = absl::Now() + timeout;
-    while (source_->AssignedCount() != count && absl::Now() < deadline) {
-      absl::SleepFor(absl::Microseconds(200));
-    }
-    return source_->AssignedCount() == count;
+    return testing::Eventually([&] { return source_->AssignedCount() == count; }, timeout,
+                               absl::Microseconds(200));
   }
 
   event::MeterRegistry meters_;
@@ -334,8 +332,8 @@ TEST_F(ConsumerFakeTest, FlushScheduleAndRetryBackoffFollowTheInjectedClock) {
   Append(0, 10);
   settle();
   clock.Advance(absl::Seconds(1));  // The next flush: fails.
-  const absl::Time deadline = absl::Now() + absl::Seconds(10);
-  while (writer_->attempts() < 2 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(1));
+  testing::Eventually([&] { return writer_->attempts() >= 2; }, absl::Seconds(10),
+                      absl::Milliseconds(1));
   ASSERT_EQ(writer_->attempts(), 2);
   // No retry 1 ms before the backoff is up; one right at it.
   auto expect_retry_after = [&](absl::Duration backoff, int attempts_before) {
@@ -345,9 +343,8 @@ TEST_F(ConsumerFakeTest, FlushScheduleAndRetryBackoffFollowTheInjectedClock) {
     EXPECT_EQ(writer_->attempts(), attempts_before)
         << "retried before the " << absl::FormatDuration(backoff) << " backoff";
     clock.Advance(absl::Milliseconds(1));
-    while (writer_->attempts() == attempts_before && absl::Now() < deadline) {
-      absl::SleepFor(absl::Milliseconds(1));
-    }
+    testing::Eventually([&] { return writer_->attempts() != attempts_before; }, absl::Seconds(10),
+                        absl::Milliseconds(1));
   };
   expect_retry_after(absl::Milliseconds(200), 2);  // Fails again: the next waits 400 ms.
   ASSERT_EQ(writer_->attempts(), 3);

@@ -94,23 +94,17 @@ class PipelineTest : public ::testing::Test {
 
   // Waits (up to 30 s) until meterd answers /healthz on `port`; the port, or -1.
   int WaitForHttp(int port) {
-    const absl::Time deadline = absl::Now() + absl::Seconds(30);
-    while (absl::Now() < deadline) {
-      if (HttpGet(port, "/healthz").first == 200) return port;
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    return -1;
+    const bool up = Eventually([&] { return HttpGet(port, "/healthz").first == 200; },
+                               absl::Seconds(30), absl::Milliseconds(50));
+    return up ? port : -1;
   }
 
   // Waits until the group gave `joiner` partitions, lets it work 3 s, then stops it
   // (SIGTERM): a rebalance to it and back.
   void JoinBrieflyThenLeave(ChildProcess& joiner) {
-    const absl::Time deadline = absl::Now() + absl::Seconds(60);
-    while (ReadFile(joiner.log_path()).find("assigned partition") == std::string::npos &&
-           absl::Now() < deadline) {
-      absl::SleepFor(absl::Milliseconds(200));
-    }
-    ASSERT_NE(ReadFile(joiner.log_path()).find("assigned partition"), std::string::npos)
+    ASSERT_TRUE(Eventually(
+        [&] { return ReadFile(joiner.log_path()).find("assigned partition") != std::string::npos; },
+        absl::Seconds(60), absl::Milliseconds(200)))
         << ReadFile(joiner.log_path());
     absl::SleepFor(absl::Seconds(3));
     joiner.Signal(SIGTERM);
@@ -123,12 +117,7 @@ class PipelineTest : public ::testing::Test {
 
   // Waits until some flush advanced the stored offsets beyond `than`.
   bool WaitForProgress(int64_t than, absl::Duration timeout) {
-    const absl::Time deadline = absl::Now() + timeout;
-    while (absl::Now() < deadline) {
-      if (StoredOffsetSum() > than) return true;
-      absl::SleepFor(absl::Milliseconds(100));
-    }
-    return false;
+    return Eventually([&] { return StoredOffsetSum() > than; }, timeout);
   }
 
   void ExpectExact(const devtools::ExpectedTotals& expected) {
@@ -426,13 +415,13 @@ TEST_F(PipelineTest, StoredOffsetPastTheLogEndIsReportedNotSkipped) {
   const int http_port = FreeLocalPort();
   auto meterd =
       StartMeterd("gap", "300ms", {"--http-listen", absl::StrCat("127.0.0.1:", http_port)});
-  const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  while (QueryInt(url_,
-                  "SELECT count(*) FROM shared.ingest_offsets WHERE next_offset < "
-                  "1000000") < 64 &&
-         absl::Now() < deadline) {
-    absl::SleepFor(absl::Milliseconds(100));
-  }
+  Eventually(
+      [&] {
+        return QueryInt(url_,
+                        "SELECT count(*) FROM shared.ingest_offsets WHERE next_offset < "
+                        "1000000") >= 64;
+      },
+      absl::Seconds(60));
   EXPECT_EQ(QueryInt(url_,
                      "SELECT count(*) FROM shared.rejected_events WHERE reason = "
                      "'offset_gap' AND kafka_offset = 1000000 AND detail LIKE '%past the "
@@ -466,13 +455,13 @@ TEST_F(PipelineTest, RetentionGapIsReportedWithItsRange) {
   ASSERT_EQ(StoredOffsetSum(), 1'000);
   FinishLoadgen(*StartLoadgen(60'000, 10, 0.0, 0));  // ~20 MB: the oldest are dropped.
   auto second = StartMeterd("second");
-  const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  while (QueryInt(url_,
-                  "SELECT count(*) FROM shared.rejected_events WHERE reason = "
-                  "'offset_gap'") == 0 &&
-         absl::Now() < deadline) {
-    absl::SleepFor(absl::Milliseconds(100));
-  }
+  Eventually(
+      [&] {
+        return QueryInt(url_,
+                        "SELECT count(*) FROM shared.rejected_events WHERE reason = "
+                        "'offset_gap'") > 0;
+      },
+      absl::Seconds(60));
   EXPECT_EQ(QueryInt(url_,
                      "SELECT count(*) FROM shared.rejected_events WHERE reason = "
                      "'offset_gap' AND kafka_offset = 1000 AND detail LIKE "
@@ -509,11 +498,8 @@ TEST_F(PipelineTest, BinaryContentModeEventsCountLikeStructuredOnes) {
   }
   ASSERT_TRUE((*producer)->Flush(absl::Seconds(30)).ok());
   EXPECT_EQ(WaitForSum(url_, 900 * 2, absl::Seconds(60)), 900 * 2);
-  const absl::Time deadline = absl::Now() + absl::Seconds(30);
-  while (QueryInt(url_, "SELECT count(*) FROM shared.rejected_events") < 100 &&
-         absl::Now() < deadline) {
-    absl::SleepFor(absl::Milliseconds(100));
-  }
+  Eventually([&] { return QueryInt(url_, "SELECT count(*) FROM shared.rejected_events") >= 100; },
+             absl::Seconds(30));
   EXPECT_EQ(QueryInt(url_,
                      "SELECT count(*) FROM shared.rejected_events WHERE reason = "
                      "'missing_field' AND convert_from(raw, 'UTF8') LIKE '%\"ce_%' = false "

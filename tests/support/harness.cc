@@ -298,6 +298,16 @@ void ProduceOrDie(const std::string& brokers, const std::string& topic, const st
   if (!flushed.ok()) throw std::runtime_error(std::string(flushed.message()));
 }
 
+bool Eventually(const std::function<bool()>& condition, absl::Duration timeout,
+                absl::Duration poll) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!condition()) {
+    if (absl::Now() >= deadline) return false;
+    absl::SleepFor(poll);
+  }
+  return true;
+}
+
 int FreeLocalPort() {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in address{};

@@ -2,6 +2,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -84,6 +85,9 @@ devtools::ExpectedTotals StoredTotals(const std::string& url);
 std::string DiffTotals(const devtools::ExpectedTotals& expected,
                        const devtools::ExpectedTotals& stored);
 int64_t QueryInt(const std::string& url, const std::string& sql);
+// Polls `condition` every `poll` until it holds (true) or `timeout` passes (false).
+bool Eventually(const std::function<bool()>& condition, absl::Duration timeout,
+                absl::Duration poll = absl::Milliseconds(100));
 // Polls until `SUM(quantity)` equals `expected_sum` or the timeout passes; returns the sum seen.
 int64_t WaitForSum(const std::string& url, int64_t expected_sum, absl::Duration timeout);
 int64_t SumOf(const devtools::ExpectedTotals& totals);
