@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Fuzzes the event parser (structured and CloudEvents binary mode) with libFuzzer under ASan
-# and UBSan: deploy/fuzz.sh [SECONDS] (default 60). Seeds: proto/examples; dictionary:
+# and UBSan: deploy/fuzz.sh [--build-only] [SECONDS] (default 60). Seeds: proto/examples; dictionary:
 # tests/fuzz/cloudevents.dict. A crash leaves its input in build-fuzz/crashes/ and fails; add
 # it (minimised) under proto/examples/invalid/<reason>/ as a regression example.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+build_only=0
+if [[ "${1:-}" == --build-only ]]; then build_only=1; shift; fi
 seconds=${1:-60}
 "$root/deploy/install-deps.sh"
 build="$root/build-fuzz"
 CC=clang CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DMETERD_FUZZ=ON -DMETERD_BUILD_TESTS=OFF -DMETERD_BUILD_BENCH=OFF >/dev/null
 cmake --build "$build" -j"$(nproc)" --target event_parser_fuzz >/dev/null
+((build_only)) && { echo "fuzz: built" >&2; exit 0; }
 corpus="$build/corpus"
 mkdir -p "$corpus" "$build/crashes"
 # Structured seeds: mode byte 0 + the example (the corpus grows across runs).

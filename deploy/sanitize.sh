@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The in-process tests under sanitizers: deploy/sanitize.sh [asan|tsan]... (default: both).
+# The in-process tests under sanitizers: deploy/sanitize.sh [--build-only] [asan|tsan]...
+# (default: both). --build-only builds the instrumented trees and runs nothing (deploy/test.sh
+# builds them at low priority while the end-to-end tests run, then calls this again to test).
 #   asan: AddressSanitizer + UndefinedBehaviorSanitizer over every unit test (parser, counters,
 #         dedup window, meter registry, metrics, backoff, flusher, shards on the fake source),
 #         then the 3-minute chaos profile (seed 1, every fault kind) with meterd itself built
@@ -14,6 +16,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/deploy/install-deps.sh"
+build_only=0
+if [[ "${1:-}" == --build-only ]]; then build_only=1; shift; fi
 kinds=("$@")
 ((${#kinds[@]})) || kinds=(asan tsan)
 asan_tests=(event_parser_test robustness_test binary_mode_test counters_test dedup_window_test meter_registry_test
@@ -30,6 +34,7 @@ for kind in "${kinds[@]}"; do
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo "$option" \
     -DMETERD_BUILD_BENCH=OFF >/dev/null
   cmake --build "$build" -j"$(nproc)" --target "${tests[@]}" >/dev/null
+  ((build_only)) && continue
   for t in "${tests[@]}"; do
     [[ "$t" == meterd || "$t" == meterd_chaos ]] && continue
     filter=()
@@ -48,4 +53,5 @@ for kind in "${kinds[@]}"; do
       || { echo "sanitize: asan: chaos failed" >&2; exit 1; }
   fi
 done
+((build_only)) && { echo "sanitize: ${kinds[*]}: built" >&2; exit 0; }
 echo "sanitize: ${kinds[*]}: clean" >&2
