@@ -10,12 +10,14 @@
 #include "daemon/flags.h"
 #include "lib/billing/close_period.h"
 #include "lib/common/clock.h"
+#include "lib/common/files.h"
 #include "lib/common/logging.h"
 #include "lib/common/process.h"
 #include "lib/common/status_macros.h"
 #include "lib/devtools/dev_broker.h"
 #include "lib/devtools/loadgen.h"
 #include "lib/pipeline/pipeline.h"
+#include "lib/store/data_protection.h"
 #include "lib/store/migrations.h"
 #include "lib/store/rejected_replay.h"
 
@@ -81,6 +83,9 @@ ABSL_FLAG(std::string, summary_json, "",
 ABSL_FLAG(std::string, as_of, "", "Close periods that ended by this RFC 3339 time (default: now)");
 ABSL_FLAG(bool, allow_future, false,
           "close-period: accept an --as-of in the future (invoices periods not yet ended)");
+ABSL_FLAG(std::string, org, "", "org export / org erase: the organization id (UUID; required)");
+ABSL_FLAG(std::string, out, "",
+          "org export: write the JSON document to this file (mode 0600) instead of stdout");
 ABSL_FLAG(uint64_t, seed, 1, "Seed for organization ids and event mix (same seed, same events)");
 
 namespace meterd::daemon {
@@ -191,6 +196,34 @@ absl::Status ReplayRejected(const std::vector<std::string>&) {
   return absl::OkStatus();
 }
 
+absl::Status OrgExport(const std::vector<std::string>&) {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  const std::string org = absl::GetFlag(FLAGS_org);
+  RETURN_IF_ERROR(Require("org", org));
+  ASSIGN_OR_RETURN(std::string document, store::ExportOrg(pg, org));
+  const std::string out = absl::GetFlag(FLAGS_out);
+  if (out.empty()) {
+    std::printf("%s\n", document.c_str());
+    return absl::OkStatus();
+  }
+  // Personal data: readable by its owner only.
+  absl::Status written = WriteFileAtomically(out, document + "\n", 0600);
+  if (!written.ok()) return absl::InternalError(absl::StrCat("--out: ", written.message()));
+  LOG_INFO("org export: {} bytes written to {}", document.size() + 1, out);
+  return absl::OkStatus();
+}
+
+absl::Status OrgErase(const std::vector<std::string>&) {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  const std::string org = absl::GetFlag(FLAGS_org);
+  RETURN_IF_ERROR(Require("org", org));
+  ASSIGN_OR_RETURN(std::string summary, store::EraseOrg(pg, org));
+  std::printf("%s\n", summary.c_str());
+  return absl::OkStatus();
+}
+
 absl::Status DevBroker(const std::vector<std::string>&) {
   InstallStopSignals();
   ASSIGN_OR_RETURN(auto broker, devtools::DevBroker::Start(absl::GetFlag(FLAGS_topic),
@@ -265,6 +298,15 @@ const std::vector<Subcommand>& Subcommands() {
        "each row at most once",
        {"pg", "reason", "since", "late_window", "max_future_skew"},
        &ReplayRejected},
+      {"org export",
+       "print everything meterd holds about one organization as one JSON document (admin)",
+       {"pg", "org", "out"},
+       &OrgExport},
+      {"org erase",
+       "erase one organization's personal data; invoices, payments and usage stay under a "
+       "new pseudonymous id; idempotent (admin)",
+       {"pg", "org"},
+       &OrgErase},
       {"dev-broker",
        "start an embedded Kafka (librdkafka mock cluster) on 127.0.0.1; prints its address",
        {"topic", "partitions"},

@@ -1,6 +1,7 @@
 #include "daemon/flags.h"
 
 #include <cstdlib>
+#include <string_view>
 
 #include "absl/flags/parse.h"
 #include "absl/flags/reflection.h"
@@ -40,13 +41,17 @@ absl::Status ApplyEnvironment(const Subcommand& command, CommandLine& line) {
 
 }  // namespace
 
+int NameWords(const Subcommand& command) {
+  return std::string_view(command.name).find(' ') == std::string_view::npos ? 1 : 2;
+}
+
 absl::StatusOr<CommandLine> ParseCommandLine(const Subcommand& command, int argc, char** argv) {
   CommandLine line;
   if (absl::Status env = ApplyEnvironment(command, line); !env.ok()) return env;
   // --kafka-property is repeatable, so it is taken out here; the rest goes to Abseil as
   // --name=value, and a flag another command uses is refused by name.
   std::vector<std::string> args = {std::string("meterd ") + command.name};
-  for (int i = 2; i < argc; ++i) {
+  for (int i = 1 + NameWords(command); i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--help" || arg == "-h" || arg == "--helpfull") {
       line.help = true;

@@ -22,7 +22,7 @@ void PrintUsage() {
       "meterd: exactly-once usage metering, Kafka -> Postgres\n\nUsage: meterd COMMAND "
       "[flags]\n\nCommands:\n");
   for (const Subcommand& c : meterd::daemon::Subcommands()) {
-    std::printf("  %-12s %s\n", c.name, c.summary);
+    std::printf("  %-16s %s\n", c.name, c.summary);
   }
   std::printf(
       "\n`meterd COMMAND --help` lists a command's flags. Every flag can also be set in the\n"
@@ -50,8 +50,21 @@ int main(int argc, char** argv) {
     return argc < 2 ? 2 : 0;
   }
   const Subcommand* command = nullptr;
+  std::string family;  // Second words of the two-word commands starting with argv[1].
   for (const Subcommand& c : meterd::daemon::Subcommands()) {
-    if (argv[1] == std::string(c.name)) command = &c;
+    const std::string name = c.name;
+    if (meterd::daemon::NameWords(c) == 1) {
+      if (name == argv[1]) command = &c;
+      continue;
+    }
+    const std::string first = name.substr(0, name.find(' '));
+    if (first != argv[1]) continue;
+    family += absl::StrCat(family.empty() ? "" : ", ", name.substr(first.size() + 1));
+    if (argc > 2 && name == absl::StrCat(argv[1], " ", argv[2])) command = &c;
+  }
+  if (command == nullptr && !family.empty()) {
+    std::fprintf(stderr, "meterd %s: needs one of: %s\n", argv[1], family.c_str());
+    return 2;
   }
   if (command == nullptr) {
     std::fprintf(stderr, "meterd: unknown command '%s'; `meterd --help` lists them\n", argv[1]);

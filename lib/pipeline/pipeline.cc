@@ -1,10 +1,10 @@
 #include "lib/pipeline/pipeline.h"
 
 #include <cstdio>
-#include <fstream>
 
 #include "absl/strings/str_cat.h"
 #include "lib/billing/close_period.h"
+#include "lib/common/files.h"
 #include "lib/common/logging.h"
 #include "lib/common/process.h"
 #include "lib/common/status_macros.h"
@@ -100,18 +100,9 @@ absl::Status Pipeline::Run(const std::function<bool()>& stop) {
 
 absl::Status Pipeline::WriteSummary() const {
   if (options_.summary_json.empty()) return absl::OkStatus();
-  // Written whole, then renamed: a reader never sees half a file.
-  const std::string temp = options_.summary_json + ".tmp";
-  {
-    std::ofstream out(temp, std::ios::trunc);
-    out << metrics_.RenderJson() << "\n";
-    if (!out) return absl::InternalError(absl::StrCat("--summary-json: cannot write ", temp));
-  }
-  if (std::rename(temp.c_str(), options_.summary_json.c_str()) != 0) {
-    return absl::InternalError(
-        absl::StrCat("--summary-json: cannot rename ", temp, " to ", options_.summary_json));
-  }
-  return absl::OkStatus();
+  absl::Status written = WriteFileAtomically(options_.summary_json, metrics_.RenderJson() + "\n");
+  if (written.ok()) return written;
+  return absl::InternalError(absl::StrCat("--summary-json: ", written.message()));
 }
 
 http::Response Pipeline::Serve(const std::string& path) const {

@@ -186,6 +186,9 @@ absl::Status StatusFromException(const std::exception& e) {
     if (state.rfind("08", 0) == 0 || state.rfind("57P", 0) == 0) {
       return absl::UnavailableError(absl::StrCat("Postgres unavailable: ", what));
     }
+    if (state == "42501") {
+      return absl::PermissionDeniedError(absl::StrCat("Postgres refused: ", what));
+    }
     return absl::InternalError(absl::StrCat("Postgres error ", state, ": ", what));
   }
   if (dynamic_cast<const pqxx::transaction_rollback*>(&e) != nullptr) {

@@ -71,7 +71,8 @@ class SocketWatchdog {
 };
 
 // Converts an exception thrown by libpqxx into a Status: broken connections are Unavailable
-// (retry later), everything else Internal with the server's message.
+// (retry later), insufficient privilege (42501) PermissionDenied, everything else Internal
+// with the server's message.
 absl::Status StatusFromException(const std::exception& e);
 
 // Runs `body`, catching libpqxx exceptions at this library boundary.

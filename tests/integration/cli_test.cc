@@ -31,7 +31,8 @@ Outcome RunMeterd(std::vector<std::string> args, absl::Duration timeout = absl::
 TEST(CliTest, HelpListsCommandsAndFlags) {
   Outcome top = RunMeterd({"--help"});
   EXPECT_EQ(top.exit_code, 0);
-  for (const char* command : {"run", "migrate", "dev-broker", "loadgen", "replay-rejected"}) {
+  for (const char* command :
+       {"run", "migrate", "dev-broker", "loadgen", "replay-rejected", "org export", "org erase"}) {
     EXPECT_NE(top.stdout_text.find(command), std::string::npos) << command;
   }
   Outcome run = RunMeterd({"run", "--help"});
@@ -46,6 +47,33 @@ TEST(CliTest, HelpListsCommandsAndFlags) {
   for (const char* flag : {"--pg", "--reason", "--since", "--late-window", "--max-future-skew"}) {
     EXPECT_NE(replay.stdout_text.find(flag), std::string::npos) << flag;
   }
+  Outcome erase = RunMeterd({"org", "erase", "--help"});
+  EXPECT_EQ(erase.exit_code, 0);
+  EXPECT_NE(erase.stdout_text.find("meterd org erase: "), std::string::npos) << erase.stdout_text;
+  EXPECT_NE(erase.stdout_text.find("--org"), std::string::npos) << erase.stdout_text;
+  EXPECT_EQ(erase.stdout_text.find("--out"), std::string::npos) << erase.stdout_text;
+}
+
+// Two-word commands: the first word alone names the choices; a bad id is refused before
+// anything connects.
+TEST(CliTest, OrgCommandsNeedTheirSecondWordAndAnId) {
+  Outcome bare = RunMeterd({"org"});
+  EXPECT_EQ(bare.exit_code, 2);
+  EXPECT_NE(bare.stderr_text.find("meterd org: needs one of: export, erase"), std::string::npos)
+      << bare.stderr_text;
+  Outcome unknown = RunMeterd({"org", "delete"});
+  EXPECT_EQ(unknown.exit_code, 2);
+  EXPECT_NE(unknown.stderr_text.find("needs one of: export, erase"), std::string::npos);
+  Outcome missing = RunMeterd({"org", "export", "--pg", "postgresql://127.0.0.1:1/x"});
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_NE(missing.stderr_text.find("--org is required"), std::string::npos)
+      << missing.stderr_text;
+  Outcome bad_id =
+      RunMeterd({"org", "erase", "--pg", "postgresql://127.0.0.1:1/x", "--org", "acme"});
+  EXPECT_EQ(bad_id.exit_code, 1);
+  EXPECT_NE(bad_id.stderr_text.find("--org must be an organization id (UUID), got 'acme'"),
+            std::string::npos)
+      << bad_id.stderr_text;
 }
 
 TEST(CliTest, BadFlagsFailWithOneClearLine) {

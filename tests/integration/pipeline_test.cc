@@ -3,7 +3,10 @@
 #include <signal.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <filesystem>
+#include <map>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -15,6 +18,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "lib/devtools/loadgen.h"
+#include "lib/event/usage_event.h"
 #include "lib/kafka/producer.h"
 #include "tests/support/harness.h"
 #include "tests/support/tcp_proxy.h"
@@ -109,6 +114,23 @@ class PipelineTest : public ::testing::Test {
     absl::SleepFor(absl::Seconds(3));
     joiner.Signal(SIGTERM);
     EXPECT_EQ(joiner.Wait(absl::Seconds(60)), 0) << ReadFile(joiner.log_path());
+  }
+
+  // Runs `meterd args...` to completion: its exit code and stdout + stderr.
+  std::pair<int, std::string> RunCommand(std::vector<std::string> args, const std::string& label) {
+    args.insert(args.begin(), MeterdBinary());
+    const std::string log = absl::StrCat(dir_, "/", label, ".log");
+    ChildProcess child(args, log);
+    std::string out = child.ReadAll();
+    const int code = child.Wait(absl::Seconds(60));
+    return {code, out + ReadFile(log)};
+  }
+
+  static void Exec(const std::string& url, const std::string& sql) {
+    pqxx::connection conn(url);
+    pqxx::work tx(conn);
+    tx.exec(sql);
+    tx.commit();
   }
 
   int64_t StoredOffsetSum() {
@@ -677,6 +699,217 @@ TEST_F(PipelineTest, KafkaPathBillsLikeTheDirectPathWithinTwoFlushes) {
   EXPECT_EQ(status_of(url_), status_of(direct_url));
   EXPECT_NE(status_of(url_).find("\"usage_charges_micros\": 2050000"), std::string::npos)
       << status_of(url_);
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
+// App transactions on a tracked table in `hs` (100 of 1-1,000 rows, a third rolled back, over
+// the same orgs as the Kafka events) while meterd ingests: usage is exactly the loadgen totals
+// plus the committed rows, and no transaction or flush deadlocks.
+TEST_F(PipelineTest, TrackedAppWritesAndKafkaEventsCountExactlyTogether) {
+  Exec(url_, "CREATE TABLE hs.appointments (id bigserial PRIMARY KEY, org_id uuid NOT NULL)");
+  Exec(url_, "SELECT shared.track_usage('hs.appointments', 'api_calls', 'org_id')");
+  constexpr int kOrgs = 50;
+  std::vector<std::string> orgs;
+  for (int i = 0; i < kOrgs; ++i) {
+    char text[36];
+    event::FormatOrgId(devtools::LoadgenOrgId(1, i), text);
+    orgs.emplace_back(text, sizeof(text));
+  }
+  auto meterd = StartMeterd("a");
+  auto loadgen = StartLoadgen(150'000, kOrgs, 0.0, 30'000);
+  ASSERT_TRUE(WaitForProgress(0, absl::Seconds(60))) << ReadFile(meterd->log_path());
+  std::atomic<int> next_tx{0};
+  std::mutex mu;
+  std::map<std::string, int64_t> committed;  // org → rows committed.
+  std::vector<std::string> failures;
+  std::vector<std::thread> apps;
+  for (int t = 0; t < 8; ++t) {
+    apps.emplace_back([&, t] {
+      std::mt19937 random(static_cast<uint32_t>(100 + t));
+      pqxx::connection conn(url_);
+      for (int i = next_tx++; i < 100; i = next_tx++) {
+        const int rows = std::uniform_int_distribution<int>(1, 1'000)(random);
+        std::map<std::string, int64_t> mine;
+        std::string values;
+        for (int r = 0; r < rows; ++r) {
+          const std::string& org = orgs[random() % kOrgs];
+          ++mine[org];
+          absl::StrAppend(&values, r ? "," : "", "('", org, "')");
+        }
+        try {
+          pqxx::work tx(conn);
+          tx.exec0("INSERT INTO hs.appointments (org_id) VALUES " + values);
+          if (i % 3 == 0) {
+            tx.abort();
+            continue;
+          }
+          tx.commit();
+          std::lock_guard lock(mu);
+          for (const auto& [org, n] : mine) committed[org] += n;
+        } catch (const std::exception& e) {
+          std::lock_guard lock(mu);
+          failures.push_back(absl::StrCat("transaction ", i, ": ", e.what()));
+        }
+      }
+    });
+  }
+  for (std::thread& app : apps) app.join();
+  EXPECT_TRUE(failures.empty()) << failures.front();
+  auto expected = FinishLoadgen(*loadgen);
+  const std::string today = absl::FormatTime("%Y-%m-%d", absl::Now(), absl::UTCTimeZone());
+  int64_t rows = 0;
+  for (const auto& [org, n] : committed) {
+    expected[{org, "api_calls", "hs", today}] += n;
+    rows += n;
+  }
+  EXPECT_GT(rows, 10'000);
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM hs.appointments"), rows);
+  ExpectExact(expected);
+  EXPECT_EQ(ReadFile(meterd->log_path()).find("deadlock"), std::string::npos)
+      << ReadFile(meterd->log_path());
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
+// Personal values planted through every entry point (back office SQL, Stripe tables, a webhook
+// payload, the request log, a Kafka event that is counted and one that is rejected) are all in
+// `meterd org export`; after `meterd org erase` none of them is anywhere in the database, in
+// meterd's log or in /metrics, and the org's invoice totals are unchanged. A tenant login and
+// the daemon's role may run neither command; a back-office login may.
+TEST_F(PipelineTest, OrgExportFindsPersonalDataAndEraseLeavesNoneOfIt) {
+  const std::string org = "00000000-0000-4000-8000-0000000000cd";
+  const std::string name = "Zelda Quux-Marlowe";
+  const std::string email = "zelda.quux@example.org";
+  const std::string last4 = "9731";
+  Exec(url_,
+       absl::StrCat(
+           "INSERT INTO shared.organizations VALUES ('", org, "', '", name,
+           " Plumbing', 'hs');"
+           "INSERT INTO shared.stripe_customers VALUES ('",
+           org, "', 'cus_Zq1', '", email,
+           "');"
+           "INSERT INTO shared.payment_methods (org_id, stripe_payment_method_id, brand, last4, "
+           "  exp_month, exp_year) VALUES ('",
+           org, "', 'pm_Zq1', 'visa', '", last4,
+           "', 4, 2031);"
+           "INSERT INTO shared.stripe_webhook_events (stripe_event_id, event_type, payload) VALUES "
+           "  ('evt_Zq1', 'customer.updated', '{\"data\": {\"object\": {\"id\": \"cus_Zq1\", "
+           "  \"email\": \"",
+           email, "\", \"name\": \"", name,
+           "\"}}}');"
+           // A period that ended an hour ago, so close-period invoices it.
+           "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
+           "  current_period_end, billing_anchor) VALUES ('",
+           org,
+           "', 'pro', "
+           "  now() - interval '1 month' - interval '1 hour', now() - interval '1 hour', "
+           "  now() - interval '1 month' - interval '1 hour');"
+           "SELECT shared.track_api_request('",
+           org, "', '/customers/", email, "', 'GET', 200, 3);"));
+  const int http_port = FreeLocalPort();
+  auto meterd = StartMeterd("a", "300ms", {"--http-listen", absl::StrCat("127.0.0.1:", http_port)});
+  ASSERT_GT(WaitForHttp(http_port), 0) << ReadFile(meterd->log_path());
+  // Counted (its extra fields are never stored) and rejected (stored raw, with the org's id).
+  const std::string counted = UsageEventJson(org, "api_calls", 40, "hs");
+  const std::string with_email =
+      counted.substr(0, counted.rfind('}')) + absl::StrCat(",\"contact\":\"", email, "\"}");
+  const std::string rejected = absl::StrCat(
+      "{\"specversion\":\"1.0\",\"id\":\"r1\",\"source\":\"app\",\"type\":\"api_calls\","
+      "\"subject\":\"",
+      org, "\",\"data\":{\"quantity\":-5,\"industry\":\"hs\",\"email\":\"", email, "\",\"name\":\"",
+      name, "\"}}");
+  ProduceOrDie(broker_->bootstrap(), kTopic, org, {with_email, rejected});
+  ASSERT_TRUE(Eventually(
+      [&] {
+        return QueryInt(url_, "SELECT count(*) FROM shared.rejected_events") == 1 &&
+               QueryInt(url_,
+                        "SELECT coalesce(sum(quantity), 0) FROM shared.api_usage_meters "
+                        "WHERE org_id = '" +
+                            org + "'") == 41;
+      },
+      absl::Seconds(60)))
+      << ReadFile(meterd->log_path());
+  auto close = RunCommand({"close-period", "--pg", url_}, "close");
+  ASSERT_EQ(close.first, 0) << close.second;
+  const std::string invoice_sql =
+      "SELECT count(*) * 1000000000 + sum(total_micros) FROM "
+      "shared.invoices";
+  const int64_t invoices_before = QueryInt(url_, invoice_sql);
+  ASSERT_GT(invoices_before, 1'000'000'000);
+
+  // Who may: not a tenant login, not the daemon's role; a back-office login may.
+  Exec(url_,
+       "DO $$ BEGIN "
+       "IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'it_tenant') THEN "
+       "  CREATE ROLE it_tenant LOGIN IN ROLE meterd_org; END IF; "
+       "IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'it_daemon') THEN "
+       "  CREATE ROLE it_daemon LOGIN IN ROLE meterd; END IF; "
+       "IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'it_backoffice') THEN "
+       "  CREATE ROLE it_backoffice LOGIN IN ROLE meterd_admin; END IF; END $$");
+  Exec(url_, "INSERT INTO shared.org_logins VALUES ('it_tenant', '" + org + "')");
+  auto as = [&](const std::string& role) {
+    return absl::StrCat("postgresql://", role, url_.substr(url_.find('@')));
+  };
+  for (const char* role : {"it_tenant", "it_daemon"}) {
+    for (const char* command : {"export", "erase"}) {
+      auto refused = RunCommand({"org", command, "--pg", as(role), "--org", org}, "refused");
+      EXPECT_EQ(refused.first, 1) << role << " " << command;
+      EXPECT_NE(refused.second.find("lacks the meterd_admin role"), std::string::npos)
+          << refused.second;
+    }
+  }
+  Exec(url_, "DELETE FROM shared.org_logins WHERE login = 'it_tenant'");
+
+  const std::string exported = dir_ + "/export.json";
+  auto export_run = RunCommand(
+      {"org", "export", "--pg", as("it_backoffice"), "--org", org, "--out", exported}, "export");
+  ASSERT_EQ(export_run.first, 0) << export_run.second;
+  const std::string document = ReadFile(exported);
+  EXPECT_EQ(std::filesystem::status(exported).permissions() & std::filesystem::perms::others_read,
+            std::filesystem::perms::none);
+  for (const std::string& planted : std::vector<std::string>{
+           name + " Plumbing", email, "\"last4\": \"" + last4 + "\"", "/customers/" + email,
+           "\"email\\\":\\\"" + email, "\"cus_Zq1\"", "\"pm_Zq1\"", "\"evt_Zq1\""}) {
+    EXPECT_NE(document.find(planted), std::string::npos) << planted << " not in " << document;
+  }
+  for (const char* section : {"\"invoices\": [{", "\"usage\": [{", "\"subscriptions\": [{",
+                              "\"rejected_events\": [{", "\"request_logs\": [{"}) {
+    EXPECT_NE(document.find(section), std::string::npos) << section << " in " << document;
+  }
+
+  auto erase = RunCommand({"org", "erase", "--pg", as("it_backoffice"), "--org", org}, "erase");
+  ASSERT_EQ(erase.first, 0) << erase.second;
+  EXPECT_NE(erase.second.find("\"found\": true"), std::string::npos) << erase.second;
+  EXPECT_EQ(erase.second.find(org), std::string::npos) << erase.second;
+  auto again = RunCommand({"org", "erase", "--pg", url_, "--org", org}, "erase-again");
+  ASSERT_EQ(again.first, 0) << again.second;
+  EXPECT_NE(again.second.find("{\"found\": false}"), std::string::npos) << again.second;
+
+  const std::string dump_path = dir_ + "/dump.sql";
+  ASSERT_EQ(
+      std::system(absl::StrCat("pg_dump --data-only --dbname='", url_, "' > ", dump_path).c_str()),
+      0);
+  const std::string dump = ReadFile(dump_path);
+  const auto [metrics_status, metrics] = HttpGet(http_port, "/metrics");
+  EXPECT_EQ(metrics_status, 200);
+  const std::string log = ReadFile(meterd->log_path());
+  for (const std::string& planted :
+       std::vector<std::string>{name, email, "\t" + last4 + "\t", "cus_Zq1", "pm_Zq1"}) {
+    EXPECT_EQ(dump.find(planted), std::string::npos) << planted << " still in the database";
+    EXPECT_EQ(log.find(planted), std::string::npos) << planted << " in meterd's log";
+    EXPECT_EQ(metrics.find(planted), std::string::npos) << planted << " in /metrics";
+  }
+  EXPECT_EQ(dump.find(org), std::string::npos) << "the old org id is still in the database";
+  EXPECT_EQ(QueryInt(url_, invoice_sql), invoices_before);
+  EXPECT_EQ(QueryInt(url_,
+                     "SELECT count(*) FROM shared.audit_log WHERE action = 'org.erased' "
+                     "AND actor = 'role:it_backoffice'"),
+            1);
+  EXPECT_EQ(QueryInt(url_,
+                     "SELECT count(*) FROM shared.organizations WHERE name = "
+                     "'erased organization'"),
+            1);
   meterd->Signal(SIGTERM);
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
 }
