@@ -398,6 +398,15 @@ TEST_F(ConsumerFakeTest, LagAndEventToVisibleLatencyAreMeasured) {
   source_->Assign({0});
   ASSERT_TRUE(writer_->WaitFor([&] { return writer_->OffsetLocked(0) == 100; }));
   MetricsRegistry& metrics = ingestor_->metrics();
+  // The flusher records a flush's metrics after the writer returned, its duration last (after
+  // re-reading the meters).
+  ASSERT_TRUE(testing::Eventually(
+      [&] {
+        const std::string text = metrics.RenderPrometheus();
+        return text.find("meterd_event_visible_latency_seconds_count 0\n") == std::string::npos &&
+               text.find("meterd_flush_duration_seconds_count 0\n") == std::string::npos;
+      },
+      absl::Seconds(10)));
   EXPECT_EQ(metrics.Value("meterd_partition_lag", {{"partition", "0"}}), 0);
   EXPECT_EQ(metrics.Value("meterd_events_total"), 100);
   EXPECT_EQ(metrics.Value("meterd_flushed_events_total"), 100);
