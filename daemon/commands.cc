@@ -8,6 +8,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "daemon/flags.h"
+#include "lib/api/api_keys.h"
 #include "lib/billing/close_period.h"
 #include "lib/common/clock.h"
 #include "lib/common/files.h"
@@ -77,6 +78,18 @@ ABSL_FLAG(bool, billing, true,
 ABSL_FLAG(std::string, http_listen, "",
           "Serve /metrics, /metrics.json, /healthz, /readyz on host:port (e.g. 0.0.0.0:9464); "
           "empty: off");
+ABSL_FLAG(int, http_threads, 2, "Threads serving HTTP (never a shard's)");
+ABSL_FLAG(int, http_max_connections, 1024,
+          "Open HTTP connections at most; further ones are closed at once");
+ABSL_FLAG(int64_t, http_max_body_bytes, 8 * 1024 * 1024,
+          "Largest HTTP request body accepted (larger: 413)");
+ABSL_FLAG(absl::Duration, http_read_timeout, absl::Seconds(10),
+          "A client must send a whole request within this (slow clients are disconnected)");
+ABSL_FLAG(absl::Duration, http_idle_timeout, absl::Seconds(30),
+          "A keep-alive connection idle this long is closed");
+ABSL_FLAG(double, api_rate, 1000, "API requests per second per API key (token bucket rate)");
+ABSL_FLAG(double, api_burst, 2000, "API requests per API key in a burst (token bucket size)");
+ABSL_FLAG(int64_t, api_max_events, 1000, "Events per POST /v1/events request at most");
 ABSL_FLAG(std::string, summary_json, "",
           "When the run ends, write every metric (the same registry as /metrics) as one JSON "
           "object to this file; empty: off");
@@ -86,6 +99,12 @@ ABSL_FLAG(bool, allow_future, false,
 ABSL_FLAG(std::string, org, "", "org export / org erase: the organization id (UUID; required)");
 ABSL_FLAG(std::string, out, "",
           "org export: write the JSON document to this file (mode 0600) instead of stdout");
+ABSL_FLAG(std::vector<std::string>, scope, {},
+          "api-key create: what the key may do, comma-separated: ingest, read (default ingest)");
+ABSL_FLAG(bool, admin, false,
+          "api-key create: an admin key (any org, every scope) instead of an org key");
+ABSL_FLAG(std::string, label, "", "api-key create: a note for people (who or what uses the key)");
+ABSL_FLAG(std::string, key_id, "", "api-key revoke: the key's id (the 12 hex digits after mk_)");
 ABSL_FLAG(uint64_t, seed, 1, "Seed for organization ids and event mix (same seed, same events)");
 
 namespace meterd::daemon {
@@ -133,6 +152,15 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   ASSIGN_OR_RETURN(o.ingest.kafka_properties, ParseProperties(raw_properties));
   o.billing = absl::GetFlag(FLAGS_billing);
   o.http_listen = absl::GetFlag(FLAGS_http_listen);
+  o.http_limits.threads = absl::GetFlag(FLAGS_http_threads);
+  o.http_limits.max_connections = absl::GetFlag(FLAGS_http_max_connections);
+  o.http_limits.max_body_bytes =
+      static_cast<size_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_http_max_body_bytes)));
+  o.http_limits.read_timeout = absl::GetFlag(FLAGS_http_read_timeout);
+  o.http_limits.idle_timeout = absl::GetFlag(FLAGS_http_idle_timeout);
+  o.api_rate = absl::GetFlag(FLAGS_api_rate);
+  o.api_burst = absl::GetFlag(FLAGS_api_burst);
+  o.api_max_events = absl::GetFlag(FLAGS_api_max_events);
   o.summary_json = absl::GetFlag(FLAGS_summary_json);
   InstallStopSignals();
   ASSIGN_OR_RETURN(auto pipeline, pipeline::Pipeline::Start(std::move(o), &SystemClock::Get()));
@@ -224,6 +252,57 @@ absl::Status OrgErase(const std::vector<std::string>&) {
   return absl::OkStatus();
 }
 
+absl::Status ApiKeyCreate(const std::vector<std::string>&) {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  const bool admin = absl::GetFlag(FLAGS_admin);
+  const std::string org = absl::GetFlag(FLAGS_org);
+  uint8_t scopes = 0;
+  for (const std::string& name : absl::GetFlag(FLAGS_scope)) {
+    ASSIGN_OR_RETURN(uint8_t scope, api::ParseScope(name));
+    scopes |= scope;
+  }
+  if (admin) {
+    if (!org.empty() || (scopes != 0 && scopes != api::kScopeAdmin)) {
+      return absl::InvalidArgumentError(
+          "--admin makes a key for every org and scope: give neither --org nor --scope");
+    }
+    scopes = api::kScopeAdmin;
+  } else {
+    if (org.empty()) {
+      return absl::InvalidArgumentError("--org is required (or --admin for an admin key)");
+    }
+    if (scopes == 0) scopes = api::kScopeIngest;
+  }
+  ASSIGN_OR_RETURN(api::CreatedKey key,
+                   api::CreateApiKey(pg, org, scopes, absl::GetFlag(FLAGS_label)));
+  // The token is shown this once; only its salted hash is stored.
+  std::printf("{\"key_id\":\"%s\",\"org\":\"%s\",\"scopes\":\"%s\",\"token\":\"%s\"}\n",
+              key.key_id.c_str(), org.c_str(), api::ScopeNames(scopes).c_str(), key.token.c_str());
+  LOG_INFO("api-key create: key {} for {} ({}); the token is printed once, store it now",
+           key.key_id, admin ? "every org" : org, api::ScopeNames(scopes));
+  return absl::OkStatus();
+}
+
+absl::Status ApiKeyList(const std::vector<std::string>&) {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  ASSIGN_OR_RETURN(auto keys, api::ListApiKeys(pg, absl::GetFlag(FLAGS_org)));
+  std::printf("%s\n", api::KeyListJson(keys).c_str());
+  return absl::OkStatus();
+}
+
+absl::Status ApiKeyRevoke(const std::vector<std::string>&) {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  const std::string key_id = absl::GetFlag(FLAGS_key_id);
+  RETURN_IF_ERROR(Require("key_id", key_id));
+  ASSIGN_OR_RETURN(bool revoked, api::RevokeApiKey(pg, key_id));
+  std::printf("{\"key_id\":\"%s\",\"revoked\":%s}\n", key_id.c_str(), revoked ? "true" : "false");
+  if (!revoked) LOG_WARN("api-key revoke: no live key {} (unknown or revoked before)", key_id);
+  return absl::OkStatus();
+}
+
 absl::Status DevBroker(const std::vector<std::string>&) {
   InstallStopSignals();
   ASSIGN_OR_RETURN(auto broker, devtools::DevBroker::Start(absl::GetFlag(FLAGS_topic),
@@ -285,6 +364,14 @@ const std::vector<Subcommand>& Subcommands() {
         "startup_timeout",
         "billing",
         "http_listen",
+        "http_threads",
+        "http_max_connections",
+        "http_max_body_bytes",
+        "http_read_timeout",
+        "http_idle_timeout",
+        "api_rate",
+        "api_burst",
+        "api_max_events",
         "summary_json",
         "kafka_property"},
        &Run},
@@ -307,6 +394,15 @@ const std::vector<Subcommand>& Subcommands() {
        "new pseudonymous id; idempotent (admin)",
        {"pg", "org"},
        &OrgErase},
+      {"api-key create",
+       "create an API key for one org (or --admin) and print its token once",
+       {"pg", "org", "scope", "admin", "label"},
+       &ApiKeyCreate},
+      {"api-key list", "list API keys (never their secrets)", {"pg", "org"}, &ApiKeyList},
+      {"api-key revoke",
+       "revoke an API key; every instance refuses it within a second",
+       {"pg", "key_id"},
+       &ApiKeyRevoke},
       {"dev-broker",
        "start an embedded Kafka (librdkafka mock cluster) on 127.0.0.1; prints its address",
        {"topic", "partitions"},

@@ -1,11 +1,19 @@
 #include "lib/http/http_server.h"
 
+#include <array>
+#include <chrono>
+#include <optional>
+
 #include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "lib/common/logging.h"
 
 namespace meterd::http {
@@ -15,54 +23,203 @@ namespace beast = boost::beast;
 namespace bhttp = boost::beast::http;
 using tcp = boost::asio::ip::tcp;
 
-// One connection: read a request, answer it, close.
+std::chrono::milliseconds Chrono(absl::Duration d) {
+  return std::chrono::milliseconds(absl::ToInt64Milliseconds(d));
+}
+
+int HexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  c = absl::ascii_tolower(c);
+  return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+std::string PercentDecode(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == '+') {
+      out += ' ';
+    } else if (text[i] == '%' && i + 2 < text.size() && HexValue(text[i + 1]) >= 0 &&
+               HexValue(text[i + 2]) >= 0) {
+      out += static_cast<char>(HexValue(text[i + 1]) * 16 + HexValue(text[i + 2]));
+      i += 2;
+    } else {
+      out += text[i];
+    }
+  }
+  return out;
+}
+
+Response JsonError(int status, std::string_view code, std::string_view message) {
+  return {status,
+          "application/json",
+          absl::StrCat("{\"error\":{\"code\":\"", std::string(code), "\",\"message\":\"",
+                       std::string(message), "\"}}\n"),
+          {}};
+}
+
+// One connection: requests read and answered in turn (keep-alive) until the client closes, a
+// limit is hit or it goes idle. All of a session's work runs on its strand.
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(tcp::socket socket, const Handler* handler)
-      : stream_(std::move(socket)), handler_(handler) {}
+  Session(tcp::socket socket, const Handler* handler, const Limits* limits,
+          std::atomic<int>* connections)
+      : stream_(std::move(socket)), handler_(handler), limits_(limits), connections_(connections) {
+    beast::error_code ignored;
+    const auto peer = stream_.socket().remote_endpoint(ignored);
+    remote_ = ignored ? "" : peer.address().to_string();
+  }
+  ~Session() { connections_->fetch_sub(1, std::memory_order_relaxed); }
 
-  void Run() {
-    stream_.expires_after(std::chrono::seconds(5));
-    bhttp::async_read(stream_, buffer_, request_,
-                      [self = shared_from_this()](beast::error_code error, size_t) {
-                        if (!error) self->Respond();
-                      });
+  void Read(bool first) {
+    parser_.emplace();
+    parser_->header_limit(static_cast<uint32_t>(limits_->max_header_bytes));
+    parser_->body_limit(limits_->max_body_bytes);
+    // Idle between requests, then the whole request within read_timeout: the idle wait is the
+    // first, the read timeout starts over once bytes arrive (a byte-per-second client still
+    // has only read_timeout in all for its headers and body).
+    stream_.expires_after(Chrono(first ? limits_->read_timeout : limits_->idle_timeout));
+    bhttp::async_read_header(
+        stream_, buffer_, *parser_,
+        [self = shared_from_this()](beast::error_code error, size_t) { self->OnHeader(error); });
   }
 
  private:
-  void Respond() {
-    Response r;
-    if (request_.method() != bhttp::verb::get) {
-      r = {405, "text/plain; charset=utf-8", "only GET\n"};
-    } else {
-      std::string path(request_.target());
-      path = path.substr(0, path.find('?'));
-      r = (*handler_)(path);
+  void OnHeader(beast::error_code error) {
+    if (error) return Fail(error);
+    stream_.expires_after(Chrono(limits_->read_timeout));
+    bhttp::async_read(
+        stream_, buffer_, *parser_,
+        [self = shared_from_this()](beast::error_code e, size_t) { self->OnBody(e); });
+  }
+
+  void Fail(beast::error_code error) {
+    if (error == bhttp::error::body_limit) {
+      return Write(JsonError(413, "body_too_large",
+                             absl::StrCat("request bodies are limited to ", limits_->max_body_bytes,
+                                          " bytes")),
+                   /*keep_alive=*/false);
     }
-    response_.version(request_.version());
-    response_.result(static_cast<bhttp::status>(r.status));
-    response_.set(bhttp::field::content_type, r.content_type);
-    response_.set(bhttp::field::server, "meterd");
-    response_.keep_alive(false);
-    response_.body() = std::move(r.body);
-    response_.prepare_payload();
-    bhttp::async_write(stream_, response_, [self = shared_from_this()](beast::error_code, size_t) {
-      beast::error_code ignored;
-      self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+    if (error == bhttp::error::header_limit) {
+      return Write(JsonError(431, "headers_too_large",
+                             absl::StrCat("request headers are limited to ",
+                                          limits_->max_header_bytes, " bytes")),
+                   /*keep_alive=*/false);
+    }
+    if (error == bhttp::error::end_of_stream || error == beast::error::timeout ||
+        error == boost::asio::error::operation_aborted) {
+      return Close();
+    }
+    if (&error.category() == &bhttp::make_error_code(bhttp::error::bad_target).category()) {
+      return Write(JsonError(400, "bad_request", "malformed HTTP request"), false);
+    }
+    Close();
+  }
+
+  void OnBody(beast::error_code error) {
+    if (error) return Fail(error);
+    bhttp::request<bhttp::string_body> message = parser_->release();
+    keep_alive_ = message.keep_alive();
+    version_ = message.version();
+    Request request;
+    request.method = std::string(message.method_string());
+    const std::string_view target(message.target().data(), message.target().size());
+    const size_t question = target.find('?');
+    request.path = std::string(target.substr(0, question));
+    if (question != std::string_view::npos)
+      request.query = std::string(target.substr(question + 1));
+    for (const auto& field : message) {
+      request.headers.emplace_back(std::string(field.name_string()), std::string(field.value()));
+    }
+    request.body = std::move(message.body());
+    request.remote = remote_;
+    // No timer while the handler works (HTTP ingest waits for Kafka): the answer re-arms it.
+    stream_.expires_never();
+    auto self = shared_from_this();
+    (*handler_)(std::move(request), [self](Response response) {
+      boost::asio::post(self->stream_.get_executor(), [self, r = std::move(response)]() mutable {
+        self->Write(std::move(r), self->keep_alive_);
+      });
     });
+  }
+
+  void Write(Response r, bool keep_alive) {
+    auto response = std::make_shared<bhttp::response<bhttp::string_body>>();
+    response->version(version_);
+    response->result(static_cast<bhttp::status>(r.status));
+    response->set(bhttp::field::content_type, r.content_type);
+    response->set(bhttp::field::server, "meterd");
+    for (const auto& [name, value] : r.headers) response->set(name, value);
+    response->keep_alive(keep_alive);
+    response->body() = std::move(r.body);
+    response->prepare_payload();
+    stream_.expires_after(Chrono(limits_->write_timeout));
+    bhttp::async_write(
+        stream_, *response,
+        [self = shared_from_this(), response, keep_alive](beast::error_code error, size_t) {
+          if (error) return self->Close();
+          if (!keep_alive) return self->Linger();
+          self->Read(/*first=*/false);
+        });
+  }
+
+  // A lingering close: our side is shut for sending (the client reads the answer to its end),
+  // what the client still sends is read and dropped for up to 2 s, then the socket closes.
+  // Closing at once with unread input would reset the connection and could destroy the
+  // answer (a 413 or 431) before the client read it.
+  void Linger() {
+    beast::error_code ignored;
+    stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+    stream_.expires_after(std::chrono::seconds(2));
+    Drain();
+  }
+  void Drain() {
+    stream_.async_read_some(boost::asio::buffer(drain_),
+                            [self = shared_from_this()](beast::error_code error, size_t) {
+                              if (error) return self->Close();
+                              self->Drain();
+                            });
+  }
+
+  void Close() {
+    beast::error_code ignored;
+    stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
+    stream_.close();
   }
 
   beast::tcp_stream stream_;
   const Handler* handler_;
+  const Limits* limits_;
+  std::atomic<int>* connections_;
+  std::string remote_;
   beast::flat_buffer buffer_;
-  bhttp::request<bhttp::string_body> request_;
-  bhttp::response<bhttp::string_body> response_;
+  std::optional<bhttp::request_parser<bhttp::string_body>> parser_;
+  bool keep_alive_ = false;
+  unsigned version_ = 11;
+  std::array<char, 4096> drain_;
 };
 
 }  // namespace
 
+std::string_view Request::Header(std::string_view name) const {
+  for (const auto& [key, value] : headers) {
+    if (absl::EqualsIgnoreCase(key, absl::string_view(name.data(), name.size()))) return value;
+  }
+  return {};
+}
+
+std::string Request::Param(std::string_view name) const {
+  for (absl::string_view part : absl::StrSplit(query, '&')) {
+    const std::string_view pair(part.data(), part.size());
+    const size_t eq = pair.find('=');
+    if (PercentDecode(pair.substr(0, eq)) != name) continue;
+    return eq == std::string_view::npos ? "" : PercentDecode(pair.substr(eq + 1));
+  }
+  return "";
+}
+
 absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& listen,
-                                                              Handler handler) {
+                                                              Handler handler, Limits limits) {
   const size_t colon = listen.rfind(':');
   int port = -1;
   if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port) ||
@@ -74,7 +231,7 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
     host = host.substr(1, host.size() - 2);
   }
-  std::unique_ptr<HttpServer> server(new HttpServer(std::move(handler)));
+  std::unique_ptr<HttpServer> server(new HttpServer(std::move(handler), limits));
   beast::error_code error;
   const auto address = boost::asio::ip::make_address(host.empty() ? "0.0.0.0" : host, error);
   if (error) {
@@ -92,10 +249,12 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
   }
   server->port_ = server->acceptor_.local_endpoint().port();
   server->Accept();
-  server->thread_ = std::thread([s = server.get()] {
-    auto guard = boost::asio::make_work_guard(s->io_);
-    s->io_.run();
-  });
+  for (int i = 0; i < std::max(1, limits.threads); ++i) {
+    server->threads_.emplace_back([s = server.get()] {
+      auto guard = boost::asio::make_work_guard(s->io_);
+      s->io_.run();
+    });
+  }
   return server;
 }
 
@@ -105,15 +264,28 @@ HttpServer::~HttpServer() {
     acceptor_.close(ignored);
     io_.stop();
   });
-  if (thread_.joinable()) thread_.join();
+  for (std::thread& thread : threads_) thread.join();
 }
 
 void HttpServer::Accept() {
-  acceptor_.async_accept([this](beast::error_code error, tcp::socket socket) {
-    if (error == boost::asio::error::operation_aborted) return;
-    if (!error) std::make_shared<Session>(std::move(socket), &handler_)->Run();
-    Accept();
-  });
+  acceptor_.async_accept(
+      boost::asio::make_strand(io_), [this](beast::error_code error, tcp::socket socket) {
+        if (error == boost::asio::error::operation_aborted) return;
+        if (!error) {
+          // Over the connection limit: closed at once, so descriptors stay bounded.
+          if (connections_.fetch_add(1, std::memory_order_relaxed) >= limits_.max_connections) {
+            connections_.fetch_sub(1, std::memory_order_relaxed);
+            beast::error_code ignored;
+            socket.close(ignored);
+          } else {
+            std::make_shared<Session>(std::move(socket), &handler_, &limits_, &connections_)
+                ->Read(/*first=*/true);
+          }
+        } else if (error == boost::asio::error::no_descriptors) {
+          LOG_WARN("http: out of file descriptors; accepting again shortly");
+        }
+        Accept();
+      });
 }
 
 }  // namespace meterd::http

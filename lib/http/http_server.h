@@ -3,46 +3,84 @@
 // Boost 1.74's Asio needs <utility> before it under C++20.
 #include <utility>
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
+#include <vector>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 
 namespace meterd::http {
+
+struct Request {
+  std::string method;                                        // "GET", "POST", …
+  std::string path;                                          // The target without its query string.
+  std::string query;                                         // After '?', undecoded; empty if none.
+  std::vector<std::pair<std::string, std::string>> headers;  // As received.
+  std::string body;
+  std::string remote;  // Peer address.
+
+  // The first header named `name` (case-insensitive); empty if absent.
+  std::string_view Header(std::string_view name) const;
+  // The query parameter `name` (percent-decoded); empty if absent.
+  std::string Param(std::string_view name) const;
+};
 
 struct Response {
   int status = 200;
   std::string content_type = "text/plain; charset=utf-8";
   std::string body;
+  std::vector<std::pair<std::string, std::string>> headers;  // Extra ones (Retry-After, …).
 };
 
-// GET path -> response. Called on the server's thread; must be quick and thread-safe with
-// respect to whatever it reads (meterd's handlers read atomics only).
-using Handler = std::function<Response(const std::string& path)>;
+// Answers a request exactly once, from any thread.
+using Responder = std::function<void(Response)>;
+// Called on a server thread. It may answer before returning, or keep the responder and answer
+// later from another thread (HTTP ingest answers once Kafka acknowledged): a server thread is
+// never held while something slow completes.
+using Handler = std::function<void(Request, Responder)>;
 
-// A small HTTP/1.1 server (Boost.Beast) for /metrics and health checks, on its own thread.
-// One request per connection, 5 s to send it; anything but GET is 405. Owned by `meterd run`.
+// What a hostile or broken client can take from the server: each bounded.
+struct Limits {
+  int threads = 2;             // Server threads (never a shard's).
+  int max_connections = 1024;  // Beyond this, a new connection is closed at once.
+  size_t max_header_bytes = 16 * 1024;
+  size_t max_body_bytes = 8 * 1024 * 1024;
+  absl::Duration read_timeout = absl::Seconds(10);  // To receive one whole request.
+  absl::Duration idle_timeout = absl::Seconds(30);  // Keep-alive between requests.
+  absl::Duration write_timeout = absl::Seconds(10);
+};
+
+// HTTP/1.1 (Boost.Beast) with keep-alive on its own threads. A request over a limit gets its
+// status (413 body, 431 headers) and the connection is closed; a client that does not finish
+// its request within read_timeout, or stays idle past idle_timeout, is disconnected.
 class HttpServer {
  public:
   // `listen` is "host:port" (port 0 picks a free one). Fails with a message naming the address.
   static absl::StatusOr<std::unique_ptr<HttpServer>> Start(const std::string& listen,
-                                                           Handler handler);
+                                                           Handler handler, Limits limits = {});
   ~HttpServer();
   int port() const { return port_; }
+  int open_connections() const { return connections_.load(std::memory_order_relaxed); }
 
  private:
-  HttpServer(Handler handler) : handler_(std::move(handler)), acceptor_(io_) {}
+  HttpServer(Handler handler, Limits limits)
+      : handler_(std::move(handler)), limits_(limits), acceptor_(io_) {}
   void Accept();
 
   Handler handler_;
+  Limits limits_;
   boost::asio::io_context io_;
   boost::asio::ip::tcp::acceptor acceptor_;
-  std::thread thread_;
+  std::vector<std::thread> threads_;
+  std::atomic<int> connections_{0};
   int port_ = 0;
 };
 

@@ -28,6 +28,18 @@ absl::Status Validate(const PipelineOptions& o) {
   if (o.ingest.dedup.window <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--dedup-window must be positive");
   }
+  const http::Limits& h = o.http_limits;
+  if (h.threads < 1 || h.threads > 64 || h.max_connections < 1 || h.max_body_bytes < 1024 ||
+      h.read_timeout <= absl::ZeroDuration() || h.idle_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "--http-threads must be 1..64, --http-max-connections at least 1, "
+        "--http-max-body-bytes at least 1024, --http-read-timeout and --http-idle-timeout "
+        "positive");
+  }
+  if (!(o.api_rate > 0) || !(o.api_burst >= 1) || o.api_max_events < 1) {
+    return absl::InvalidArgumentError(
+        "--api-rate must be positive, --api-burst at least 1, --api-max-events at least 1");
+  }
   const store::PgTimeouts& t = o.pg_timeouts;
   if (t.connect < absl::Seconds(2) || t.statement < absl::Seconds(1) ||
       t.lock < absl::ZeroDuration()) {
@@ -47,17 +59,20 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Start(PipelineOptions option
                                [] { return PeakRssKib() * 1024; });
   if (!o.http_listen.empty()) {
     Pipeline* self = p.get();
-    ASSIGN_OR_RETURN(p->server_,
-                     http::HttpServer::Start(o.http_listen, [self](const std::string& path) {
-                       return self->Serve(path);
-                     }));
-    LOG_INFO("http: /metrics, /metrics.json, /healthz, /readyz on {} (port {})", o.http_listen,
-             p->server_->port());
+    ASSIGN_OR_RETURN(p->server_, http::HttpServer::Start(
+                                     o.http_listen,
+                                     [self](http::Request request, http::Responder respond) {
+                                       self->Handle(std::move(request), std::move(respond));
+                                     },
+                                     o.http_limits));
+    LOG_INFO("http: /metrics, /metrics.json, /healthz, /readyz and /v1 on {} (port {})",
+             o.http_listen, p->server_->port());
   }
   RETURN_IF_ERROR(store::CheckSchemaCurrent(o.pg));
   // The close must look back as far as this instance accepts late events.
   RETURN_IF_ERROR(billing::RecordLateWindow(o.pg, o.ingest.parse_limits.late_window));
   ASSIGN_OR_RETURN(p->meters_, store::LoadMeters(o.pg));
+  if (p->server_ != nullptr) RETURN_IF_ERROR(p->StartApi());
   ASSIGN_OR_RETURN(auto writer, store::PgFlushWriter::Create(o.pg, {o.ingest.group, o.ingest.topic},
                                                              &p->meters_, o.pg_timeouts));
   ingest::IngestOptions ingest = o.ingest;
@@ -105,19 +120,59 @@ absl::Status Pipeline::WriteSummary() const {
   return absl::InternalError(absl::StrCat("--summary-json: ", written.message()));
 }
 
+absl::Status Pipeline::StartApi() {
+  const PipelineOptions& o = options_;
+  ASSIGN_OR_RETURN(keys_, api::KeyStore::Start(o.pg));
+  kafka::Properties properties = {{"bootstrap.servers", o.ingest.brokers}};
+  properties.insert(properties.end(), o.ingest.kafka_properties.begin(),
+                    o.ingest.kafka_properties.end());
+  ASSIGN_OR_RETURN(producer_, kafka::AckedProducer::Create(properties));
+  api_owned_ =
+      std::make_unique<api::Api>(api::ApiOptions{.topic = o.ingest.topic,
+                                                 .parse_limits = o.ingest.parse_limits,
+                                                 .max_events_per_request = o.api_max_events,
+                                                 .rate_per_key = o.api_rate,
+                                                 .burst_per_key = o.api_burst,
+                                                 .metrics = &metrics_},
+                                 keys_.get(), producer_.get(), &meters_);
+  api_.store(api_owned_.get());
+  LOG_INFO("http: /v1 API ready ({} API keys loaded)", keys_->size());
+  return absl::OkStatus();
+}
+
+void Pipeline::Handle(http::Request request, http::Responder respond) {
+  if (!api::Api::Owns(request.path)) {
+    if (request.method != "GET") {
+      respond({405, "text/plain; charset=utf-8", "only GET\n", {{"Allow", "GET"}}});
+      return;
+    }
+    respond(Serve(request.path));
+    return;
+  }
+  api::Api* api = api_.load();
+  if (api == nullptr) {
+    http::Response r = api::ErrorResponse(503, "starting", "meterd is starting; retry shortly");
+    r.headers.emplace_back("Retry-After", "1");
+    respond(std::move(r));
+    return;
+  }
+  api->Handle(std::move(request), std::move(respond));
+}
+
 http::Response Pipeline::Serve(const std::string& path) const {
   constexpr char kText[] = "text/plain; charset=utf-8";
-  if (path == "/healthz") return {200, kText, "ok\n"};
+  if (path == "/healthz") return {200, kText, "ok\n", {}};
   if (path == "/metrics") {
-    return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_.RenderPrometheus()};
+    return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_.RenderPrometheus(), {}};
   }
-  if (path == "/metrics.json") return {200, "application/json", metrics_.RenderJson()};
-  if (path != "/readyz") return {404, kText, "try /metrics, /metrics.json, /healthz or /readyz\n"};
+  if (path == "/metrics.json") return {200, "application/json", metrics_.RenderJson(), {}};
+  if (path != "/readyz")
+    return {404, kText, "try /metrics, /metrics.json, /healthz or /readyz\n", {}};
   const ingest::Ingestor* ingestor = serving_.load();
-  if (ingestor == nullptr) return {503, kText, "starting\n"};
+  if (ingestor == nullptr) return {503, kText, "starting\n", {}};
   const absl::Status ready = ingestor->Readiness();
-  if (!ready.ok()) return {503, kText, absl::StrCat(ready.message(), "\n")};
-  return {200, kText, "ready\n"};
+  if (!ready.ok()) return {503, kText, absl::StrCat(ready.message(), "\n"), {}};
+  return {200, kText, "ready\n", {}};
 }
 
 }  // namespace meterd::pipeline

@@ -6,12 +6,15 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "lib/api/api.h"
+#include "lib/api/api_keys.h"
 #include "lib/billing/overage_worker.h"
 #include "lib/common/clock.h"
 #include "lib/common/metrics.h"
 #include "lib/event/usage_event.h"
 #include "lib/http/http_server.h"
 #include "lib/ingest/ingestor.h"
+#include "lib/kafka/acked_producer.h"
 #include "lib/store/pg_connection.h"
 
 namespace meterd::pipeline {
@@ -22,8 +25,14 @@ struct PipelineOptions {
   // brokers, topic, group, shards, flush interval, limits, dedup, Kafka properties. Its
   // `metrics` and `on_committed` are set by the pipeline.
   ingest::IngestOptions ingest;
-  bool billing = true;       // Run the overage worker (charges and quota alerts as usage lands).
-  std::string http_listen;   // host:port for /metrics, /metrics.json, /healthz, /readyz; "": none.
+  bool billing = true;  // Run the overage worker (charges and quota alerts as usage lands).
+  // host:port for /metrics, /metrics.json, /healthz, /readyz and the /v1 API; "": none.
+  std::string http_listen;
+  http::Limits http_limits;
+  // The API's per-key rate limit and batch bound (its topic is ingest.topic).
+  double api_rate = 1000;
+  double api_burst = 2000;
+  int64_t api_max_events = 1000;
   std::string summary_json;  // Where to write the metrics as JSON when the run ends; "": none.
 };
 
@@ -51,12 +60,16 @@ class Pipeline {
   absl::Status Run(const std::function<bool()>& stop);
 
   MetricsRegistry& metrics() { return metrics_; }
-  // The endpoint's answer for `path` (public for tests).
+  // The endpoint's answer for GET `path` (public for tests).
   http::Response Serve(const std::string& path) const;
+  // Every request: the /v1 API's, or the GET endpoints'.
+  void Handle(http::Request request, http::Responder respond);
 
  private:
   explicit Pipeline(PipelineOptions options) : options_(std::move(options)) {}
   absl::Status WriteSummary() const;
+  // Loads the API keys and starts the API's producer, then publishes the API to the server.
+  absl::Status StartApi();
 
   const PipelineOptions options_;
   MetricsRegistry metrics_;
@@ -65,6 +78,11 @@ class Pipeline {
   std::unique_ptr<ingest::Ingestor> ingestor_;
   // Set once the ingestor exists; the endpoint thread reads it (null: starting).
   std::atomic<const ingest::Ingestor*> serving_{nullptr};
+  // The /v1 API: keys, its producer, the handler (published through `api_` once all exist).
+  std::unique_ptr<api::KeyStore> keys_;
+  std::unique_ptr<kafka::AckedProducer> producer_;
+  std::unique_ptr<api::Api> api_owned_;
+  std::atomic<api::Api*> api_{nullptr};
   std::unique_ptr<http::HttpServer> server_;
 };
 

@@ -180,6 +180,10 @@ absl::Status StatusFromException(const std::exception& e) {
       dynamic_cast<const pqxx::in_doubt_error*>(&e) != nullptr) {
     return absl::UnavailableError(absl::StrCat("Postgres connection lost: ", what));
   }
+  // libpqxx 6.4 throws this one without its SQLSTATE: recognised by type.
+  if (dynamic_cast<const pqxx::insufficient_privilege*>(&e) != nullptr) {
+    return absl::PermissionDeniedError(absl::StrCat("Postgres refused: ", what));
+  }
   if (const auto* sql = dynamic_cast<const pqxx::sql_error*>(&e)) {
     // Class 08 is connection exception; 57P01..03 are admin/crash shutdowns: all transient.
     const std::string& state = sql->sqlstate();

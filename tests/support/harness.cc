@@ -1,5 +1,7 @@
 #include "tests/support/harness.h"
 
+#include <algorithm>
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -18,6 +20,7 @@
 #include <pqxx/pqxx>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -324,7 +327,10 @@ int FreeLocalPort() {
   return ntohs(address.sin_port);
 }
 
-std::pair<int, std::string> HttpGet(int port, const std::string& path) {
+HttpResult HttpCall(int port, const std::string& method, const std::string& path,
+                    const std::vector<std::pair<std::string, std::string>>& headers,
+                    const std::string& body) {
+  HttpResult result;
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in address{};
   address.sin_family = AF_INET;
@@ -332,12 +338,23 @@ std::pair<int, std::string> HttpGet(int port, const std::string& path) {
   address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
     close(fd);
-    return {-1, ""};
+    return result;
   }
-  const std::string request = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
-  if (write(fd, request.data(), request.size()) < 0) {
-    close(fd);
-    return {-1, ""};
+  std::string request =
+      absl::StrCat(method, " ", path, " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+  for (const auto& [name, value] : headers) absl::StrAppend(&request, name, ": ", value, "\r\n");
+  const bool has_length = std::any_of(headers.begin(), headers.end(), [](const auto& h) {
+    return absl::EqualsIgnoreCase(h.first, "content-length");
+  });
+  if (!has_length && (!body.empty() || method == "POST")) {
+    absl::StrAppend(&request, "Content-Length: ", body.size(), "\r\n");
+  }
+  absl::StrAppend(&request, "\r\n", body);
+  size_t sent = 0;
+  while (sent < request.size()) {
+    const ssize_t n = send(fd, request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) break;
+    sent += static_cast<size_t>(n);
   }
   std::string response;
   char buffer[4096];
@@ -345,10 +362,17 @@ std::pair<int, std::string> HttpGet(int port, const std::string& path) {
   while ((n = read(fd, buffer, sizeof(buffer))) > 0) response.append(buffer, n);
   close(fd);
   // "HTTP/1.1 200 OK\r\n...\r\n\r\nbody"
-  if (response.size() < 12) return {-1, response};
-  const size_t body = response.find("\r\n\r\n");
-  return {std::stoi(response.substr(9, 3)),
-          body == std::string::npos ? "" : response.substr(body + 4)};
+  if (response.size() < 12) return result;
+  const size_t end = response.find("\r\n\r\n");
+  result.status = std::stoi(response.substr(9, 3));
+  result.headers = response.substr(0, end);
+  result.body = end == std::string::npos ? "" : response.substr(end + 4);
+  return result;
+}
+
+std::pair<int, std::string> HttpGet(int port, const std::string& path) {
+  HttpResult r = HttpCall(port, "GET", path);
+  return {r.status, r.body};
 }
 
 std::string UsageEventJson(const std::string& org, const std::string& meter, int64_t quantity,

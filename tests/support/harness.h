@@ -96,6 +96,15 @@ void ProduceOrDie(const std::string& brokers, const std::string& topic, const st
                   const std::vector<std::string>& payloads);
 // GET http://127.0.0.1:port/path; the status code and body (status -1 if unreachable).
 std::pair<int, std::string> HttpGet(int port, const std::string& path);
+struct HttpResult {
+  int status = -1;      // -1: unreachable or no answer.
+  std::string headers;  // The status line and headers, as received.
+  std::string body;
+};
+// One request on its own connection (Connection: close), read to the end.
+HttpResult HttpCall(int port, const std::string& method, const std::string& path,
+                    const std::vector<std::pair<std::string, std::string>>& headers = {},
+                    const std::string& body = "");
 
 // A port on 127.0.0.1 that was free a moment ago (bound to port 0, then released), for
 // --http-listen.

@@ -1,0 +1,346 @@
+#include "lib/api/api.h"
+
+#include <cmath>
+#include <mutex>
+
+#include <simdjson.h>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "lib/common/logging.h"
+#include "lib/event/binary_mode.h"
+
+namespace meterd::api {
+namespace {
+
+constexpr char kJson[] = "application/json";
+
+// `text` as the inside of a JSON string.
+std::string JsonEscape(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (const char c : text) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          absl::StrAppend(&out, "\\u00", absl::Hex(static_cast<unsigned char>(c), absl::kZeroPad2));
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out;
+}
+
+absl::string_view Absl(std::string_view text) { return {text.data(), text.size()}; }
+
+// The token of "Authorization: Bearer <token>" or "X-Api-Key: <token>"; empty if neither.
+std::string TokenOf(const http::Request& request) {
+  absl::string_view auth = Absl(request.Header("authorization"));
+  if (absl::StartsWithIgnoreCase(auth, "bearer ")) {
+    auth.remove_prefix(7);
+    return std::string(absl::StripAsciiWhitespace(auth));
+  }
+  return std::string(absl::StripAsciiWhitespace(Absl(request.Header("x-api-key"))));
+}
+
+// The request's events, one JSON text each, or an error response.
+struct Elements {
+  std::vector<std::string> texts;
+  std::optional<http::Response> error;
+};
+
+Elements SplitEvents(const http::Request& request, int64_t max_events) {
+  Elements out;
+  const std::string_view header = request.Header("content-type");
+  const std::string type(absl::StripAsciiWhitespace(Absl(header.substr(0, header.find(';')))));
+  if (!request.Header("ce-specversion").empty()) {
+    // HTTP binary mode: ce-* headers carry the attributes, the body is `data`. Converted to
+    // structured mode as the Kafka binding's binary mode is, by the same function.
+    std::vector<std::pair<std::string, std::string>> names;
+    for (const auto& [name, value] : request.headers) {
+      const std::string lower = absl::AsciiStrToLower(name);
+      if (absl::StartsWith(lower, "ce-")) names.emplace_back("ce_" + lower.substr(3), value);
+    }
+    std::vector<std::pair<std::string_view, std::string_view>> headers;
+    for (const auto& [name, value] : names) headers.emplace_back(name, value);
+    std::string structured;
+    if (!event::StructuredFromBinary(headers, request.body, &structured)) {
+      out.error = ErrorResponse(400, "bad_binary_event",
+                                "ce-* headers do not form a CloudEvent (ce-specversion, ce-id, "
+                                "ce-source, ce-type, ce-subject, ce-time)");
+      return out;
+    }
+    out.texts.push_back(std::move(structured));
+    return out;
+  }
+  if (type == "application/cloudevents-batch+json") {
+    simdjson::dom::parser parser;
+    simdjson::dom::array array;
+    if (parser.parse(request.body).get_array().get(array) != simdjson::SUCCESS) {
+      out.error = ErrorResponse(400, "not_a_batch",
+                                "a cloudevents-batch+json body must be a JSON array of events");
+      return out;
+    }
+    if (static_cast<int64_t>(array.size()) > max_events) {
+      out.error = ErrorResponse(413, "batch_too_large",
+                                absl::StrCat("at most ", max_events, " events per request"));
+      return out;
+    }
+    for (simdjson::dom::element element : array) out.texts.push_back(simdjson::minify(element));
+    if (out.texts.empty()) out.error = ErrorResponse(400, "empty_batch", "the batch is empty");
+    return out;
+  }
+  if (type == "application/cloudevents+json" || type == "application/json") {
+    out.texts.push_back(request.body);
+    return out;
+  }
+  out.error = ErrorResponse(415, "unsupported_media_type",
+                            "send application/cloudevents+json, application/cloudevents-batch+json "
+                            "or an HTTP binary-mode event (ce-* headers)",
+                            "content-type");
+  return out;
+}
+
+}  // namespace
+
+http::Response ErrorResponse(int status, std::string_view code, std::string_view message,
+                             std::string_view field) {
+  std::string body = absl::StrCat("{\"error\":{\"code\":\"", Absl(code), "\",\"message\":\"",
+                                  JsonEscape(message), "\"");
+  if (!field.empty()) absl::StrAppend(&body, ",\"field\":\"", JsonEscape(field), "\"");
+  body += "}}\n";
+  return {status, kJson, std::move(body), {}};
+}
+
+struct Api::Counters {
+  Counter* requests_ok;
+  Counter* requests_rejected;
+  Counter* events_accepted;
+  Counter* events_rejected;
+  Counter* unauthorized;
+  Counter* rate_limited;
+  Counter* kafka_failures;
+};
+
+Api::Api(ApiOptions options, const KeyStore* keys, kafka::AckedProducer* producer,
+         const event::MeterRegistry* meters)
+    : options_(std::move(options)),
+      keys_(keys),
+      producer_(producer),
+      meters_(meters),
+      limiter_(options_.rate_per_key, options_.burst_per_key, options_.clock),
+      counters_(std::make_unique<Counters>()) {
+  MetricsRegistry& r = *options_.metrics;
+  const std::string requests = "meterd_http_ingest_requests_total";
+  const std::string help = "POST /v1/events requests by outcome";
+  counters_->requests_ok = r.AddCounter(requests, help, {{"outcome", "accepted"}});
+  counters_->requests_rejected = r.AddCounter(requests, help, {{"outcome", "refused"}});
+  counters_->unauthorized = r.AddCounter(requests, help, {{"outcome", "unauthorized"}});
+  counters_->rate_limited = r.AddCounter(requests, help, {{"outcome", "rate_limited"}});
+  counters_->kafka_failures = r.AddCounter(requests, help, {{"outcome", "kafka_unavailable"}});
+  counters_->events_accepted = r.AddCounter("meterd_http_events_accepted_total",
+                                            "Events acknowledged by Kafka for HTTP clients");
+  counters_->events_rejected = r.AddCounter(
+      "meterd_http_events_rejected_total", "Events refused to HTTP clients (answered, not stored)");
+}
+
+Api::~Api() = default;
+
+bool Api::Owns(const std::string& path) {
+  return absl::StartsWith(path, "/v1/") || absl::StartsWith(path, "/api/");
+}
+
+void Api::Handle(http::Request request, http::Responder respond) {
+  const bool ingest_route = request.path == "/v1/events" || request.path == "/api/billing/usage";
+  if (!ingest_route) {
+    respond(ErrorResponse(404, "not_found", "no such endpoint"));
+    return;
+  }
+  if (request.method != "POST") {
+    http::Response r = ErrorResponse(405, "method_not_allowed", "use POST");
+    r.headers.emplace_back("Allow", "POST");
+    respond(std::move(r));
+    return;
+  }
+  const std::string token = TokenOf(request);
+  const std::optional<ApiKey> key = token.empty() ? std::nullopt : keys_->Authenticate(token);
+  if (!key) {
+    counters_->unauthorized->Add();
+    http::Response r =
+        ErrorResponse(401, "unauthorized",
+                      token.empty() ? "an API key is required (Authorization: Bearer <key>)"
+                                    : "the API key is not valid");
+    r.headers.emplace_back("WWW-Authenticate", "Bearer");
+    respond(std::move(r));
+    return;
+  }
+  if (!key->Allows(kScopeIngest)) {
+    counters_->requests_rejected->Add();
+    respond(ErrorResponse(403, "forbidden", "this API key may not send events"));
+    return;
+  }
+  if (const absl::Duration wait = limiter_.Acquire(key->key_id); wait > absl::ZeroDuration()) {
+    counters_->rate_limited->Add();
+    http::Response r = ErrorResponse(429, "rate_limited", "too many requests for this API key");
+    r.headers.emplace_back(
+        "Retry-After", absl::StrCat(std::max<int64_t>(1, std::ceil(absl::ToDoubleSeconds(wait)))));
+    respond(std::move(r));
+    return;
+  }
+  Ingest(*key, std::move(request), std::move(respond));
+}
+
+std::unique_ptr<event::EventParser> Api::TakeParser() {
+  {
+    std::lock_guard lock(parsers_mu_);
+    if (!parsers_.empty()) {
+      auto parser = std::move(parsers_.back());
+      parsers_.pop_back();
+      return parser;
+    }
+  }
+  return std::make_unique<event::EventParser>(meters_, options_.parse_limits);
+}
+
+void Api::ReturnParser(std::unique_ptr<event::EventParser> parser) {
+  std::lock_guard lock(parsers_mu_);
+  parsers_.push_back(std::move(parser));
+}
+
+void Api::Ingest(const ApiKey& key, http::Request request, http::Responder respond) {
+  Elements elements = SplitEvents(request, options_.max_events_per_request);
+  if (elements.error) {
+    counters_->requests_rejected->Add();
+    respond(std::move(*elements.error));
+    return;
+  }
+  struct Accepted {
+    size_t index;
+    std::string id;
+    std::string org;
+  };
+  std::vector<Accepted> accepted;
+  std::string rejected;  // JSON objects, comma-separated.
+  int64_t rejected_count = 0;
+  auto reject = [&](size_t index, std::string_view id, std::string_view reason,
+                    std::string_view detail) {
+    absl::StrAppend(&rejected, rejected.empty() ? "" : ",", "{\"index\":", index);
+    if (!id.empty()) absl::StrAppend(&rejected, ",\"id\":\"", JsonEscape(id), "\"");
+    absl::StrAppend(&rejected, ",\"reason\":\"", Absl(reason), "\",\"detail\":\"",
+                    JsonEscape(detail), "\"}");
+    ++rejected_count;
+  };
+  std::unique_ptr<event::EventParser> parser = TakeParser();
+  const absl::Time now = options_.clock->Now();
+  for (size_t i = 0; i < elements.texts.size(); ++i) {
+    const event::ParsedMessage& parsed = parser->ParseElement(elements.texts[i], now);
+    if (!parsed.rejections.empty() || parsed.events.size() != 1) {
+      const event::Rejection& r = parsed.rejections.front();
+      reject(i, {}, event::RejectReasonCode(r.reason), r.detail);
+      continue;
+    }
+    const event::UsageEvent& e = parsed.events.front();
+    if (!key.MayActFor(e.org)) {
+      reject(i, e.id, "forbidden_subject", "the event's subject is not this API key's org");
+      continue;
+    }
+    char org[36];
+    event::FormatOrgId(e.org, org);
+    accepted.push_back({i, std::string(e.id), std::string(org, sizeof(org))});
+  }
+  ReturnParser(std::move(parser));
+  counters_->events_rejected->Add(rejected_count);
+  if (accepted.empty()) {
+    counters_->requests_rejected->Add();
+    respond({400,
+             kJson,
+             absl::StrCat("{\"error\":{\"code\":\"no_valid_events\",\"message\":\"every event "
+                          "was refused\"},\"accepted\":[],\"rejected\":[",
+                          rejected, "]}\n"),
+             {}});
+    return;
+  }
+  // Answered when the last acknowledgement (or failure) arrives, on the producer's thread.
+  struct Pending {
+    std::mutex mu;
+    size_t remaining;
+    std::vector<Accepted> accepted;
+    std::vector<bool> ok;
+    std::string rejected;
+    http::Responder respond;
+    Counters* counters;
+  };
+  auto pending = std::make_shared<Pending>();
+  pending->remaining = accepted.size();
+  pending->ok.assign(accepted.size(), false);
+  pending->rejected = std::move(rejected);
+  pending->respond = std::move(respond);
+  pending->counters = counters_.get();
+  pending->accepted = std::move(accepted);
+  auto finish = [](Pending& p) {
+    std::string ok_list, failed_list;
+    int64_t acked = 0;
+    std::string error;
+    for (size_t i = 0; i < p.accepted.size(); ++i) {
+      const std::string item = absl::StrCat("{\"index\":", p.accepted[i].index, ",\"id\":\"",
+                                            JsonEscape(p.accepted[i].id), "\"}");
+      std::string& list = p.ok[i] ? ok_list : failed_list;
+      absl::StrAppend(&list, list.empty() ? "" : ",", item);
+      acked += p.ok[i] ? 1 : 0;
+    }
+    p.counters->events_accepted->Add(acked);
+    if (failed_list.empty()) {
+      p.counters->requests_ok->Add();
+      p.respond({202,
+                 kJson,
+                 absl::StrCat("{\"accepted\":[", ok_list, "],\"rejected\":[", p.rejected, "]}\n"),
+                 {}});
+      return;
+    }
+    p.counters->kafka_failures->Add();
+    // Nothing is lost by retrying the whole request: the events already taken are counted once
+    // (event-id dedup).
+    http::Response r{
+        503,
+        kJson,
+        absl::StrCat("{\"error\":{\"code\":\"kafka_unavailable\",\"message\":\"Kafka did not "
+                     "acknowledge every event; retry the request (safe: events are deduplicated "
+                     "by source and id)\"},\"accepted\":[",
+                     ok_list, "],\"failed\":[", failed_list, "],\"rejected\":[", p.rejected,
+                     "]}\n"),
+        {{"Retry-After", "1"}}};
+    p.respond(std::move(r));
+  };
+  const std::vector<Accepted>& all = pending->accepted;
+  for (size_t i = 0; i < all.size(); ++i) {
+    producer_->Send(options_.topic, all[i].org, elements.texts[all[i].index],
+                    [pending, i, finish](absl::Status status) {
+                      bool last = false;
+                      {
+                        std::lock_guard lock(pending->mu);
+                        pending->ok[i] = status.ok();
+                        last = --pending->remaining == 0;
+                      }
+                      if (last) finish(*pending);
+                    });
+  }
+}
+
+}  // namespace meterd::api

@@ -1,0 +1,64 @@
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "lib/api/api_keys.h"
+#include "lib/api/rate_limiter.h"
+#include "lib/common/clock.h"
+#include "lib/common/metrics.h"
+#include "lib/event/event_parser.h"
+#include "lib/http/http_server.h"
+#include "lib/kafka/acked_producer.h"
+
+namespace meterd::api {
+
+struct ApiOptions {
+  std::string topic;                // Where accepted events are produced.
+  event::ParseLimits parse_limits;  // The same limits as the Kafka path.
+  int64_t max_events_per_request = 1000;
+  double rate_per_key = 1000;   // Requests a second per key (token bucket)…
+  double burst_per_key = 2000;  // …with bursts up to this.
+  const Clock* clock = &SystemClock::Get();
+  MetricsRegistry* metrics = nullptr;  // Request counters by route and status.
+};
+
+// The /v1 API on the daemon's HTTP server. Today: POST /v1/events (alias POST
+// /api/billing/usage): CloudEvents (structured, batch or HTTP binary mode), validated by the
+// Kafka path's parser, each event's subject checked against the key's org, produced keyed by
+// org through an idempotent producer, and answered 202 only once Kafka acknowledged every
+// accepted event of the request, with per-event results.
+class Api {
+ public:
+  Api(ApiOptions options, const KeyStore* keys, kafka::AckedProducer* producer,
+      const event::MeterRegistry* meters);
+  ~Api();
+
+  // True for the paths this API answers.
+  static bool Owns(const std::string& path);
+  void Handle(http::Request request, http::Responder respond);
+
+ private:
+  struct Counters;
+  void Ingest(const ApiKey& key, http::Request request, http::Responder respond);
+  // An EventParser for this call (they are not thread-safe), back to the pool after.
+  std::unique_ptr<event::EventParser> TakeParser();
+  void ReturnParser(std::unique_ptr<event::EventParser> parser);
+
+  const ApiOptions options_;
+  const KeyStore* keys_;
+  kafka::AckedProducer* producer_;
+  const event::MeterRegistry* meters_;
+  RateLimiter limiter_;
+  std::unique_ptr<Counters> counters_;
+  std::mutex parsers_mu_;
+  std::vector<std::unique_ptr<event::EventParser>> parsers_;
+};
+
+// {"error":{"code":…,"message":…[,"field":…]}} with `status`.
+http::Response ErrorResponse(int status, std::string_view code, std::string_view message,
+                             std::string_view field = {});
+
+}  // namespace meterd::api

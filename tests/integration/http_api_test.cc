@@ -1,0 +1,259 @@
+// The HTTP API end to end: API keys made with `meterd api-key`, events POSTed to meterd's
+// HTTP server, acknowledged after Kafka, consumed back and counted exactly; the auth matrix,
+// the rate limit and hostile clients.
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "tests/support/meterd_fixture.h"
+
+namespace meterd::testing {
+namespace {
+
+constexpr char kOrg[] = "00000000-0000-4000-8000-0000000000e1";
+constexpr char kOtherOrg[] = "00000000-0000-4000-8000-0000000000e2";
+
+class HttpApiTest : public MeterdFixture {
+ protected:
+  // `meterd api-key create …`: the token it prints once.
+  std::string CreateKey(std::vector<std::string> args) {
+    args.insert(args.begin(), {"api-key", "create", "--pg", url_});
+    auto [code, out] = RunCommand(args, "api-key");
+    EXPECT_EQ(code, 0) << out;
+    const size_t at = out.find("\"token\":\"");
+    if (at == std::string::npos) {
+      ADD_FAILURE() << out;
+      return "";
+    }
+    return out.substr(at + 9, out.find('"', at + 9) - at - 9);
+  }
+  std::string KeyId(const std::string& token) { return token.substr(3, 12); }
+
+  int StartServing(std::vector<std::string> extra = {}) {
+    const int port = FreeLocalPort();
+    extra.insert(extra.end(), {"--http-listen", absl::StrCat("127.0.0.1:", port)});
+    meterd_ = StartMeterd("a", "300ms", extra);
+    EXPECT_GT(WaitForHttp(port), 0) << ReadFile(meterd_->log_path());
+    // The API is up once a request gets past "starting".
+    EXPECT_TRUE(Eventually([&] { return Post(port, "", "{}").status != 503; }, absl::Seconds(30)));
+    return port;
+  }
+
+  HttpResult Post(int port, const std::string& token, const std::string& body,
+                  const std::string& type = "application/cloudevents+json",
+                  std::vector<std::pair<std::string, std::string>> headers = {}) {
+    headers.emplace_back("Content-Type", type);
+    if (!token.empty()) headers.emplace_back("Authorization", "Bearer " + token);
+    return HttpCall(port, "POST", "/v1/events", headers, body);
+  }
+
+  static std::string Batch(const std::vector<std::string>& events) {
+    return absl::StrCat("[", absl::StrJoin(events, ","), "]");
+  }
+
+  void StopMeterd() {
+    meterd_->Signal(SIGTERM);
+    EXPECT_EQ(meterd_->Wait(absl::Seconds(60)), 0) << ReadFile(meterd_->log_path());
+  }
+
+  std::unique_ptr<ChildProcess> meterd_;
+};
+
+// Single events, a batch, HTTP binary mode and a retried batch: each 202 names the ids Kafka
+// took, and Postgres ends with every event counted once.
+TEST_F(HttpApiTest, EventsPostedAreAcknowledgedThenCountedExactlyOnce) {
+  const std::string token = CreateKey({"--org", kOrg, "--scope", "ingest"});
+  const int port = StartServing();
+  int64_t want = 0;
+  const std::string single = UsageEventJson(kOrg, "api_calls", 3, "hs");
+  HttpResult r = Post(port, token, single);
+  EXPECT_EQ(r.status, 202) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"accepted\":[{\"index\":0,\"id\":\"test-")) << r.body;
+  want += 3;
+  std::vector<std::string> events;
+  for (int i = 0; i < 100; ++i)
+    events.push_back(UsageEventJson(kOrg, "api_calls", 1 + i % 5, "hs"));
+  for (int i = 0; i < 100; ++i) want += 1 + i % 5;
+  r = Post(port, token, Batch(events), "application/cloudevents-batch+json");
+  EXPECT_EQ(r.status, 202) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "{\"index\":99,")) << r.body;
+  // The client timed out and sends the same batch again: acknowledged again, counted once.
+  r = Post(port, token, Batch(events), "application/cloudevents-batch+json");
+  EXPECT_EQ(r.status, 202) << r.body;
+  const std::string time = absl::FormatTime(absl::RFC3339_full, absl::Now(), absl::UTCTimeZone());
+  r = Post(port, token, R"({"quantity":7,"industry":"hs"})", "application/json",
+           {{"ce-specversion", "1.0"},
+            {"ce-id", "bin-1"},
+            {"ce-source", "tests"},
+            {"ce-type", "api_calls"},
+            {"ce-subject", kOrg},
+            {"ce-time", time}});
+  EXPECT_EQ(r.status, 202) << r.body;
+  want += 7;
+  // Mixed: a valid event and a refused one; only the valid one is produced.
+  r = Post(port, token,
+           Batch({UsageEventJson(kOrg, "ai_requests", 2, "hs"),
+                  UsageEventJson(kOrg, "no_such_meter", 2, "hs")}),
+           "application/cloudevents-batch+json");
+  EXPECT_EQ(r.status, 202) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"rejected\":[{\"index\":1,\"reason\":\"unknown_meter\""))
+      << r.body;
+  want += 2;
+  EXPECT_EQ(WaitForSum(url_, want, absl::Seconds(60)), want) << ReadFile(meterd_->log_path());
+  absl::SleepFor(absl::Seconds(1));
+  EXPECT_EQ(QueryInt(url_, "SELECT sum(quantity) FROM shared.api_usage_meters"), want);
+  // Nothing the API refused reached Kafka, so nothing was rejected downstream.
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.rejected_events"), 0);
+  const auto [status, metrics] = HttpGet(port, "/metrics");
+  EXPECT_TRUE(absl::StrContains(metrics, "meterd_http_events_accepted_total 203\n")) << metrics;
+  StopMeterd();
+}
+
+// No 202 before Kafka has the events: with the broker gone, the request waits for the
+// producer's timeout and gets 503 with Retry-After, and none of its events are claimed.
+TEST_F(HttpApiTest, NoAcknowledgementWithoutKafka) {
+  const std::string token = CreateKey({"--org", kOrg, "--scope", "ingest"});
+  const int port = StartServing();
+  ASSERT_EQ(Post(port, token, UsageEventJson(kOrg, "api_calls", 1, "hs")).status, 202);
+  broker_.reset();  // The embedded Kafka is gone.
+  const absl::Time start = absl::Now();
+  HttpResult r = Post(port, token, UsageEventJson(kOrg, "api_calls", 1, "hs"));
+  EXPECT_EQ(r.status, 503) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.headers, "Retry-After: 1")) << r.headers;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"accepted\":[],\"failed\":[{\"index\":0")) << r.body;
+  EXPECT_GE(absl::Now() - start, absl::Seconds(5));
+  meterd_->Signal(SIGKILL);
+  meterd_->Wait(absl::Seconds(30));
+}
+
+// Who may post what: no key, a wrong key, a read-only key, another org's key, an admin key,
+// and a key revoked while the daemon runs (refused within a second).
+TEST_F(HttpApiTest, AuthMatrix) {
+  const std::string ingest = CreateKey({"--org", kOrg, "--scope", "ingest"});
+  const std::string read_only = CreateKey({"--org", kOrg, "--scope", "read"});
+  const std::string other = CreateKey({"--org", kOtherOrg, "--scope", "ingest"});
+  const std::string admin = CreateKey({"--admin"});
+  const int port = StartServing();
+  const std::string event = UsageEventJson(kOrg, "api_calls", 1, "hs");
+  HttpResult r = Post(port, "", event);
+  EXPECT_EQ(r.status, 401) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"code\":\"unauthorized\"")) << r.body;
+  std::string wrong = ingest;
+  wrong.back() = wrong.back() == 'A' ? 'B' : 'A';
+  EXPECT_EQ(Post(port, wrong, event).status, 401);
+  EXPECT_EQ(Post(port, "mk_nonsense", event).status, 401);
+  r = Post(port, read_only, event);
+  EXPECT_EQ(r.status, 403) << r.body;
+  r = Post(port, other, event);
+  EXPECT_EQ(r.status, 400) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"reason\":\"forbidden_subject\"")) << r.body;
+  EXPECT_EQ(Post(port, ingest, event).status, 202);
+  EXPECT_EQ(Post(port, admin, UsageEventJson(kOtherOrg, "api_calls", 1, "hs")).status, 202);
+  // Revoked while running: refused from then on, within a second (plus a margin for this
+  // shared machine).
+  auto [code, out] =
+      RunCommand({"api-key", "revoke", "--pg", url_, "--key-id", KeyId(ingest)}, "revoke");
+  ASSERT_EQ(code, 0) << out;
+  const absl::Time revoked = absl::Now();
+  EXPECT_TRUE(Eventually([&] { return Post(port, ingest, event).status == 401; }, absl::Seconds(5),
+                         absl::Milliseconds(50)));
+  EXPECT_LE(absl::Now() - revoked, absl::Seconds(3));
+  EXPECT_EQ(WaitForSum(url_, 2, absl::Seconds(60)), 2);
+  StopMeterd();
+}
+
+TEST_F(HttpApiTest, RateLimitAnswers429ThenLetsThrough) {
+  const std::string token = CreateKey({"--org", kOrg, "--scope", "ingest"});
+  const int port = StartServing({"--api-rate", "1", "--api-burst", "2"});
+  // StartServing's probes carried no key, so the bucket is full: two pass, the third waits.
+  const std::string event = UsageEventJson(kOrg, "api_calls", 1, "hs");
+  EXPECT_EQ(Post(port, token, event).status, 202);
+  EXPECT_EQ(Post(port, token, UsageEventJson(kOrg, "api_calls", 1, "hs")).status, 202);
+  HttpResult r = Post(port, token, UsageEventJson(kOrg, "api_calls", 1, "hs"));
+  EXPECT_EQ(r.status, 429) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.headers, "Retry-After: 1")) << r.headers;
+  absl::SleepFor(absl::Seconds(1));
+  EXPECT_EQ(Post(port, token, UsageEventJson(kOrg, "api_calls", 1, "hs")).status, 202);
+  EXPECT_EQ(WaitForSum(url_, 3, absl::Seconds(60)), 3);
+  StopMeterd();
+}
+
+int OpenFds(pid_t pid) {
+  int count = 0;
+  for ([[maybe_unused]] const auto& entry :
+       std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/fd"))) {
+    ++count;
+  }
+  return count;
+}
+
+// 10,000 idle connections, a 100 MB body announced, 64 KiB of headers and a client sending a
+// byte a second, while Kafka ingestion goes on: the daemon refuses or drops them, its
+// descriptors stay bounded, and the totals are exact.
+TEST_F(HttpApiTest, HostileClientsCannotExhaustTheDaemon) {
+  const int port = StartServing(
+      {"--http-max-connections", "500", "--http-read-timeout", "2s", "--http-idle-timeout", "2s"});
+  auto loadgen = StartLoadgen(100'000, 200, 0.0, 20'000);
+  const int baseline = OpenFds(meterd_->pid());
+  std::vector<int> idle;
+  for (int i = 0; i < 10'000; ++i) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(static_cast<uint16_t>(port));
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd >= 0 && connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0) {
+      idle.push_back(fd);
+    } else if (fd >= 0) {
+      close(fd);
+    }
+  }
+  absl::SleepFor(absl::Milliseconds(500));
+  EXPECT_LE(OpenFds(meterd_->pid()), baseline + 520) << "idle connections held: " << idle.size();
+  // The idle ones time out (2 s), freeing their descriptors.
+  absl::SleepFor(absl::Seconds(3));
+  for (int fd : idle) close(fd);
+  EXPECT_LE(OpenFds(meterd_->pid()), baseline + 20);
+  // A body announced as 100 MB: refused at the headers, before a byte of it is read.
+  HttpResult big = HttpCall(
+      port, "POST", "/v1/events",
+      {{"Content-Type", "application/cloudevents+json"}, {"Content-Length", "104857600"}}, "");
+  EXPECT_EQ(big.status, 413) << big.body;
+  HttpResult huge_body =
+      HttpCall(port, "POST", "/v1/events", {{"Content-Type", "application/cloudevents+json"}},
+               std::string(9 * 1024 * 1024, 'x'));
+  EXPECT_EQ(huge_body.status, 413) << huge_body.body;
+  HttpResult headers = HttpCall(port, "GET", "/healthz", {{"X-Big", std::string(64 * 1024, 'h')}});
+  EXPECT_EQ(headers.status, 431) << headers.body;
+  // A byte a second: disconnected after the read timeout.
+  std::thread slow([&] {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(static_cast<uint16_t>(port));
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+    const std::string request = "GET /healthz HTTP/1.1\r\nHost: x\r\n";
+    int sent = 0;
+    for (char c : request) {
+      if (send(fd, &c, 1, MSG_NOSIGNAL) != 1) break;
+      ++sent;
+      absl::SleepFor(absl::Seconds(1));
+    }
+    EXPECT_LT(sent, static_cast<int>(request.size()));
+    close(fd);
+  });
+  slow.join();
+  EXPECT_EQ(HttpGet(port, "/healthz").first, 200);
+  ExpectExact(FinishLoadgen(*loadgen));
+  StopMeterd();
+}
+
+}  // namespace
+}  // namespace meterd::testing
