@@ -30,10 +30,19 @@ OverageWorker::OverageWorker(std::string conninfo, OverageWorkerOptions options)
       options_(options),
       metrics_(RegistryOrOwn(options.metrics, own_metrics_)) {}
 
+// A refresh waiting on rows an app transaction holds (usage tracked by a trigger refreshes
+// the same charges) gives up after 10 s and is retried with backoff, never waits unbounded.
+static store::PgTimeouts WorkerTimeouts() {
+  store::PgTimeouts timeouts;
+  timeouts.statement = absl::Seconds(60);
+  timeouts.lock = absl::Seconds(10);
+  return timeouts;
+}
+
 absl::StatusOr<std::unique_ptr<OverageWorker>> OverageWorker::Create(std::string conninfo,
                                                                      OverageWorkerOptions options) {
   std::unique_ptr<OverageWorker> worker(new OverageWorker(std::move(conninfo), options));
-  ASSIGN_OR_RETURN(worker->conn_, store::Connect(worker->conninfo_));
+  ASSIGN_OR_RETURN(worker->conn_, store::Connect(worker->conninfo_, WorkerTimeouts()));
   return worker;
 }
 
@@ -134,7 +143,7 @@ void OverageWorker::Loop() {
 absl::Status OverageWorker::EnsureConnected() {
   if (conn_ && conn_->is_open()) return absl::OkStatus();
   conn_.reset();
-  ASSIGN_OR_RETURN(conn_, store::Connect(conninfo_));
+  ASSIGN_OR_RETURN(conn_, store::Connect(conninfo_, WorkerTimeouts()));
   return absl::OkStatus();
 }
 

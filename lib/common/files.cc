@@ -1,6 +1,8 @@
 #include "lib/common/files.h"
 
 #include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -32,7 +34,8 @@ absl::Status WriteFileAtomically(const std::string& path, std::string_view conte
     }
     written += static_cast<size_t>(n);
   }
-  if (::close(fd) != 0) {
+  const bool synced = ::fsync(fd) == 0;
+  if (::close(fd) != 0 || !synced) {
     absl::Status status = failed("write", temp);
     ::unlink(temp.c_str());
     return status;

@@ -190,6 +190,10 @@ absl::Status StatusFromException(const std::exception& e) {
     if (state.rfind("08", 0) == 0 || state.rfind("57P", 0) == 0) {
       return absl::UnavailableError(absl::StrCat("Postgres unavailable: ", what));
     }
+    // A lock wait that hit lock_timeout: the holder will finish; try again later.
+    if (state == "55P03") {
+      return absl::UnavailableError(absl::StrCat("Postgres lock wait timed out: ", what));
+    }
     if (state == "42501") {
       return absl::PermissionDeniedError(absl::StrCat("Postgres refused: ", what));
     }

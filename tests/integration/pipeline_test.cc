@@ -679,6 +679,10 @@ TEST_F(PipelineTest, OrgExportFindsPersonalDataAndEraseLeavesNoneOfIt) {
            "  now() - interval '1 month' - interval '1 hour');"
            "SELECT shared.track_api_request('",
            org, "', '/customers/", email, "', 'GET', 200, 3);"));
+  // An API key labelled with the person's name (its metadata is exported, the key erased).
+  auto key = RunCommand(
+      {"api-key", "create", "--pg", url_, "--org", org, "--label", name + "'s laptop"}, "key");
+  ASSERT_EQ(key.first, 0) << key.second;
   const int http_port = FreeLocalPort();
   auto meterd = StartMeterd("a", "300ms", {"--http-listen", absl::StrCat("127.0.0.1:", http_port)});
   ASSERT_GT(WaitForHttp(http_port), 0) << ReadFile(meterd->log_path());
@@ -740,9 +744,10 @@ TEST_F(PipelineTest, OrgExportFindsPersonalDataAndEraseLeavesNoneOfIt) {
   const std::string document = ReadFile(exported);
   EXPECT_EQ(std::filesystem::status(exported).permissions() & std::filesystem::perms::others_read,
             std::filesystem::perms::none);
-  for (const std::string& planted : std::vector<std::string>{
-           name + " Plumbing", email, "\"last4\": \"" + last4 + "\"", "/customers/" + email,
-           "\"email\\\":\\\"" + email, "\"cus_Zq1\"", "\"pm_Zq1\"", "\"evt_Zq1\""}) {
+  for (const std::string& planted :
+       std::vector<std::string>{name + " Plumbing", email, "\"last4\": \"" + last4 + "\"",
+                                "/customers/" + email, "\"email\\\":\\\"" + email, "\"cus_Zq1\"",
+                                "\"pm_Zq1\"", "\"evt_Zq1\"", name + "'s laptop"}) {
     EXPECT_NE(document.find(planted), std::string::npos) << planted << " not in " << document;
   }
   for (const char* section : {"\"invoices\": [{", "\"usage\": [{", "\"subscriptions\": [{",
@@ -750,6 +755,11 @@ TEST_F(PipelineTest, OrgExportFindsPersonalDataAndEraseLeavesNoneOfIt) {
     EXPECT_NE(document.find(section), std::string::npos) << section << " in " << document;
   }
 
+  // Still billed: refused until the subscription has ended.
+  auto live = RunCommand({"org", "erase", "--pg", as("it_backoffice"), "--org", org}, "live");
+  EXPECT_EQ(live.first, 1);
+  EXPECT_NE(live.second.find("has a subscription still active"), std::string::npos) << live.second;
+  Exec(url_, "UPDATE shared.subscriptions SET status = 'ended' WHERE org_id = '" + org + "'");
   auto erase = RunCommand({"org", "erase", "--pg", as("it_backoffice"), "--org", org}, "erase");
   ASSERT_EQ(erase.first, 0) << erase.second;
   EXPECT_NE(erase.second.find("\"found\": true"), std::string::npos) << erase.second;

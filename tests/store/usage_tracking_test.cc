@@ -161,22 +161,61 @@ TEST_F(UsageTrackingTest, RolledBackWritesBillNothingCommittedOnesOnce) {
   EXPECT_EQ(Query("SELECT count(*) FROM hs.jobs"), 7);
 }
 
-TEST_F(UsageTrackingTest, QuantityExpressionUpdatesAndDeletes) {
+// The quantity is an integer column (or literal); UPDATE bills each updated row's new value,
+// DELETE each deleted row's.
+TEST_F(UsageTrackingTest, QuantityColumnUpdatesAndDeletes) {
   Exec(
-      "SELECT shared.track_usage('hs.jobs', 'ai_requests', 'org_id', 'hours * 2', "
+      "SELECT shared.track_usage('hs.jobs', 'ai_requests', 'org_id', 'hours', "
       "'{INSERT,UPDATE,DELETE}')");
   Exec("INSERT INTO hs.jobs (org_id, hours) VALUES ('" + Org(1) + "', 3), ('" + Org(1) +
        "', 4), ('" + Org(2) + "', 0)");
-  EXPECT_EQ(Usage("ai_requests"), 14);
+  EXPECT_EQ(Usage("ai_requests"), 7);
   // An org whose rows sum to zero gets no row at all.
   EXPECT_EQ(Query("SELECT count(*) FROM shared.api_usage_meters WHERE org_id = '" + Org(2) + "'"),
             0);
-  Exec("UPDATE hs.jobs SET hours = 5 WHERE hours = 4");  // New rows: 5 * 2.
-  EXPECT_EQ(Usage("ai_requests"), 24);
-  Exec("DELETE FROM hs.jobs WHERE hours = 3");  // Old rows: 3 * 2.
-  EXPECT_EQ(Usage("ai_requests"), 30);
+  Exec("UPDATE hs.jobs SET hours = 5 WHERE hours = 4");  // New rows: 5.
+  EXPECT_EQ(Usage("ai_requests"), 12);
+  Exec("DELETE FROM hs.jobs WHERE hours = 3");  // Old rows: 3.
+  EXPECT_EQ(Usage("ai_requests"), 15);
   Exec("UPDATE hs.jobs SET note = 'x' WHERE false");  // No rows: nothing written.
   EXPECT_EQ(Query("SELECT count(*) FROM shared.api_usage_meters"), 1);
+  Exec("SELECT shared.track_usage('hs.jobs', 'api_calls', 'org_id', '5')");
+  Exec("INSERT INTO hs.jobs (org_id) VALUES ('" + Org(3) + "'), ('" + Org(3) + "')");
+  EXPECT_EQ(Usage("api_calls"), 10);
+}
+
+// The trigger runs with the owner's rights, so it runs no code the app controls: a column whose
+// type was changed to one with a user-defined cast is refused when the trigger fires, before
+// the cast could run; a dropped or disabled trigger shows in tracked_tables.
+TEST_F(UsageTrackingTest, TheTriggerRunsNoCodeTheAppControls) {
+  Exec("SELECT shared.track_usage('hs.jobs', 'api_calls', 'org_id', 'hours')");
+  Exec("CREATE TABLE hs.ran (who name)");
+  Exec("CREATE TYPE hs.wrapped AS (v uuid)");
+  Exec(
+      "CREATE FUNCTION hs.unwrap(w hs.wrapped) RETURNS uuid LANGUAGE plpgsql AS "
+      "$$BEGIN INSERT INTO hs.ran VALUES (current_user); RETURN w.v; END$$");
+  Exec("CREATE CAST (hs.wrapped AS uuid) WITH FUNCTION hs.unwrap(hs.wrapped)");
+  Exec("ALTER TABLE hs.jobs ALTER COLUMN org_id TYPE hs.wrapped USING row(org_id)::hs.wrapped");
+  EXPECT_NE(ErrorOf("INSERT INTO hs.jobs (org_id) VALUES (row('" + Org(1) + "')::hs.wrapped)")
+                .find("column org_id is hs.wrapped, not uuid or text"),
+            std::string::npos);
+  EXPECT_EQ(Query("SELECT count(*) FROM hs.ran"), 0);
+  Exec("CREATE TABLE hs.counted (org_id uuid, n integer)");
+  Exec("SELECT shared.track_usage('hs.counted', 'api_calls', 'org_id', 'n')");
+  Exec("ALTER TABLE hs.counted ALTER COLUMN n TYPE numeric(10,0)");
+  Exec("INSERT INTO hs.counted VALUES ('" + Org(1) + "', 4)");
+  Exec("ALTER TABLE hs.counted ALTER COLUMN n TYPE text");
+  EXPECT_NE(ErrorOf("INSERT INTO hs.counted VALUES ('" + Org(1) + "', '4')")
+                .find("must be an integer literal or a column"),
+            std::string::npos);
+  EXPECT_EQ(Usage(), 4);
+  EXPECT_EQ(Query("SELECT active::int FROM shared.tracked_tables WHERE table_name = "
+                  "'hs.counted'::regclass"),
+            1);
+  Exec("ALTER TABLE hs.counted DISABLE TRIGGER meterd_usage_insert");
+  EXPECT_EQ(Query("SELECT active::int FROM shared.tracked_tables WHERE table_name = "
+                  "'hs.counted'::regclass"),
+            0);
 }
 
 // A bad row fails the app's statement with the reason; nothing of it is written or billed.
@@ -199,14 +238,18 @@ TEST_F(UsageTrackingTest, BadRowsFailTheStatementWithTheirReason) {
 TEST_F(UsageTrackingTest, BadAttachmentsAreRefusedWithTheirReason) {
   Exec("CREATE TABLE public.elsewhere (org_id uuid)");
   Exec("CREATE TABLE hs.numbered (org_id integer)");
+  Exec("CREATE TABLE hs.parted (org_id uuid, at date) PARTITION BY RANGE (at)");
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"SELECT shared.track_usage('public.elsewhere', 'api_calls', 'org_id')",
        "not an industry schema"},
       {"SELECT shared.track_usage('hs.jobs', 'pages', 'org_id')", "unknown meter pages"},
-      {"SELECT shared.track_usage('hs.jobs', 'api_calls', 'tenant')", "has no column tenant"},
+      {"SELECT shared.track_usage('hs.jobs', 'api_calls', 'tenant')", "no column tenant"},
       {"SELECT shared.track_usage('hs.numbered', 'api_calls', 'org_id')", "not uuid or text"},
-      {"SELECT shared.track_usage('hs.jobs', 'api_calls', 'org_id', 'nope + 1')",
-       "is not a bigint over hs.jobs"},
+      {"SELECT shared.track_usage('hs.jobs', 'api_calls', 'org_id', 'hours * 2')",
+       "must be an integer literal or a column"},
+      {"SELECT shared.track_usage('hs.jobs', 'api_calls', 'org_id', 'note')",
+       "must be an integer literal or a column"},
+      {"SELECT shared.track_usage('hs.parted', 'api_calls', 'org_id')", "is partitioned"},
       {"SELECT shared.track_usage('hs.jobs', 'api_calls', 'org_id', '1', '{TRUNCATE}')",
        "on_ops must be"},
   };
@@ -248,7 +291,23 @@ TEST_F(UsageTrackingTest, AppRolesAreBilledButCannotAttachOrForge) {
                     app)
                 .find("permission denied for function shared.tracked_usage_trigger"),
             std::string::npos);
-  // Nor may it rewrite the audit trail.
+  // A back-office login may not put a trigger of its own on meterd's tables (it would run
+  // with the owner's rights inside meterd's functions), nor write audit rows directly.
+  Exec(
+      "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ut_backoffice') "
+      "THEN CREATE ROLE ut_backoffice LOGIN IN ROLE meterd_admin; END IF; END $$");
+  const std::string backoffice = UrlAs("ut_backoffice");
+  EXPECT_NE(ErrorOf("CREATE FUNCTION pg_temp.t() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$BEGIN RETURN NULL; END$$; CREATE TRIGGER t AFTER UPDATE ON "
+                    "shared.usage_charges FOR EACH STATEMENT EXECUTE FUNCTION pg_temp.t()",
+                    backoffice)
+                .find("permission denied"),
+            std::string::npos);
+  EXPECT_NE(ErrorOf("INSERT INTO shared.audit_log (actor, action) VALUES ('role:x', 'forged')",
+                    backoffice)
+                .find("permission denied"),
+            std::string::npos);
+  // Nor may the app rewrite the audit trail.
   EXPECT_NE(ErrorOf("DELETE FROM shared.audit_log", app).find("permission denied for table"),
             std::string::npos);
   Exec("REVOKE ALL ON hs.jobs, hs.jobs_id_seq FROM hs_app");
