@@ -146,6 +146,7 @@ Api::Api(ApiOptions options, const KeyStore* keys, kafka::AckedProducer* produce
       producer_(producer),
       meters_(meters),
       limiter_(options_.rate_per_key, options_.burst_per_key, options_.clock),
+      reads_(options_.pg, options_.pg_timeouts),
       counters_(std::make_unique<Counters>()) {
   MetricsRegistry& r = *options_.metrics;
   const std::string requests = "meterd_http_ingest_requests_total";
@@ -168,14 +169,26 @@ bool Api::Owns(const std::string& path) {
 }
 
 void Api::Handle(http::Request request, http::Responder respond) {
-  const bool ingest_route = request.path == "/v1/events" || request.path == "/api/billing/usage";
-  if (!ingest_route) {
+  // Routes: POST /v1/events (alias POST /api/billing/usage); GET /v1/organizations/{org}/…
+  // (alias GET /api/billing/usage: the key's own org).
+  const bool ingest_route = request.path == "/v1/events" ||
+                            (request.path == "/api/billing/usage" && request.method == "POST");
+  std::string org_text, rest;
+  if (absl::StartsWith(request.path, "/v1/organizations/")) {
+    const std::string tail = request.path.substr(18);
+    const size_t slash = tail.find('/');
+    org_text = tail.substr(0, slash);
+    rest = slash == std::string::npos ? "" : tail.substr(slash);
+  } else if (request.path == "/api/billing/usage" && request.method == "GET") {
+    rest = "/usage";
+  } else if (!ingest_route) {
     respond(ErrorResponse(404, "not_found", "no such endpoint"));
     return;
   }
-  if (request.method != "POST") {
-    http::Response r = ErrorResponse(405, "method_not_allowed", "use POST");
-    r.headers.emplace_back("Allow", "POST");
+  const char* method = ingest_route ? "POST" : "GET";
+  if (request.method != method) {
+    http::Response r = ErrorResponse(405, "method_not_allowed", absl::StrCat("use ", method));
+    r.headers.emplace_back("Allow", method);
     respond(std::move(r));
     return;
   }
@@ -191,9 +204,11 @@ void Api::Handle(http::Request request, http::Responder respond) {
     respond(std::move(r));
     return;
   }
-  if (!key->Allows(kScopeIngest)) {
+  if (!key->Allows(ingest_route ? kScopeIngest : kScopeRead)) {
     counters_->requests_rejected->Add();
-    respond(ErrorResponse(403, "forbidden", "this API key may not send events"));
+    respond(ErrorResponse(
+        403, "forbidden",
+        ingest_route ? "this API key may not send events" : "this API key may not read"));
     return;
   }
   if (const absl::Duration wait = limiter_.Acquire(key->key_id); wait > absl::ZeroDuration()) {
@@ -204,7 +219,28 @@ void Api::Handle(http::Request request, http::Responder respond) {
     respond(std::move(r));
     return;
   }
-  Ingest(*key, std::move(request), std::move(respond));
+  if (ingest_route) {
+    Ingest(*key, std::move(request), std::move(respond));
+    return;
+  }
+  // Reads: the alias reads the key's own org (an admin key names one with ?org_id=).
+  if (org_text.empty()) {
+    org_text = key->org ? std::string() : request.Param("org_id");
+    if (key->org) {
+      char text[36];
+      event::FormatOrgId(*key->org, text);
+      org_text.assign(text, sizeof(text));
+    }
+  }
+  const std::optional<event::OrgId> org = event::ParseOrgId(org_text);
+  // Another org's resources, or no such org: the same 404 (existence is not revealed).
+  if (!org || !key->MayActFor(*org)) {
+    respond(ErrorResponse(404, "not_found", "no such organization"));
+    return;
+  }
+  char canonical[36];
+  event::FormatOrgId(*org, canonical);
+  respond(reads_.Serve(std::string(canonical, sizeof(canonical)), rest, request));
 }
 
 std::unique_ptr<event::EventParser> Api::TakeParser() {

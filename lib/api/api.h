@@ -7,6 +7,7 @@
 
 #include "lib/api/api_keys.h"
 #include "lib/api/rate_limiter.h"
+#include "lib/api/reads.h"
 #include "lib/common/clock.h"
 #include "lib/common/metrics.h"
 #include "lib/event/event_parser.h"
@@ -23,13 +24,17 @@ struct ApiOptions {
   double burst_per_key = 2000;  // …with bursts up to this.
   const Clock* clock = &SystemClock::Get();
   MetricsRegistry* metrics = nullptr;  // Request counters by route and status.
+  std::string pg;                      // For the read endpoints.
+  store::PgTimeouts pg_timeouts;
 };
 
-// The /v1 API on the daemon's HTTP server. Today: POST /v1/events (alias POST
-// /api/billing/usage): CloudEvents (structured, batch or HTTP binary mode), validated by the
-// Kafka path's parser, each event's subject checked against the key's org, produced keyed by
-// org through an idempotent producer, and answered 202 only once Kafka acknowledged every
-// accepted event of the request, with per-event results.
+// The /v1 API on the daemon's HTTP server. POST /v1/events (alias POST /api/billing/usage):
+// CloudEvents (structured, batch or HTTP binary mode), validated by the Kafka path's parser,
+// each event's subject checked against the key's org, produced keyed by org through an
+// idempotent producer, and answered 202 only once Kafka acknowledged every accepted event of
+// the request, with per-event results. GET /v1/organizations/{org}/… (alias GET
+// /api/billing/usage): see Reads. Every route needs an API key with the route's scope; an org
+// key reaches only its org (another org's resources are a 404).
 class Api {
  public:
   Api(ApiOptions options, const KeyStore* keys, kafka::AckedProducer* producer,
@@ -52,6 +57,7 @@ class Api {
   kafka::AckedProducer* producer_;
   const event::MeterRegistry* meters_;
   RateLimiter limiter_;
+  Reads reads_;
   std::unique_ptr<Counters> counters_;
   std::mutex parsers_mu_;
   std::vector<std::unique_ptr<event::EventParser>> parsers_;

@@ -133,7 +133,9 @@ absl::Status Pipeline::StartApi() {
                                                  .max_events_per_request = o.api_max_events,
                                                  .rate_per_key = o.api_rate,
                                                  .burst_per_key = o.api_burst,
-                                                 .metrics = &metrics_},
+                                                 .metrics = &metrics_,
+                                                 .pg = o.pg,
+                                                 .pg_timeouts = o.pg_timeouts},
                                  keys_.get(), producer_.get(), &meters_);
   api_.store(api_owned_.get());
   LOG_INFO("http: /v1 API ready ({} API keys loaded)", keys_->size());

@@ -255,5 +255,79 @@ TEST_F(HttpApiTest, HostileClientsCannotExhaustTheDaemon) {
   StopMeterd();
 }
 
+// The read endpoints: usage grouped three ways, billing status, invoices with their lines;
+// a read key reaches its org only (another org's resources and invoices are a 404), an
+// ingest-only key may not read, an admin key reads any org.
+TEST_F(HttpApiTest, ReadsAnswerForTheKeysOrgOnly) {
+  const std::string reader = CreateKey({"--org", kOrg, "--scope", "ingest,read"});
+  const std::string ingest_only = CreateKey({"--org", kOrg, "--scope", "ingest"});
+  const std::string other = CreateKey({"--org", kOtherOrg, "--scope", "read"});
+  const std::string admin = CreateKey({"--admin"});
+  Exec(url_,
+       absl::StrCat("INSERT INTO shared.organizations VALUES ('", kOrg, "', 'E1', 'hs'), ('",
+                    kOtherOrg,
+                    "', 'E2', 'rest');"
+                    "INSERT INTO shared.subscriptions (org_id, plan_id, current_period_start, "
+                    "current_period_end) SELECT o, 'basic', now() - interval '1 month 1 hour', "
+                    "now() - interval '1 hour' FROM unnest(ARRAY['",
+                    kOrg, "', '", kOtherOrg, "']::uuid[]) o"));
+  const int port = StartServing();
+  ASSERT_EQ(Post(port, reader,
+                 Batch({UsageEventJson(kOrg, "api_calls", 5, "hs"),
+                        UsageEventJson(kOrg, "api_calls", 6, "auto"),
+                        UsageEventJson(kOrg, "ai_requests", 2, "hs")}),
+                 "application/cloudevents-batch+json")
+                .status,
+            202);
+  ASSERT_EQ(WaitForSum(url_, 13, absl::Seconds(60)), 13);
+  auto close = RunCommand({"close-period", "--pg", url_}, "close");
+  ASSERT_EQ(close.first, 0) << close.second;
+  auto get = [&](const std::string& token, const std::string& path) {
+    return HttpCall(port, "GET", path, {{"Authorization", "Bearer " + token}});
+  };
+  const std::string base = absl::StrCat("/v1/organizations/", kOrg);
+  HttpResult r = get(reader, base + "/usage?group_by=meter");
+  EXPECT_EQ(r.status, 200) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body,
+                                "{\"key\": \"api_calls\", \"meter\": \"api_calls\", "
+                                "\"quantity\": 11}"))
+      << r.body;
+  r = get(reader, base + "/usage?group_by=industry");
+  EXPECT_TRUE(absl::StrContains(r.body,
+                                "{\"key\": \"auto\", \"meter\": \"api_calls\", "
+                                "\"quantity\": 6}"))
+      << r.body;
+  r = get(reader, base + "/usage?group_by=week");
+  EXPECT_EQ(r.status, 400) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"field\":\"group_by\"")) << r.body;
+  EXPECT_EQ(get(reader, base + "/usage?from=yesterday").status, 400);
+  r = get(reader, "/api/billing/usage?group_by=day");  // The brief's path: the key's org.
+  EXPECT_EQ(r.status, 200) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"quantity\": 11")) << r.body;
+  r = get(reader, base + "/billing-status");
+  EXPECT_EQ(r.status, 200) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, kOrg)) << r.body;
+  r = get(reader, base + "/invoices");
+  EXPECT_EQ(r.status, 200) << r.body;
+  const size_t at = r.body.find("\"invoice_id\": ");
+  ASSERT_NE(at, std::string::npos) << r.body;
+  const std::string invoice = r.body.substr(at + 14, r.body.find_first_of(",}", at) - at - 14);
+  r = get(reader, base + "/invoices/" + invoice);
+  EXPECT_EQ(r.status, 200) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"kind\": \"base_fee\"")) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"amount_micros\": 50000000")) << r.body;
+  // The other org's key: the same paths are a 404, as is this org's invoice under its own.
+  EXPECT_EQ(get(other, base + "/billing-status").status, 404);
+  EXPECT_EQ(get(other, base + "/invoices/" + invoice).status, 404);
+  EXPECT_EQ(get(other, absl::StrCat("/v1/organizations/", kOtherOrg, "/invoices/", invoice)).status,
+            404);
+  EXPECT_EQ(get(ingest_only, base + "/usage").status, 403);
+  EXPECT_EQ(get(admin, base + "/invoices/" + invoice).status, 200);
+  EXPECT_EQ(get(admin, "/v1/organizations/not-an-org/usage").status, 404);
+  EXPECT_EQ(get(reader, base + "/nothing").status, 404);
+  EXPECT_EQ(HttpCall(port, "GET", base + "/usage").status, 401);
+  StopMeterd();
+}
+
 }  // namespace
 }  // namespace meterd::testing
