@@ -65,6 +65,9 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Start(PipelineOptions option
                                        self->Handle(std::move(request), std::move(respond));
                                      },
                                      o.http_limits));
+    p->metrics_.AddCallbackGauge(
+        "meterd_http_connections", "Open HTTP connections", {},
+        [server = p->server_.get()] { return server->open_connections(); });
     LOG_INFO("http: /metrics, /metrics.json, /healthz, /readyz and /v1 on {} (port {})",
              o.http_listen, p->server_->port());
   }
