@@ -186,7 +186,7 @@ void BM_ParseDedupAggregate(benchmark::State& state) {
       const auto& parsed = parser.Parse(bytes, kNow);
       adder.Apply();
       for (const auto& e : parsed.events) {
-        if (window.SeenOrRemember(e.source, e.id, sent)) {
+        if (window.SeenOrRemember(e.org, e.source, e.id, sent)) {
           ++duplicates;
           continue;
         }

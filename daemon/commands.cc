@@ -81,7 +81,7 @@ ABSL_FLAG(std::string, http_listen, "",
 ABSL_FLAG(int, http_threads, 2, "Threads serving HTTP (never a shard's)");
 ABSL_FLAG(int, http_max_connections, 1024,
           "Open HTTP connections at most; further ones are closed at once");
-ABSL_FLAG(int64_t, http_max_body_bytes, 8 * 1024 * 1024,
+ABSL_FLAG(int64_t, http_max_body_bytes, 1024 * 1024,
           "Largest HTTP request body accepted (larger: 413)");
 ABSL_FLAG(absl::Duration, http_read_timeout, absl::Seconds(10),
           "A client must send a whole request within this (slow clients are disconnected)");

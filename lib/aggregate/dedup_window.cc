@@ -1,20 +1,23 @@
 #include "lib/aggregate/dedup_window.h"
 
 #include <algorithm>
+#include <tuple>
 #include <utility>
 
 #include "absl/hash/hash.h"
 
 namespace meterd::aggregate {
 
-uint64_t DedupWindow::Fingerprint(std::string_view source, std::string_view id) {
-  return absl::Hash<std::pair<std::string_view, std::string_view>>{}(std::make_pair(source, id));
+uint64_t DedupWindow::Fingerprint(const event::OrgId& org, std::string_view source,
+                                  std::string_view id) {
+  return absl::Hash<std::tuple<event::OrgId, std::string_view, std::string_view>>{}(
+      std::make_tuple(org, source, id));
 }
 
-bool DedupWindow::SeenOrRemember(std::string_view source, std::string_view id,
-                                 int64_t sent_micros) {
+bool DedupWindow::SeenOrRemember(const event::OrgId& org, std::string_view source,
+                                 std::string_view id, int64_t sent_micros) {
   if (limits_.max_ids == 0) return false;
-  const uint64_t fingerprint = Fingerprint(source, id);
+  const uint64_t fingerprint = Fingerprint(org, source, id);
   // Look up before inserting: inserting first could grow the set past max_ids for a moment,
   // doubling its memory (measured: no faster either).
   if (seen_.contains(fingerprint)) return true;

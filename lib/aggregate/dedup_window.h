@@ -6,6 +6,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/time/time.h"
+#include "lib/event/usage_event.h"
 
 namespace meterd::aggregate {
 
@@ -20,11 +21,13 @@ struct DedupLimits {
   absl::Duration window = absl::Hours(24);
 };
 
-// The (source, id) pairs of the events one partition counted recently, so that a producer's
-// re-send of the same CloudEvent is counted once. Remembers a 64-bit fingerprint per event
-// (a false match needs two different ids with the same 64-bit hash within the window:
-// about max_ids / 2^64 per event). Owned by the shard that owns the partition; touched only on
-// that shard's thread. No allocation per event once the ring has grown to max_ids.
+// The (org, source, id) of the events one partition counted recently, so that a producer's
+// re-send of the same CloudEvent is counted once. The org (the event's subject) is part of
+// the key: CloudEvents makes (source, id) unique per producer, and producers of different
+// orgs (HTTP ingest lets each tenant choose both) must not cancel each other's events. Remembers a
+// 64-bit fingerprint per event (a false match needs two different ids with the same 64-bit hash
+// within the window: about max_ids / 2^64 per event). Owned by the shard that owns the partition;
+// touched only on that shard's thread. No allocation per event once the ring has grown to max_ids.
 class DedupWindow {
  public:
   static constexpr size_t kBytesPerId = 40;  // Upper bound: ring entry + hash-set slot.
@@ -33,11 +36,13 @@ class DedupWindow {
 
   // The 64-bit key an event is remembered by. Stable within the process, which is all a
   // window rebuilt on every assignment (or one replay run) needs.
-  static uint64_t Fingerprint(std::string_view source, std::string_view id);
+  static uint64_t Fingerprint(const event::OrgId& org, std::string_view source,
+                              std::string_view id);
 
   // True if the pair was counted within the window: a duplicate, not to be counted again.
   // Otherwise remembers it, sent at `sent_micros`, and returns false.
-  bool SeenOrRemember(std::string_view source, std::string_view id, int64_t sent_micros);
+  bool SeenOrRemember(const event::OrgId& org, std::string_view source, std::string_view id,
+                      int64_t sent_micros);
   // Forgets everything (the partition's deltas were dropped and will be read again).
   void Clear();
   size_t size() const { return count_; }

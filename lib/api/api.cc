@@ -4,6 +4,7 @@
 #include <mutex>
 
 #include <simdjson.h>
+#include <boost/asio/post.hpp>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -50,6 +51,25 @@ std::string JsonEscape(std::string_view text) {
 
 absl::string_view Absl(std::string_view text) { return {text.data(), text.size()}; }
 
+// An id as the event's JSON carried it (escapes kept): valid inside a JSON string as is, but
+// for control bytes, which are escaped.
+std::string RawJsonString(std::string_view raw) {
+  std::string out;
+  out.reserve(raw.size());
+  for (const char c : raw) {
+    if (static_cast<unsigned char>(c) < 0x20) {
+      absl::StrAppend(&out, "\\u00", absl::Hex(static_cast<unsigned char>(c), absl::kZeroPad2));
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+// Largest event accepted: Kafka's default message limit is about 1 MB; far above any real
+// usage event.
+constexpr size_t kMaxEventBytes = 256 * 1024;
+
 // The token of "Authorization: Bearer <token>" or "X-Api-Key: <token>"; empty if neither.
 std::string TokenOf(const http::Request& request) {
   absl::string_view auth = Absl(request.Header("authorization"));
@@ -91,19 +111,46 @@ Elements SplitEvents(const http::Request& request, int64_t max_events) {
     return out;
   }
   if (type == "application/cloudevents-batch+json") {
-    simdjson::dom::parser parser;
-    simdjson::dom::array array;
-    if (parser.parse(request.body).get_array().get(array) != simdjson::SUCCESS) {
+    // Each element's own bytes, as sent: the consumer parses exactly these, and the ids in
+    // them stay byte for byte what a retry of the same event as a single event carries.
+    simdjson::ondemand::parser parser;
+    const simdjson::padded_string padded(request.body);
+    simdjson::ondemand::document doc;
+    simdjson::ondemand::array array;
+    bool ok = parser.iterate(padded).get(doc) == simdjson::SUCCESS &&
+              doc.get_array().get(array) == simdjson::SUCCESS;
+    for (auto element : array) {
+      if (!ok) break;
+      simdjson::ondemand::value value;
+      simdjson::ondemand::json_type kind;
+      if (element.get(value) != simdjson::SUCCESS || value.type().get(kind) != simdjson::SUCCESS) {
+        ok = false;
+        break;
+      }
+      std::string_view raw;
+      if (kind == simdjson::ondemand::json_type::object) {
+        simdjson::ondemand::object object;
+        ok = value.get_object().get(object) == simdjson::SUCCESS &&
+             object.raw_json().get(raw) == simdjson::SUCCESS;
+      } else if (kind == simdjson::ondemand::json_type::array) {
+        simdjson::ondemand::array inner;
+        ok = value.get_array().get(inner) == simdjson::SUCCESS &&
+             inner.raw_json().get(raw) == simdjson::SUCCESS;
+      } else {
+        raw = value.raw_json_token();
+      }
+      if (static_cast<int64_t>(out.texts.size()) >= max_events) {
+        out.error = ErrorResponse(413, "batch_too_large",
+                                  absl::StrCat("at most ", max_events, " events per request"));
+        return out;
+      }
+      out.texts.emplace_back(absl::StripAsciiWhitespace(Absl(raw)));
+    }
+    if (!ok) {
       out.error = ErrorResponse(400, "not_a_batch",
                                 "a cloudevents-batch+json body must be a JSON array of events");
       return out;
     }
-    if (static_cast<int64_t>(array.size()) > max_events) {
-      out.error = ErrorResponse(413, "batch_too_large",
-                                absl::StrCat("at most ", max_events, " events per request"));
-      return out;
-    }
-    for (simdjson::dom::element element : array) out.texts.push_back(simdjson::minify(element));
     if (out.texts.empty()) out.error = ErrorResponse(400, "empty_batch", "the batch is empty");
     return out;
   }
@@ -147,7 +194,8 @@ Api::Api(ApiOptions options, const KeyStore* keys, kafka::AckedProducer* produce
       meters_(meters),
       limiter_(options_.rate_per_key, options_.burst_per_key, options_.clock),
       reads_(options_.pg, options_.pg_timeouts),
-      counters_(std::make_unique<Counters>()) {
+      counters_(std::make_unique<Counters>()),
+      read_pool_(std::make_unique<boost::asio::thread_pool>(2)) {
   MetricsRegistry& r = *options_.metrics;
   const std::string requests = "meterd_http_ingest_requests_total";
   const std::string help = "POST /v1/events requests by outcome";
@@ -162,13 +210,53 @@ Api::Api(ApiOptions options, const KeyStore* keys, kafka::AckedProducer* produce
       "meterd_http_events_rejected_total", "Events refused to HTTP clients (answered, not stored)");
 }
 
-Api::~Api() = default;
+Api::~Api() { Drain(); }
 
 bool Api::Owns(const std::string& path) {
   return absl::StartsWith(path, "/v1/") || absl::StartsWith(path, "/api/");
 }
 
+std::optional<http::Response> Api::Precheck(const http::Request& head) const {
+  if (!Owns(head.path)) return std::nullopt;
+  const std::string token = TokenOf(head);
+  if (token.empty() || !keys_->Authenticate(token)) {
+    http::Response r =
+        ErrorResponse(401, "unauthorized",
+                      token.empty() ? "an API key is required (Authorization: Bearer <key>)"
+                                    : "the API key is not valid");
+    r.headers.emplace_back("WWW-Authenticate", "Bearer");
+    return r;
+  }
+  return std::nullopt;
+}
+
+void Api::Drain() {
+  draining_.store(true);
+  while (active_.load() > 0) absl::SleepFor(absl::Milliseconds(1));
+  if (read_pool_ != nullptr) read_pool_->join();
+}
+
 void Api::Handle(http::Request request, http::Responder respond) {
+  active_.fetch_add(1);
+  struct Leave {
+    std::atomic<int>* active;
+    ~Leave() { active->fetch_sub(1); }
+  } leave{&active_};
+  if (draining_.load()) {
+    http::Response r = ErrorResponse(503, "stopping", "meterd is stopping; retry elsewhere");
+    r.headers.emplace_back("Retry-After", "1");
+    respond(std::move(r));
+    return;
+  }
+  // Keys that could not be refreshed for a while may include revoked ones: refuse rather than
+  // trust them (a revocation must hold within seconds).
+  if (options_.clock->Now() - keys_->last_refresh() > absl::Seconds(5)) {
+    http::Response r = ErrorResponse(503, "keys_unavailable",
+                                     "API keys cannot be checked right now; retry shortly");
+    r.headers.emplace_back("Retry-After", "1");
+    respond(std::move(r));
+    return;
+  }
   // Routes: POST /v1/events (alias POST /api/billing/usage); GET /v1/organizations/{org}/…
   // (alias GET /api/billing/usage: the key's own org).
   const bool ingest_route = request.path == "/v1/events" ||
@@ -240,7 +328,19 @@ void Api::Handle(http::Request request, http::Responder respond) {
   }
   char canonical[36];
   event::FormatOrgId(*org, canonical);
-  respond(reads_.Serve(std::string(canonical, sizeof(canonical)), rest, request));
+  if (queued_reads_.fetch_add(1) >= kMaxQueuedReads) {
+    queued_reads_.fetch_sub(1);
+    http::Response r = ErrorResponse(503, "busy", "too many reads waiting; retry shortly");
+    r.headers.emplace_back("Retry-After", "1");
+    respond(std::move(r));
+    return;
+  }
+  boost::asio::post(*read_pool_,
+                    [this, org = std::string(canonical, sizeof(canonical)), rest = std::move(rest),
+                     request = std::move(request), respond = std::move(respond)] {
+                      respond(reads_.Serve(org, rest, request));
+                      queued_reads_.fetch_sub(1);
+                    });
 }
 
 std::unique_ptr<event::EventParser> Api::TakeParser() {
@@ -278,7 +378,7 @@ void Api::Ingest(const ApiKey& key, http::Request request, http::Responder respo
   auto reject = [&](size_t index, std::string_view id, std::string_view reason,
                     std::string_view detail) {
     absl::StrAppend(&rejected, rejected.empty() ? "" : ",", "{\"index\":", index);
-    if (!id.empty()) absl::StrAppend(&rejected, ",\"id\":\"", JsonEscape(id), "\"");
+    if (!id.empty()) absl::StrAppend(&rejected, ",\"id\":\"", RawJsonString(id), "\"");
     absl::StrAppend(&rejected, ",\"reason\":\"", Absl(reason), "\",\"detail\":\"",
                     JsonEscape(detail), "\"}");
     ++rejected_count;
@@ -286,6 +386,10 @@ void Api::Ingest(const ApiKey& key, http::Request request, http::Responder respo
   std::unique_ptr<event::EventParser> parser = TakeParser();
   const absl::Time now = options_.clock->Now();
   for (size_t i = 0; i < elements.texts.size(); ++i) {
+    if (elements.texts[i].size() > kMaxEventBytes) {
+      reject(i, {}, "event_too_large", "an event is at most 256 KiB");
+      continue;
+    }
     const event::ParsedMessage& parsed = parser->ParseElement(elements.texts[i], now);
     if (!parsed.rejections.empty() || parsed.events.size() != 1) {
       const event::Rejection& r = parsed.rejections.front();
@@ -336,7 +440,7 @@ void Api::Ingest(const ApiKey& key, http::Request request, http::Responder respo
     std::string error;
     for (size_t i = 0; i < p.accepted.size(); ++i) {
       const std::string item = absl::StrCat("{\"index\":", p.accepted[i].index, ",\"id\":\"",
-                                            JsonEscape(p.accepted[i].id), "\"}");
+                                            RawJsonString(p.accepted[i].id), "\"}");
       std::string& list = p.ok[i] ? ok_list : failed_list;
       absl::StrAppend(&list, list.empty() ? "" : ",", item);
       acked += p.ok[i] ? 1 : 0;

@@ -1,9 +1,13 @@
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include <boost/asio/thread_pool.hpp>
 
 #include "lib/api/api_keys.h"
 #include "lib/api/rate_limiter.h"
@@ -43,7 +47,13 @@ class Api {
 
   // True for the paths this API answers.
   static bool Owns(const std::string& path);
+  // Before the body is read: 401/403 for a request no key allows (so nobody unauthenticated
+  // makes the server buffer a body), nullopt otherwise.
+  std::optional<http::Response> Precheck(const http::Request& head) const;
   void Handle(http::Request request, http::Responder respond);
+  // Stops taking requests (503 from now on) and waits until none is inside Handle: after it,
+  // no new event reaches the producer.
+  void Drain();
 
  private:
   struct Counters;
@@ -61,6 +71,13 @@ class Api {
   std::unique_ptr<Counters> counters_;
   std::mutex parsers_mu_;
   std::vector<std::unique_ptr<event::EventParser>> parsers_;
+  std::atomic<bool> draining_{false};
+  std::atomic<int> active_{0};  // Calls inside Handle.
+  // Reads run here, never on a server thread (a slow or frozen Postgres must not stall
+  // ingest or health checks); at most kMaxQueuedReads wait, beyond that 503.
+  static constexpr int kMaxQueuedReads = 64;
+  std::atomic<int> queued_reads_{0};
+  std::unique_ptr<boost::asio::thread_pool> read_pool_;
 };
 
 // {"error":{"code":…,"message":…[,"field":…]}} with `status`.

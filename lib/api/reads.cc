@@ -18,7 +18,9 @@ std::optional<std::string> DateParam(const http::Request& request, const char* n
   const std::string text = request.Param(name);
   if (text.empty()) return fallback;
   absl::CivilDay day;
-  if (!absl::ParseCivilTime(text, &day)) return std::nullopt;
+  if (!absl::ParseCivilTime(text, &day) || day.year() < 1970 || day.year() > 9999) {
+    return std::nullopt;
+  }
   return absl::FormatCivilTime(day);
 }
 

@@ -62,9 +62,13 @@ Response JsonError(int status, std::string_view code, std::string_view message) 
 // limit is hit or it goes idle. All of a session's work runs on its strand.
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(tcp::socket socket, const Handler* handler, const Limits* limits,
-          std::atomic<int>* connections)
-      : stream_(std::move(socket)), handler_(handler), limits_(limits), connections_(connections) {
+  Session(tcp::socket socket, const Handler* handler, const Precheck* precheck,
+          const Limits* limits, std::atomic<int>* connections)
+      : stream_(std::move(socket)),
+        handler_(handler),
+        precheck_(precheck),
+        limits_(limits),
+        connections_(connections) {
     beast::error_code ignored;
     const auto peer = stream_.socket().remote_endpoint(ignored);
     remote_ = ignored ? "" : peer.address().to_string();
@@ -87,6 +91,25 @@ class Session : public std::enable_shared_from_this<Session> {
  private:
   void OnHeader(beast::error_code error) {
     if (error) return Fail(error);
+    if (*precheck_) {
+      const auto& head = parser_->get();
+      Request request;
+      request.method = std::string(head.method_string());
+      const std::string_view target(head.target().data(), head.target().size());
+      const size_t question = target.find('?');
+      request.path = std::string(target.substr(0, question));
+      if (question != std::string_view::npos) {
+        request.query = std::string(target.substr(question + 1));
+      }
+      for (const auto& field : head) {
+        request.headers.emplace_back(std::string(field.name_string()), std::string(field.value()));
+      }
+      request.remote = remote_;
+      version_ = head.version();
+      if (std::optional<Response> early = (*precheck_)(request)) {
+        return Write(std::move(*early), /*keep_alive=*/false);
+      }
+    }
     stream_.expires_after(Chrono(limits_->read_timeout));
     bhttp::async_read(
         stream_, buffer_, *parser_,
@@ -189,6 +212,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   beast::tcp_stream stream_;
   const Handler* handler_;
+  const Precheck* precheck_;
   const Limits* limits_;
   std::atomic<int>* connections_;
   std::string remote_;
@@ -219,7 +243,8 @@ std::string Request::Param(std::string_view name) const {
 }
 
 absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& listen,
-                                                              Handler handler, Limits limits) {
+                                                              Handler handler, Limits limits,
+                                                              Precheck precheck) {
   const size_t colon = listen.rfind(':');
   int port = -1;
   if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port) ||
@@ -231,7 +256,8 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
     host = host.substr(1, host.size() - 2);
   }
-  std::unique_ptr<HttpServer> server(new HttpServer(std::move(handler), limits));
+  std::unique_ptr<HttpServer> server(
+      new HttpServer(std::move(handler), limits, std::move(precheck)));
   beast::error_code error;
   const auto address = boost::asio::ip::make_address(host.empty() ? "0.0.0.0" : host, error);
   if (error) {
@@ -262,30 +288,38 @@ HttpServer::~HttpServer() {
   boost::asio::post(io_, [this] {
     beast::error_code ignored;
     acceptor_.close(ignored);
+    accept_retry_.cancel();
     io_.stop();
   });
   for (std::thread& thread : threads_) thread.join();
 }
 
 void HttpServer::Accept() {
-  acceptor_.async_accept(
-      boost::asio::make_strand(io_), [this](beast::error_code error, tcp::socket socket) {
-        if (error == boost::asio::error::operation_aborted) return;
-        if (!error) {
-          // Over the connection limit: closed at once, so descriptors stay bounded.
-          if (connections_.fetch_add(1, std::memory_order_relaxed) >= limits_.max_connections) {
-            connections_.fetch_sub(1, std::memory_order_relaxed);
-            beast::error_code ignored;
-            socket.close(ignored);
-          } else {
-            std::make_shared<Session>(std::move(socket), &handler_, &limits_, &connections_)
-                ->Read(/*first=*/true);
-          }
-        } else if (error == boost::asio::error::no_descriptors) {
-          LOG_WARN("http: out of file descriptors; accepting again shortly");
-        }
-        Accept();
+  acceptor_.async_accept(boost::asio::make_strand(io_), [this](beast::error_code error,
+                                                               tcp::socket socket) {
+    if (error == boost::asio::error::operation_aborted) return;
+    if (!error) {
+      // Over the connection limit: closed at once, so descriptors stay bounded.
+      if (connections_.fetch_add(1, std::memory_order_relaxed) >= limits_.max_connections) {
+        connections_.fetch_sub(1, std::memory_order_relaxed);
+        beast::error_code ignored;
+        socket.close(ignored);
+      } else {
+        std::make_shared<Session>(std::move(socket), &handler_, &precheck_, &limits_, &connections_)
+            ->Read(/*first=*/true);
+      }
+    } else {
+      // Out of descriptors (or another accept error): wait before accepting again, so the
+      // loop does not spin and flood the log.
+      LOG_WARN("http: accept failed ({}); accepting again in 100 ms", error.message());
+      accept_retry_.expires_after(std::chrono::milliseconds(100));
+      accept_retry_.async_wait([this](beast::error_code e) {
+        if (!e) Accept();
       });
+      return;
+    }
+    Accept();
+  });
 }
 
 }  // namespace meterd::http

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -13,6 +14,7 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -40,6 +42,11 @@ struct Response {
   std::vector<std::pair<std::string, std::string>> headers;  // Extra ones (Retry-After, …).
 };
 
+// Called with a request's method, target and headers before its body is read: a response to
+// send instead (the body is then never read: unauthenticated clients cannot make the server
+// buffer bodies), or nullopt to go on.
+using Precheck = std::function<std::optional<Response>(const Request& head)>;
+
 // Answers a request exactly once, from any thread.
 using Responder = std::function<void(Response)>;
 // Called on a server thread. It may answer before returning, or keep the responder and answer
@@ -52,7 +59,7 @@ struct Limits {
   int threads = 2;             // Server threads (never a shard's).
   int max_connections = 1024;  // Beyond this, a new connection is closed at once.
   size_t max_header_bytes = 16 * 1024;
-  size_t max_body_bytes = 8 * 1024 * 1024;
+  size_t max_body_bytes = 1024 * 1024;
   absl::Duration read_timeout = absl::Seconds(10);  // To receive one whole request.
   absl::Duration idle_timeout = absl::Seconds(30);  // Keep-alive between requests.
   absl::Duration write_timeout = absl::Seconds(10);
@@ -65,22 +72,30 @@ class HttpServer {
  public:
   // `listen` is "host:port" (port 0 picks a free one). Fails with a message naming the address.
   static absl::StatusOr<std::unique_ptr<HttpServer>> Start(const std::string& listen,
-                                                           Handler handler, Limits limits = {});
+                                                           Handler handler, Limits limits = {},
+                                                           Precheck precheck = {});
   ~HttpServer();
   int port() const { return port_; }
   int open_connections() const { return connections_.load(std::memory_order_relaxed); }
 
  private:
-  HttpServer(Handler handler, Limits limits)
-      : handler_(std::move(handler)), limits_(limits), acceptor_(io_) {}
+  HttpServer(Handler handler, Limits limits, Precheck precheck)
+      : handler_(std::move(handler)),
+        precheck_(std::move(precheck)),
+        limits_(limits),
+        acceptor_(io_),
+        accept_retry_(io_) {}
   void Accept();
 
   Handler handler_;
+  Precheck precheck_;
   Limits limits_;
+  // Before io_: sessions still queued in io_ when it is destroyed count themselves out here.
+  std::atomic<int> connections_{0};
   boost::asio::io_context io_;
   boost::asio::ip::tcp::acceptor acceptor_;
+  boost::asio::steady_timer accept_retry_;
   std::vector<std::thread> threads_;
-  std::atomic<int> connections_{0};
   int port_ = 0;
 };
 

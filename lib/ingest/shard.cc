@@ -173,7 +173,7 @@ void Shard::Process(const kafka::Message& message, absl::Time now) {
     if (!bytes) return;
     const event::ParsedMessage& parsed = parser_.Parse(*bytes, now);
     for (const event::UsageEvent& e : parsed.events) {
-      owned.dedup.SeenOrRemember(e.source, e.id, sent_micros);
+      owned.dedup.SeenOrRemember(e.org, e.source, e.id, sent_micros);
     }
     return;
   }
@@ -192,7 +192,7 @@ void Shard::Process(const kafka::Message& message, absl::Time now) {
   adder_.Apply();  // The previous message's events, whose slots were prefetched meanwhile.
   size_t duplicates = 0;
   for (const event::UsageEvent& e : parsed.events) {
-    if (owned.dedup.SeenOrRemember(e.source, e.id, sent_micros)) {
+    if (owned.dedup.SeenOrRemember(e.org, e.source, e.id, sent_micros)) {
       ++duplicates;  // A producer's re-send: counted already (or in this interval's deltas).
       continue;
     }

@@ -30,11 +30,20 @@ absl::StatusOr<std::unique_ptr<AckedProducer>> AckedProducer::Create(const Prope
   return producer;
 }
 
-AckedProducer::~AckedProducer() {
-  rd_kafka_flush(handle_.get(), 10'000);  // Serves the remaining callbacks on this thread.
+AckedProducer::~AckedProducer() { Close(absl::Seconds(10)); }
+
+void AckedProducer::Close(absl::Duration timeout) {
+  if (closed_) return;
+  closed_ = true;
   stopping_ = true;
   if (poller_.joinable()) poller_.join();
-  rd_kafka_poll(handle_.get(), 0);
+  // On this thread from here: flush serves the reports; what is left is purged, and the purge's
+  // reports (an error each) are served too.
+  rd_kafka_flush(handle_.get(), static_cast<int>(absl::ToInt64Milliseconds(timeout)));
+  rd_kafka_purge(handle_.get(), RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+  for (int i = 0; i < 50 && in_flight_.load(std::memory_order_relaxed) > 0; ++i) {
+    rd_kafka_poll(handle_.get(), 100);
+  }
 }
 
 void AckedProducer::OnDelivery(rd_kafka_t*, const rd_kafka_message_t* message, void*) {

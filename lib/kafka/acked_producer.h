@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "lib/kafka/client.h"
 
 namespace meterd::kafka {
@@ -25,8 +26,12 @@ class AckedProducer {
   // `properties` must name bootstrap.servers; they apply after the idempotence settings and
   // linger.ms=1, so an SRE can tune batching (but idempotence stays on: refused otherwise).
   static absl::StatusOr<std::unique_ptr<AckedProducer>> Create(const Properties& properties);
-  // Waits up to 10 s for outstanding acknowledgements (their callbacks run), then stops.
+  // Close(10 s) unless closed before.
   ~AckedProducer();
+  // Waits up to `timeout` for outstanding acknowledgements, then fails the rest (their
+  // callbacks run with an error), then stops the poll thread: no callback runs after this
+  // returns. Send must not be called during or after it.
+  void Close(absl::Duration timeout);
 
   // Queues one message (copied), keyed (librdkafka's partitioner). If it cannot be queued
   // (local queue full: ResourceExhausted; anything else: Unavailable) `done` is called with
@@ -41,6 +46,7 @@ class AckedProducer {
 
   Handle handle_;
   std::atomic<bool> stopping_{false};
+  bool closed_ = false;
   std::atomic<int64_t> in_flight_{0};
   std::thread poller_;
 };

@@ -59,12 +59,14 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Start(PipelineOptions option
                                [] { return PeakRssKib() * 1024; });
   if (!o.http_listen.empty()) {
     Pipeline* self = p.get();
-    ASSIGN_OR_RETURN(p->server_, http::HttpServer::Start(
-                                     o.http_listen,
-                                     [self](http::Request request, http::Responder respond) {
-                                       self->Handle(std::move(request), std::move(respond));
-                                     },
-                                     o.http_limits));
+    ASSIGN_OR_RETURN(
+        p->server_,
+        http::HttpServer::Start(
+            o.http_listen,
+            [self](http::Request request, http::Responder respond) {
+              self->Handle(std::move(request), std::move(respond));
+            },
+            o.http_limits, [self](const http::Request& head) { return self->Precheck(head); }));
     p->metrics_.AddCallbackGauge(
         "meterd_http_connections", "Open HTTP connections", {},
         [server = p->server_.get()] { return server->open_connections(); });
@@ -95,7 +97,12 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Start(PipelineOptions option
 }
 
 Pipeline::~Pipeline() {
-  server_.reset();  // First: it reads everything else.
+  // HTTP ingest first: no new event reaches the producer, every request still waiting for
+  // Kafka is answered (acknowledged, or 503 when Kafka does not answer within 10 s) while the
+  // server can still send it; only then does the server go (it reads everything else).
+  if (api_owned_ != nullptr) api_owned_->Drain();
+  if (producer_ != nullptr) producer_->Close(absl::Seconds(10));
+  server_.reset();
   serving_.store(nullptr);
 }
 
@@ -143,6 +150,12 @@ absl::Status Pipeline::StartApi() {
   api_.store(api_owned_.get());
   LOG_INFO("http: /v1 API ready ({} API keys loaded)", keys_->size());
   return absl::OkStatus();
+}
+
+std::optional<http::Response> Pipeline::Precheck(const http::Request& head) const {
+  if (!api::Api::Owns(head.path)) return std::nullopt;
+  const api::Api* api = api_.load();
+  return api == nullptr ? std::nullopt : api->Precheck(head);
 }
 
 void Pipeline::Handle(http::Request request, http::Responder respond) {

@@ -64,6 +64,8 @@ class Pipeline {
   http::Response Serve(const std::string& path) const;
   // Every request: the /v1 API's, or the GET endpoints'.
   void Handle(http::Request request, http::Responder respond);
+  // Before a request's body is read: the API refuses requests without a valid key.
+  std::optional<http::Response> Precheck(const http::Request& head) const;
 
  private:
   explicit Pipeline(PipelineOptions options) : options_(std::move(options)) {}

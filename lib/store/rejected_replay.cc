@@ -149,7 +149,7 @@ absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,
           continue;
         }
         for (const event::UsageEvent& e : parsed.events) {
-          const uint64_t fingerprint = aggregate::DedupWindow::Fingerprint(e.source, e.id);
+          const uint64_t fingerprint = aggregate::DedupWindow::Fingerprint(e.org, e.source, e.id);
           if (!counted_ids.insert(fingerprint).second) {
             ++chunk_summary.duplicates;
             continue;

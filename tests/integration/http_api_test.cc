@@ -69,6 +69,7 @@ class HttpApiTest : public MeterdFixture {
 // took, and Postgres ends with every event counted once.
 TEST_F(HttpApiTest, EventsPostedAreAcknowledgedThenCountedExactlyOnce) {
   const std::string token = CreateKey({"--org", kOrg, "--scope", "ingest"});
+  const std::string admin = CreateKey({"--admin"});
   const int port = StartServing();
   int64_t want = 0;
   const std::string single = UsageEventJson(kOrg, "api_calls", 3, "hs");
@@ -105,13 +106,32 @@ TEST_F(HttpApiTest, EventsPostedAreAcknowledgedThenCountedExactlyOnce) {
   EXPECT_TRUE(absl::StrContains(r.body, "\"rejected\":[{\"index\":1,\"reason\":\"unknown_meter\""))
       << r.body;
   want += 2;
+  // The same source and id from two orgs (an admin key may send for both): both counted.
+  const std::string time_now =
+      absl::FormatTime(absl::RFC3339_full, absl::Now(), absl::UTCTimeZone());
+  auto fixed = [&](const std::string& org, int quantity) {
+    return absl::StrCat(R"({"specversion":"1.0","id":"ord\/77","source":"/billing-app",)",
+                        R"("type":"api_calls","subject":")", org, R"(","time":")", time_now,
+                        R"(","data":{"quantity":)", quantity, R"(,"industry":"hs"}})");
+  };
+  r = Post(port, admin, fixed(kOrg, 10));
+  EXPECT_EQ(r.status, 202) << r.body;
+  // The id is echoed as the event carried it.
+  EXPECT_TRUE(absl::StrContains(r.body, R"("id":"ord\/77")")) << r.body;
+  EXPECT_EQ(Post(port, admin, fixed(kOtherOrg, 500)).status, 202);
+  want += 510;
+  // Re-sent inside a batch, then alone again: counted once (the batch keeps its bytes).
+  EXPECT_EQ(
+      Post(port, admin, Batch({fixed(kOrg, 10)}), "application/cloudevents-batch+json").status,
+      202);
+  EXPECT_EQ(Post(port, admin, fixed(kOrg, 10)).status, 202);
   EXPECT_EQ(WaitForSum(url_, want, absl::Seconds(60)), want) << ReadFile(meterd_->log_path());
   absl::SleepFor(absl::Seconds(1));
   EXPECT_EQ(QueryInt(url_, "SELECT sum(quantity) FROM shared.api_usage_meters"), want);
   // Nothing the API refused reached Kafka, so nothing was rejected downstream.
   EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.rejected_events"), 0);
   const auto [status, metrics] = HttpGet(port, "/metrics");
-  EXPECT_TRUE(absl::StrContains(metrics, "meterd_http_events_accepted_total 203\n")) << metrics;
+  EXPECT_TRUE(absl::StrContains(metrics, "meterd_http_events_accepted_total 207\n")) << metrics;
   StopMeterd();
 }
 
@@ -128,8 +148,17 @@ TEST_F(HttpApiTest, NoAcknowledgementWithoutKafka) {
   EXPECT_TRUE(absl::StrContains(r.headers, "Retry-After: 1")) << r.headers;
   EXPECT_TRUE(absl::StrContains(r.body, "\"accepted\":[],\"failed\":[{\"index\":0")) << r.body;
   EXPECT_GE(absl::Now() - start, absl::Seconds(5));
-  meterd_->Signal(SIGKILL);
-  meterd_->Wait(absl::Seconds(30));
+  // Stopped while a request still waits for Kafka: the request is answered (503), and meterd
+  // exits by itself, not by a crash.
+  std::thread pending([&] {
+    HttpResult late = Post(port, token, UsageEventJson(kOrg, "api_calls", 1, "hs"));
+    EXPECT_EQ(late.status, 503) << late.body;
+  });
+  absl::SleepFor(absl::Seconds(1));
+  meterd_->Signal(SIGTERM);
+  pending.join();
+  const int exit_code = meterd_->Wait(absl::Seconds(90));
+  EXPECT_TRUE(exit_code == 0 || exit_code == 1) << exit_code << ReadFile(meterd_->log_path());
 }
 
 // Who may post what: no key, a wrong key, a read-only key, another org's key, an admin key,
@@ -220,6 +249,14 @@ TEST_F(HttpApiTest, HostileClientsCannotExhaustTheDaemon) {
   absl::SleepFor(absl::Seconds(3));
   for (int fd : idle) close(fd);
   EXPECT_LE(OpenFds(meterd_->pid()), baseline + 20);
+  // Without a key, a body is never read: the 401 comes at the headers (no body sent here, so
+  // a server waiting for it would answer only at the read timeout).
+  const absl::Time asked = absl::Now();
+  HttpResult unauthenticated = HttpCall(
+      port, "POST", "/v1/events",
+      {{"Content-Type", "application/cloudevents+json"}, {"Content-Length", "900000"}}, "");
+  EXPECT_EQ(unauthenticated.status, 401) << unauthenticated.body;
+  EXPECT_LT(absl::Now() - asked, absl::Seconds(1));
   // A body announced as 100 MB: refused at the headers, before a byte of it is read.
   HttpResult big = HttpCall(
       port, "POST", "/v1/events",
