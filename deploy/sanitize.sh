@@ -3,7 +3,9 @@
 # (default: both). --build-only builds the instrumented trees and runs nothing (deploy/test.sh
 # builds them at low priority while the end-to-end tests run, then calls this again to test).
 #   asan: AddressSanitizer + UndefinedBehaviorSanitizer over every unit test (parser, counters,
-#         dedup window, meter registry, metrics, backoff, flusher, shards on the fake source),
+#         dedup window, meter registry, metrics, backoff, flusher, shards on the fake source), the
+#         billing and usage-tracking suites, and the HTTP API end to end (meterd itself built
+#         with ASan: async sessions, shutdown with requests waiting for Kafka, hostile clients),
 #         then the 3-minute chaos profile (seed 1, every fault kind) with meterd itself built
 #         with ASan+UBSan: kills, rebalances, zombies, Postgres and broker outages under load.
 #         Leak detection is off for the chaos run only: an instance that never got an
@@ -21,7 +23,8 @@ if [[ "${1:-}" == --build-only ]]; then build_only=1; shift; fi
 kinds=("$@")
 ((${#kinds[@]})) || kinds=(asan tsan)
 asan_tests=(event_parser_test robustness_test binary_mode_test counters_test dedup_window_test meter_registry_test
-            metrics_test backoff_test flusher_test consumer_fake_test billing_test)
+            metrics_test backoff_test flusher_test consumer_fake_test billing_test usage_tracking_test
+            http_api_test)
 tsan_tests=(consumer_fake_test flusher_test metrics_test meter_registry_test billing_test)
 for kind in "${kinds[@]}"; do
   case "$kind" in
