@@ -9,6 +9,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "lib/common/json.h"
 #include "lib/common/logging.h"
 #include "lib/event/binary_mode.h"
 
@@ -18,36 +19,6 @@ namespace {
 constexpr char kJson[] = "application/json";
 
 // `text` as the inside of a JSON string.
-std::string JsonEscape(std::string_view text) {
-  std::string out;
-  out.reserve(text.size());
-  for (const char c : text) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          absl::StrAppend(&out, "\\u00", absl::Hex(static_cast<unsigned char>(c), absl::kZeroPad2));
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out;
-}
 
 absl::string_view Absl(std::string_view text) { return {text.data(), text.size()}; }
 
@@ -169,12 +140,35 @@ Elements SplitEvents(const http::Request& request, int64_t max_events) {
 
 http::Response ErrorResponse(int status, std::string_view code, std::string_view message,
                              std::string_view field) {
-  std::string body = absl::StrCat("{\"error\":{\"code\":\"", Absl(code), "\",\"message\":\"",
-                                  JsonEscape(message), "\"");
-  if (!field.empty()) absl::StrAppend(&body, ",\"field\":\"", JsonEscape(field), "\"");
+  std::string body = absl::StrCat("{\"error\":{\"code\":\"", Absl(code), "\",\"message\":");
+  AppendJsonString(&body, message);
+  if (!field.empty()) {
+    body += ",\"field\":";
+    AppendJsonString(&body, field);
+  }
   body += "}}\n";
   return {status, kJson, std::move(body), {}};
 }
+
+http::Response RetryLater(std::string_view code, std::string_view message) {
+  http::Response r = ErrorResponse(503, code, message);
+  r.headers.emplace_back("Retry-After", "1");
+  return r;
+}
+
+namespace {
+
+// 401 for a request without a key (`token` empty) or with one no key matches.
+http::Response Unauthorized(std::string_view token) {
+  http::Response r =
+      ErrorResponse(401, "unauthorized",
+                    token.empty() ? "an API key is required (Authorization: Bearer <key>)"
+                                  : "the API key is not valid");
+  r.headers.emplace_back("WWW-Authenticate", "Bearer");
+  return r;
+}
+
+}  // namespace
 
 struct Api::Counters {
   Counter* requests_ok;
@@ -219,14 +213,7 @@ bool Api::Owns(const std::string& path) {
 std::optional<http::Response> Api::Precheck(const http::Request& head) const {
   if (!Owns(head.path)) return std::nullopt;
   const std::string token = TokenOf(head);
-  if (token.empty() || !keys_->Authenticate(token)) {
-    http::Response r =
-        ErrorResponse(401, "unauthorized",
-                      token.empty() ? "an API key is required (Authorization: Bearer <key>)"
-                                    : "the API key is not valid");
-    r.headers.emplace_back("WWW-Authenticate", "Bearer");
-    return r;
-  }
+  if (token.empty() || !keys_->Authenticate(token)) return Unauthorized(token);
   return std::nullopt;
 }
 
@@ -243,18 +230,13 @@ void Api::Handle(http::Request request, http::Responder respond) {
     ~Leave() { active->fetch_sub(1); }
   } leave{&active_};
   if (draining_.load()) {
-    http::Response r = ErrorResponse(503, "stopping", "meterd is stopping; retry elsewhere");
-    r.headers.emplace_back("Retry-After", "1");
-    respond(std::move(r));
+    respond(RetryLater("stopping", "meterd is stopping; retry elsewhere"));
     return;
   }
   // Keys that could not be refreshed for a while may include revoked ones: refuse rather than
   // trust them (a revocation must hold within seconds).
   if (options_.clock->Now() - keys_->last_refresh() > absl::Seconds(5)) {
-    http::Response r = ErrorResponse(503, "keys_unavailable",
-                                     "API keys cannot be checked right now; retry shortly");
-    r.headers.emplace_back("Retry-After", "1");
-    respond(std::move(r));
+    respond(RetryLater("keys_unavailable", "API keys cannot be checked right now; retry shortly"));
     return;
   }
   // Routes: POST /v1/events (alias POST /api/billing/usage); GET /v1/organizations/{org}/…
@@ -284,12 +266,7 @@ void Api::Handle(http::Request request, http::Responder respond) {
   const std::optional<ApiKey> key = token.empty() ? std::nullopt : keys_->Authenticate(token);
   if (!key) {
     counters_->unauthorized->Add();
-    http::Response r =
-        ErrorResponse(401, "unauthorized",
-                      token.empty() ? "an API key is required (Authorization: Bearer <key>)"
-                                    : "the API key is not valid");
-    r.headers.emplace_back("WWW-Authenticate", "Bearer");
-    respond(std::move(r));
+    respond(Unauthorized(token));
     return;
   }
   if (!key->Allows(ingest_route ? kScopeIngest : kScopeRead)) {
@@ -330,9 +307,7 @@ void Api::Handle(http::Request request, http::Responder respond) {
   event::FormatOrgId(*org, canonical);
   if (queued_reads_.fetch_add(1) >= kMaxQueuedReads) {
     queued_reads_.fetch_sub(1);
-    http::Response r = ErrorResponse(503, "busy", "too many reads waiting; retry shortly");
-    r.headers.emplace_back("Retry-After", "1");
-    respond(std::move(r));
+    respond(RetryLater("busy", "too many reads waiting; retry shortly"));
     return;
   }
   boost::asio::post(*read_pool_,
@@ -379,8 +354,9 @@ void Api::Ingest(const ApiKey& key, http::Request request, http::Responder respo
                     std::string_view detail) {
     absl::StrAppend(&rejected, rejected.empty() ? "" : ",", "{\"index\":", index);
     if (!id.empty()) absl::StrAppend(&rejected, ",\"id\":\"", RawJsonString(id), "\"");
-    absl::StrAppend(&rejected, ",\"reason\":\"", Absl(reason), "\",\"detail\":\"",
-                    JsonEscape(detail), "\"}");
+    absl::StrAppend(&rejected, ",\"reason\":\"", Absl(reason), "\",\"detail\":");
+    AppendJsonString(&rejected, detail);
+    rejected += "}";
     ++rejected_count;
   };
   std::unique_ptr<event::EventParser> parser = TakeParser();

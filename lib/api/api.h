@@ -83,5 +83,7 @@ class Api {
 // {"error":{"code":…,"message":…[,"field":…]}} with `status`.
 http::Response ErrorResponse(int status, std::string_view code, std::string_view message,
                              std::string_view field = {});
+// A 503 with Retry-After: 1 (the client should come back shortly).
+http::Response RetryLater(std::string_view code, std::string_view message);
 
 }  // namespace meterd::api

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "lib/common/json.h"
 #include "lib/common/logging.h"
 #include "lib/common/status_macros.h"
 
@@ -127,21 +128,6 @@ absl::Status RequireFunction(pqxx::transaction_base& tx, const char* function) {
         absl::StrCat("the database has no ", function, " (migration 0012); run `meterd migrate`"));
   }
   return absl::OkStatus();
-}
-
-void AppendJsonString(std::string* out, std::string_view text) {
-  *out += '"';
-  for (char c : text) {
-    if (c == '"' || c == '\\') {
-      *out += '\\';
-      *out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      absl::StrAppendFormat(out, "\\u%04x", static_cast<unsigned char>(c));
-    } else {
-      *out += c;
-    }
-  }
-  *out += '"';
 }
 
 void AppendJsonStringOrNull(std::string* out, std::string_view text) {

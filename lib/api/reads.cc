@@ -103,9 +103,7 @@ http::Response Reads::Serve(const std::string& org, const std::string& rest,
   absl::StatusOr<std::unique_ptr<pqxx::connection>> conn = Take();
   if (!conn.ok()) {
     LOG_WARN("http: read of {} failed: {}", rest, conn.status().message());
-    http::Response r = ErrorResponse(503, "unavailable", "the database is not reachable");
-    r.headers.emplace_back("Retry-After", "1");
-    return r;
+    return RetryLater("unavailable", "the database is not reachable");
   }
   std::optional<std::string> body;
   absl::Status status = store::CatchPq([&]() -> absl::Status {
@@ -128,9 +126,7 @@ http::Response Reads::Serve(const std::string& org, const std::string& rest,
   Give(std::move(*conn));
   if (!status.ok()) {
     LOG_WARN("http: read of {} failed: {}", rest, status.message());
-    http::Response r = ErrorResponse(503, "unavailable", "the read failed; retry shortly");
-    r.headers.emplace_back("Retry-After", "1");
-    return r;
+    return RetryLater("unavailable", "the read failed; retry shortly");
   }
   if (!body) return ErrorResponse(404, "not_found", "no such invoice");
   return {200, kJson, *body + "\n", {}};

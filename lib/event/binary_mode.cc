@@ -1,25 +1,10 @@
 #include "lib/event/binary_mode.h"
 
 #include "absl/strings/str_format.h"
+#include "lib/common/json.h"
 
 namespace meterd::event {
 namespace {
-
-void AppendJsonString(std::string* out, std::string_view value) {
-  out->push_back('"');
-  for (char c : value) {
-    const auto u = static_cast<unsigned char>(c);
-    if (c == '"' || c == '\\') {
-      out->push_back('\\');
-      out->push_back(c);
-    } else if (u < 0x20) {
-      absl::StrAppendFormat(out, "\\u%04x", u);
-    } else {
-      out->push_back(c);
-    }
-  }
-  out->push_back('"');
-}
 
 // True if `data` is exactly one JSON object and nothing after it (whitespace aside): a value
 // like `{...},"subject":"x"` must not add attributes the headers did not give.

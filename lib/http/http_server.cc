@@ -14,6 +14,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "lib/common/json.h"
 #include "lib/common/logging.h"
 
 namespace meterd::http {
@@ -51,11 +52,12 @@ std::string PercentDecode(std::string_view text) {
 }
 
 Response JsonError(int status, std::string_view code, std::string_view message) {
-  return {status,
-          "application/json",
-          absl::StrCat("{\"error\":{\"code\":\"", std::string(code), "\",\"message\":\"",
-                       std::string(message), "\"}}\n"),
-          {}};
+  std::string body = "{\"error\":{\"code\":";
+  AppendJsonString(&body, code);
+  body += ",\"message\":";
+  AppendJsonString(&body, message);
+  body += "}}\n";
+  return {status, "application/json", std::move(body), {}};
 }
 
 // One connection: requests read and answered in turn (keep-alive) until the client closes, a

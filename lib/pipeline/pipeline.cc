@@ -169,9 +169,7 @@ void Pipeline::Handle(http::Request request, http::Responder respond) {
   }
   api::Api* api = api_.load();
   if (api == nullptr) {
-    http::Response r = api::ErrorResponse(503, "starting", "meterd is starting; retry shortly");
-    r.headers.emplace_back("Retry-After", "1");
-    respond(std::move(r));
+    respond(api::RetryLater("starting", "meterd is starting; retry shortly"));
     return;
   }
   api->Handle(std::move(request), std::move(respond));
