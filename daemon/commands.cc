@@ -100,7 +100,8 @@ ABSL_FLAG(std::string, org, "", "org export / org erase: the organization id (UU
 ABSL_FLAG(std::string, out, "",
           "org export: write the JSON document to this file (mode 0600) instead of stdout");
 ABSL_FLAG(std::vector<std::string>, scope, {},
-          "api-key create: what the key may do, comma-separated: ingest, read (default ingest)");
+          "api-key create: what the key may do for its org, comma-separated: ingest, read, admin "
+          "(admin: everything, including its subscription; default ingest)");
 ABSL_FLAG(bool, admin, false,
           "api-key create: an admin key (any org, every scope) instead of an org key");
 ABSL_FLAG(std::string, label, "", "api-key create: a note for people (who or what uses the key)");

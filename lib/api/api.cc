@@ -168,6 +168,92 @@ http::Response Unauthorized(std::string_view token) {
   return r;
 }
 
+// What a request asks for: its kind, the scope it needs, and for the org routes the org (as
+// written in the path; empty for the aliases) and what follows it.
+struct Route {
+  enum Kind { kNone, kWrongMethod, kIngest, kRead, kSubscription } kind = kNone;
+  uint8_t scope = 0;
+  std::string org;
+  std::string rest;
+  std::string allow;  // For kWrongMethod: the methods the path takes.
+};
+
+Route RouteOf(const http::Request& request) {
+  Route r;
+  const std::string& path = request.path;
+  const std::string& method = request.method;
+  auto wrong = [&](const char* allow) {
+    r.kind = Route::kWrongMethod;
+    r.allow = allow;
+    return r;
+  };
+  if (path == "/v1/events") {
+    if (method != "POST") return wrong("POST");
+    r.kind = Route::kIngest;
+    r.scope = kScopeIngest;
+    return r;
+  }
+  if (path == "/api/billing/usage") {
+    if (method == "POST") {
+      r.kind = Route::kIngest;
+      r.scope = kScopeIngest;
+    } else if (method == "GET") {
+      r.kind = Route::kRead;
+      r.scope = kScopeRead;
+      r.rest = "/usage";
+    } else {
+      return wrong("GET, POST");
+    }
+    return r;
+  }
+  if (path == "/api/billing/create-subscription") {
+    if (method != "POST") return wrong("POST");
+    r.kind = Route::kSubscription;
+    r.scope = kScopeAdmin;
+    r.rest = "/subscription";
+    return r;
+  }
+  if (!absl::StartsWith(path, "/v1/organizations/")) return r;
+  const std::string tail = path.substr(18);
+  const size_t slash = tail.find('/');
+  r.org = tail.substr(0, slash);
+  r.rest = slash == std::string::npos ? "" : tail.substr(slash);
+  if (r.rest == "/subscription") {
+    if (method == "GET") {
+      r.kind = Route::kSubscription;
+      r.scope = kScopeRead;
+    } else if (method == "POST" || method == "PATCH") {
+      r.kind = Route::kSubscription;
+      r.scope = kScopeAdmin;
+    } else {
+      return wrong("GET, POST, PATCH");
+    }
+    return r;
+  }
+  if (r.rest == "/subscription/cancel") {
+    if (method != "POST") return wrong("POST");
+    r.kind = Route::kSubscription;
+    r.scope = kScopeAdmin;
+    return r;
+  }
+  if (method != "GET") return wrong("GET");
+  r.kind = Route::kRead;
+  r.scope = kScopeRead;
+  return r;
+}
+
+// The "org_id" string of a JSON object body; empty if there is none.
+std::string OrgIdInBody(const std::string& body) {
+  simdjson::dom::parser parser;
+  simdjson::dom::object object;
+  std::string_view org;
+  if (parser.parse(body).get(object) != simdjson::SUCCESS ||
+      object["org_id"].get(org) != simdjson::SUCCESS) {
+    return "";
+  }
+  return std::string(org);
+}
+
 }  // namespace
 
 struct Api::Counters {
@@ -187,7 +273,9 @@ Api::Api(ApiOptions options, const KeyStore* keys, kafka::AckedProducer* produce
       producer_(producer),
       meters_(meters),
       limiter_(options_.rate_per_key, options_.burst_per_key, options_.clock),
-      reads_(options_.pg, options_.pg_timeouts),
+      pool_(options_.pg, options_.pg_timeouts),
+      reads_(&pool_),
+      subscriptions_(&pool_),
       counters_(std::make_unique<Counters>()),
       read_pool_(std::make_unique<boost::asio::thread_pool>(2)) {
   MetricsRegistry& r = *options_.metrics;
@@ -207,7 +295,8 @@ Api::Api(ApiOptions options, const KeyStore* keys, kafka::AckedProducer* produce
 Api::~Api() { Drain(); }
 
 bool Api::Owns(const std::string& path) {
-  return absl::StartsWith(path, "/v1/") || absl::StartsWith(path, "/api/");
+  return (absl::StartsWith(path, "/v1/") || absl::StartsWith(path, "/api/")) &&
+         path != kOpenApiPath;
 }
 
 std::optional<http::Response> Api::Precheck(const http::Request& head) const {
@@ -239,29 +328,20 @@ void Api::Handle(http::Request request, http::Responder respond) {
     respond(RetryLater("keys_unavailable", "API keys cannot be checked right now; retry shortly"));
     return;
   }
-  // Routes: POST /v1/events (alias POST /api/billing/usage); GET /v1/organizations/{org}/…
-  // (alias GET /api/billing/usage: the key's own org).
-  const bool ingest_route = request.path == "/v1/events" ||
-                            (request.path == "/api/billing/usage" && request.method == "POST");
-  std::string org_text, rest;
-  if (absl::StartsWith(request.path, "/v1/organizations/")) {
-    const std::string tail = request.path.substr(18);
-    const size_t slash = tail.find('/');
-    org_text = tail.substr(0, slash);
-    rest = slash == std::string::npos ? "" : tail.substr(slash);
-  } else if (request.path == "/api/billing/usage" && request.method == "GET") {
-    rest = "/usage";
-  } else if (!ingest_route) {
+  const Route route = RouteOf(request);
+  if (route.kind == Route::kNone) {
     respond(ErrorResponse(404, "not_found", "no such endpoint"));
     return;
   }
-  const char* method = ingest_route ? "POST" : "GET";
-  if (request.method != method) {
-    http::Response r = ErrorResponse(405, "method_not_allowed", absl::StrCat("use ", method));
-    r.headers.emplace_back("Allow", method);
+  if (route.kind == Route::kWrongMethod) {
+    http::Response r = ErrorResponse(405, "method_not_allowed", absl::StrCat("use ", route.allow));
+    r.headers.emplace_back("Allow", route.allow);
     respond(std::move(r));
     return;
   }
+  const bool ingest_route = route.kind == Route::kIngest;
+  std::string org_text = route.org;
+  std::string rest = route.rest;
   const std::string token = TokenOf(request);
   const std::optional<ApiKey> key = token.empty() ? std::nullopt : keys_->Authenticate(token);
   if (!key) {
@@ -269,11 +349,12 @@ void Api::Handle(http::Request request, http::Responder respond) {
     respond(Unauthorized(token));
     return;
   }
-  if (!key->Allows(ingest_route ? kScopeIngest : kScopeRead)) {
+  if (!key->Allows(route.scope)) {
     counters_->requests_rejected->Add();
-    respond(ErrorResponse(
-        403, "forbidden",
-        ingest_route ? "this API key may not send events" : "this API key may not read"));
+    respond(ErrorResponse(403, "forbidden",
+                          route.scope == kScopeIngest ? "this API key may not send events"
+                          : route.scope == kScopeRead ? "this API key may not read"
+                                                      : "this API key may not manage billing"));
     return;
   }
   if (const absl::Duration wait = limiter_.Acquire(key->key_id); wait > absl::ZeroDuration()) {
@@ -288,9 +369,12 @@ void Api::Handle(http::Request request, http::Responder respond) {
     Ingest(*key, std::move(request), std::move(respond));
     return;
   }
-  // Reads: the alias reads the key's own org (an admin key names one with ?org_id=).
+  // The aliases act for the key's own org (an admin key names one: ?org_id= to read, "org_id"
+  // in the body to create a subscription).
   if (org_text.empty()) {
-    org_text = key->org ? std::string() : request.Param("org_id");
+    org_text = key->org                             ? std::string()
+               : route.kind == Route::kSubscription ? OrgIdInBody(request.body)
+                                                    : request.Param("org_id");
     if (key->org) {
       char text[36];
       event::FormatOrgId(*key->org, text);
@@ -312,8 +396,11 @@ void Api::Handle(http::Request request, http::Responder respond) {
   }
   boost::asio::post(*read_pool_,
                     [this, org = std::string(canonical, sizeof(canonical)), rest = std::move(rest),
-                     request = std::move(request), respond = std::move(respond)] {
-                      respond(reads_.Serve(org, rest, request));
+                     request = std::move(request), respond = std::move(respond),
+                     subscription = route.kind == Route::kSubscription,
+                     actor = absl::StrCat("api_key:", key->key_id)] {
+                      respond(subscription ? subscriptions_.Serve(org, rest, request, actor)
+                                           : reads_.Serve(org, rest, request));
                       queued_reads_.fetch_sub(1);
                     });
 }

@@ -10,8 +10,10 @@
 #include <boost/asio/thread_pool.hpp>
 
 #include "lib/api/api_keys.h"
+#include "lib/api/pg_pool.h"
 #include "lib/api/rate_limiter.h"
 #include "lib/api/reads.h"
+#include "lib/api/subscriptions.h"
 #include "lib/common/clock.h"
 #include "lib/common/metrics.h"
 #include "lib/event/event_parser.h"
@@ -67,7 +69,9 @@ class Api {
   kafka::AckedProducer* producer_;
   const event::MeterRegistry* meters_;
   RateLimiter limiter_;
+  PgPool pool_;
   Reads reads_;
+  Subscriptions subscriptions_;
   std::unique_ptr<Counters> counters_;
   std::mutex parsers_mu_;
   std::vector<std::unique_ptr<event::EventParser>> parsers_;
@@ -83,6 +87,10 @@ class Api {
 // {"error":{"code":…,"message":…[,"field":…]}} with `status`.
 http::Response ErrorResponse(int status, std::string_view code, std::string_view message,
                              std::string_view field = {});
+// proto/openapi.yaml, embedded at build time: served at GET /v1/openapi.yaml without a key.
+std::string_view OpenApiDocument();
+inline constexpr char kOpenApiPath[] = "/v1/openapi.yaml";
+
 // A 503 with Retry-After: 1 (the client should come back shortly).
 http::Response RetryLater(std::string_view code, std::string_view message);
 

@@ -206,10 +206,6 @@ absl::StatusOr<CreatedKey> CreateApiKey(const std::string& conninfo, const std::
       return absl::InvalidArgumentError(
           absl::StrCat("org must be an organization id (UUID), got '", org, "'"));
     }
-    if ((scopes & kScopeAdmin) != 0) {
-      return absl::InvalidArgumentError(
-          "the admin scope is only for admin keys, which act for any org (give no org)");
-    }
   }
   if (label.size() > kMaxLabelBytes) {
     return absl::InvalidArgumentError(

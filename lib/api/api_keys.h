@@ -47,7 +47,8 @@ struct CreatedKey {
 };
 // Generates a key id (6 random bytes, hex), a 32-byte secret and a 16-byte salt, and stores
 // SHA-256(salt || secret) through shared.create_api_key. `org` empty: an admin key, whose
-// scopes must be exactly kScopeAdmin; otherwise a UUID, and the scopes must not include admin.
+// scopes must be exactly kScopeAdmin; otherwise a UUID, with any scopes (admin: everything
+// for that org, including its subscription).
 absl::StatusOr<CreatedKey> CreateApiKey(const std::string& conninfo, const std::string& org,
                                         uint8_t scopes, const std::string& label);
 // True if the key was live and is now revoked; false if unknown or already revoked.

@@ -26,24 +26,6 @@ std::optional<std::string> DateParam(const http::Request& request, const char* n
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<pqxx::connection>> Reads::Take() {
-  {
-    std::lock_guard lock(mu_);
-    if (!idle_.empty()) {
-      auto conn = std::move(idle_.back());
-      idle_.pop_back();
-      return conn;
-    }
-  }
-  return store::Connect(conninfo_, timeouts_);
-}
-
-void Reads::Give(std::unique_ptr<pqxx::connection> conn) {
-  if (!conn->is_open()) return;
-  std::lock_guard lock(mu_);
-  if (idle_.size() < 8) idle_.push_back(std::move(conn));
-}
-
 http::Response Reads::Serve(const std::string& org, const std::string& rest,
                             const http::Request& request) {
   std::string sql;
@@ -100,7 +82,7 @@ http::Response Reads::Serve(const std::string& org, const std::string& rest,
   } else {
     return ErrorResponse(404, "not_found", "no such endpoint");
   }
-  absl::StatusOr<std::unique_ptr<pqxx::connection>> conn = Take();
+  absl::StatusOr<std::unique_ptr<pqxx::connection>> conn = pool_->Take();
   if (!conn.ok()) {
     LOG_WARN("http: read of {} failed: {}", rest, conn.status().message());
     return RetryLater("unavailable", "the database is not reachable");
@@ -123,7 +105,7 @@ http::Response Reads::Serve(const std::string& org, const std::string& rest,
     if (!rows.empty() && !rows[0][0].is_null()) body = rows[0][0].as<std::string>();
     return absl::OkStatus();
   });
-  Give(std::move(*conn));
+  pool_->Give(std::move(*conn));
   if (!status.ok()) {
     LOG_WARN("http: read of {} failed: {}", rest, status.message());
     return RetryLater("unavailable", "the read failed; retry shortly");

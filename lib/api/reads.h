@@ -1,15 +1,9 @@
 #pragma once
 
-#include <memory>
-#include <mutex>
 #include <string>
-#include <vector>
 
-#include <pqxx/pqxx>
-
-#include "absl/status/statusor.h"
+#include "lib/api/pg_pool.h"
 #include "lib/http/http_server.h"
-#include "lib/store/pg_connection.h"
 
 namespace meterd::api {
 
@@ -18,12 +12,10 @@ namespace meterd::api {
 //   GET /v1/organizations/{org}/usage?from=&to=&group_by=day|meter|industry
 //   GET /v1/organizations/{org}/invoices              newest first
 //   GET /v1/organizations/{org}/invoices/{id}         with its lines
-// Each call takes a connection from a small pool (opened on demand, bounded timeouts), runs
-// one read-only transaction and gives it back; a broken connection is dropped.
+// Each call takes a connection from the pool and runs one read-only transaction.
 class Reads {
  public:
-  Reads(std::string conninfo, store::PgTimeouts timeouts)
-      : conninfo_(std::move(conninfo)), timeouts_(timeouts) {}
+  explicit Reads(PgPool* pool) : pool_(pool) {}
 
   // `org` is canonical; `rest` is what follows /v1/organizations/{org} ("/usage", …).
   // 404 for an unknown route or invoice (also another org's: existence is not revealed).
@@ -31,13 +23,7 @@ class Reads {
                        const http::Request& request);
 
  private:
-  absl::StatusOr<std::unique_ptr<pqxx::connection>> Take();
-  void Give(std::unique_ptr<pqxx::connection> conn);
-
-  const std::string conninfo_;
-  const store::PgTimeouts timeouts_;
-  std::mutex mu_;
-  std::vector<std::unique_ptr<pqxx::connection>> idle_;  // Guarded by mu_.
+  PgPool* pool_;
 };
 
 }  // namespace meterd::api

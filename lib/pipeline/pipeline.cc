@@ -182,8 +182,11 @@ http::Response Pipeline::Serve(const std::string& path) const {
     return {200, "text/plain; version=0.0.4; charset=utf-8", metrics_.RenderPrometheus(), {}};
   }
   if (path == "/metrics.json") return {200, "application/json", metrics_.RenderJson(), {}};
+  if (path == api::kOpenApiPath) {
+    return {200, "application/yaml", std::string(api::OpenApiDocument()), {}};
+  }
   if (path != "/readyz")
-    return {404, kText, "try /metrics, /metrics.json, /healthz or /readyz\n", {}};
+    return {404, kText, "try /metrics, /metrics.json, /healthz, /readyz or /v1/openapi.yaml\n", {}};
   const ingest::Ingestor* ingestor = serving_.load();
   if (ingestor == nullptr) return {503, kText, "starting\n", {}};
   const absl::Status ready = ingestor->Readiness();

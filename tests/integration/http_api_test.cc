@@ -6,11 +6,15 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <fstream>
 #include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "lib/common/json.h"
 #include "tests/support/meterd_fixture.h"
 
 namespace meterd::testing {
@@ -363,6 +367,271 @@ TEST_F(HttpApiTest, ReadsAnswerForTheKeysOrgOnly) {
   EXPECT_EQ(get(admin, "/v1/organizations/not-an-org/usage").status, 404);
   EXPECT_EQ(get(reader, base + "/nothing").status, 404);
   EXPECT_EQ(HttpCall(port, "GET", base + "/usage").status, 401);
+  StopMeterd();
+}
+
+// Subscriptions created, upgraded and canceled over HTTP are invoiced by close-period exactly
+// as the SQL rules say (plan at close prices the period; canceled now: usage through the
+// cancel day; at period end: the whole period, then ended), and each change is audited with
+// the API key that made it.
+TEST_F(HttpApiTest, SubscriptionsThroughTheApiAreInvoicedAndAudited) {
+  constexpr char kOrgB[] = "00000000-0000-4000-8000-0000000000e3";
+  constexpr char kOrgC[] = "00000000-0000-4000-8000-0000000000e4";
+  constexpr char kOrgD[] = "00000000-0000-4000-8000-0000000000e5";
+  const std::string admin = CreateKey({"--admin"});
+  const std::string a_owner = CreateKey({"--org", kOrg, "--scope", "admin"});
+  const std::string a_reader = CreateKey({"--org", kOrg, "--scope", "read"});
+  const std::string b_owner = CreateKey({"--org", kOrgB, "--scope", "ingest,admin"});
+  const std::string c_owner = CreateKey({"--org", kOrgC, "--scope", "admin"});
+  const std::string ingest_only = CreateKey({"--org", kOrg, "--scope", "ingest"});
+  Exec(url_, absl::StrCat("INSERT INTO shared.organizations VALUES ('", kOrgB,
+                          "', 'B', 'auto'), ('", kOrgC, "', 'C', 'edu')"));
+  const int port = StartServing();
+  auto call = [&](const std::string& method, const std::string& path, const std::string& token,
+                  const std::string& body = "") {
+    std::vector<std::pair<std::string, std::string>> headers = {
+        {"Content-Type", "application/json"}};
+    if (!token.empty()) headers.emplace_back("Authorization", "Bearer " + token);
+    return HttpCall(port, method, path, headers, body);
+  };
+  auto text = [&](const std::string& sql) {
+    pqxx::connection conn(url_);
+    pqxx::nontransaction tx(conn);
+    const pqxx::result rows = tx.exec(sql);
+    return rows.empty() || rows[0][0].is_null() ? std::string() : rows[0][0].as<std::string>();
+  };
+  auto days_ago = [&](int days) { return text(absl::StrCat("SELECT current_date - ", days)); };
+  const std::string a = absl::StrCat("/v1/organizations/", kOrg, "/subscription");
+  const std::string b = absl::StrCat("/v1/organizations/", kOrgB, "/subscription");
+  const std::string c = absl::StrCat("/v1/organizations/", kOrgC, "/subscription");
+
+  // A: created on Basic through the brief's path by the back office (registering the org), then
+  // upgraded to Pro by its own key: the close prices the whole period at Pro.
+  HttpResult r = call("POST", "/api/billing/create-subscription", admin,
+                      absl::StrCat("{\"org_id\":\"", kOrg,
+                                   "\",\"plan\":\"basic\",\"billing_"
+                                   "anchor\":\"",
+                                   days_ago(31), "\",\"name\":\"Org A\",\"industry\":\"hs\"}"));
+  ASSERT_EQ(r.status, 201) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"plan\": \"basic\"")) << r.body;
+  EXPECT_EQ(call("POST", a, a_owner, "{\"plan\":\"pro\"}").status, 409);  // One live per org.
+  r = call("PATCH", a, a_owner, "{\"plan\":\"platinum\"}");
+  EXPECT_EQ(r.status, 400) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"field\":\"plan\"")) << r.body;
+  EXPECT_EQ(call("PATCH", a, a_owner, "{\"plan\":\"pro\",\"extra\":1}").status, 400);
+  EXPECT_EQ(call("PATCH", a, a_reader, "{\"plan\":\"pro\"}").status, 403);
+  EXPECT_EQ(call("PATCH", a, b_owner, "{\"plan\":\"pro\"}").status, 404);
+  EXPECT_EQ(call("PATCH", a, "", "{\"plan\":\"pro\"}").status, 401);
+  EXPECT_EQ(call("GET", a, ingest_only).status, 403);
+  r = call("PATCH", a, a_owner, "{\"plan\":\"pro\"}");
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"plan\": \"pro\"")) << r.body;
+  r = call("GET", a, a_reader);
+  EXPECT_EQ(r.status, 200) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"status\": \"active\"")) << r.body;
+
+  // B: Enterprise from 10 days ago, 25,000 calls today, canceled now; 1,000 more recorded for
+  // tomorrow are after the cancel day and never billed.
+  r = call("POST", b, b_owner,
+           absl::StrCat("{\"plan\":\"enterprise\",\"billing_anchor\":\"", days_ago(10), "\"}"));
+  ASSERT_EQ(r.status, 201) << r.body;
+  ASSERT_EQ(Post(port, b_owner, UsageEventJson(kOrgB, "api_calls", 25000, "auto")).status, 202);
+  // A: 1,500 calls inside its first period (at Basic they would cost $5 of overage).
+  Exec(url_, absl::StrCat("INSERT INTO shared.api_usage_meters (org_id, meter, industry, "
+                          "usage_date, quantity) VALUES ('",
+                          kOrg, "', 'api_calls', 'hs', current_date - 20, 1500), ('", kOrgB,
+                          "', 'api_calls', 'auto', current_date + 1, 1000)"));
+  ASSERT_EQ(WaitForSum(url_, 27500, absl::Seconds(60)), 27500);
+  r = call("POST", b + "/cancel", b_owner, "{\"at_period_end\":false}");
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"status\": \"canceled\"")) << r.body;
+  EXPECT_EQ(call("PATCH", b, b_owner, "{\"plan\":\"pro\"}").status, 409);  // Canceled.
+
+  // C: Basic from 31 days ago, canceled at period end: billed whole, then ended; a new one may
+  // start afterwards.
+  ASSERT_EQ(call("POST", c, c_owner,
+                 absl::StrCat("{\"plan\":\"basic\",\"billing_anchor\":\"", days_ago(31), "\"}"))
+                .status,
+            201);
+  r = call("POST", c + "/cancel", c_owner);
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(call("POST", c, c_owner, "{\"plan\":\"pro\"}").status, 409);  // Not ended yet.
+  EXPECT_EQ(
+      call("POST", absl::StrCat("/v1/organizations/", kOrgD, "/subscription/cancel"), admin).status,
+      404);
+  r = call("POST", absl::StrCat("/v1/organizations/", kOrgD, "/subscription"), admin,
+           "{\"plan\":\"basic\"}");  // Not registered, no name given.
+  EXPECT_EQ(r.status, 400) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"field\":\"name\"")) << r.body;
+
+  // Close through B's period end: every period above is due.
+  const std::string b_end =
+      text(absl::StrCat("SELECT to_char(current_period_end, 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM "
+                        "shared.subscriptions WHERE org_id = '",
+                        kOrgB, "'"));
+  auto close =
+      RunCommand({"close-period", "--pg", url_, "--as-of", b_end, "--allow-future"}, "close");
+  ASSERT_EQ(close.first, 0) << close.second;
+  auto invoice = [&](const char* org) {
+    return text(
+        absl::StrCat("SELECT plan_id || ' ' || total_micros FROM shared.invoices WHERE "
+                     "org_id = '",
+                     org, "' AND kind = 'period' ORDER BY period_start LIMIT 1"));
+  };
+  EXPECT_EQ(invoice(kOrg), "pro 150000000");          // Pro base, 1,500 within 5,000.
+  EXPECT_EQ(invoice(kOrgB), "enterprise 550000000");  // $500 + 5,000 × $0.01; not tomorrow.
+  EXPECT_EQ(invoice(kOrgC), "basic 50000000");
+  for (const char* org : {kOrgB, kOrgC}) {
+    EXPECT_EQ(
+        text(absl::StrCat("SELECT status FROM shared.subscriptions WHERE org_id = '", org, "'")),
+        "ended");
+  }
+  EXPECT_EQ(call("POST", c, c_owner, "{\"plan\":\"pro\"}").status, 201);
+
+  // The audit trail: one row per change, naming the key that made it.
+  auto audited = [&](const char* org) {
+    return text(
+        absl::StrCat("SELECT string_agg(action || ' ' || actor, ', ' ORDER BY audit_id) "
+                     "FROM shared.audit_log WHERE org_id = '",
+                     org, "' AND action LIKE 'subscription.%'"));
+  };
+  EXPECT_EQ(audited(kOrg), absl::StrCat("subscription.created api_key:", KeyId(admin),
+                                        ", subscription.plan_changed api_key:", KeyId(a_owner)));
+  EXPECT_EQ(audited(kOrgB), absl::StrCat("subscription.created api_key:", KeyId(b_owner),
+                                         ", subscription.canceled api_key:", KeyId(b_owner)));
+  EXPECT_EQ(audited(kOrgC), absl::StrCat("subscription.created api_key:", KeyId(c_owner),
+                                         ", subscription.canceled api_key:", KeyId(c_owner),
+                                         ", subscription.created api_key:", KeyId(c_owner)));
+  EXPECT_EQ(text(absl::StrCat("SELECT (before->>'plan') || '>' || (after->>'plan') FROM "
+                              "shared.audit_log WHERE org_id = '",
+                              kOrg, "' AND action = 'subscription.plan_changed'")),
+            "basic>pro");
+  StopMeterd();
+}
+
+// proto/openapi.yaml is what meterd serves, a standard validator accepts it, and a response of
+// every operation (and the error answers around them) conforms to it.
+TEST_F(HttpApiTest, OpenApiDocumentValidatesAndResponsesConform) {
+  const std::string admin = CreateKey({"--admin"});
+  const std::string owner = CreateKey({"--org", kOrg, "--scope", "admin"});
+  const std::string reader = CreateKey({"--org", kOrg, "--scope", "read"});
+  const std::string other = CreateKey({"--org", kOtherOrg, "--scope", "ingest,read"});
+  const std::string limited = CreateKey({"--org", kOtherOrg, "--scope", "ingest"});
+  const int port = StartServing({"--api-max-events", "5", "--api-rate", "2", "--api-burst", "40"});
+  std::string samples;
+  auto sample = [&](const std::string& method, const std::string& path, const std::string& token,
+                    const std::string& body = "", const std::string& type = "application/json") {
+    std::vector<std::pair<std::string, std::string>> headers;
+    if (!body.empty()) headers.emplace_back("Content-Type", type);
+    if (!token.empty()) headers.emplace_back("Authorization", "Bearer " + token);
+    HttpResult r = HttpCall(port, method, path, headers, body);
+    std::string content_type;
+    for (absl::string_view line : absl::StrSplit(r.headers, "\r\n")) {
+      if (absl::StartsWithIgnoreCase(line, "content-type:")) {
+        content_type = std::string(absl::StripAsciiWhitespace(line.substr(13)));
+      }
+    }
+    std::string item = "{\"method\":";
+    AppendJsonString(&item, method);
+    absl::StrAppend(&item, ",\"path\":");
+    AppendJsonString(&item, path);
+    absl::StrAppend(&item, ",\"status\":", r.status, ",\"content_type\":");
+    AppendJsonString(&item, content_type);
+    absl::StrAppend(&item, ",\"body\":");
+    AppendJsonString(&item, r.body);
+    absl::StrAppend(&samples, item, "}\n");
+    return r;
+  };
+  const std::string org = absl::StrCat("/v1/organizations/", kOrg);
+  const std::string event = UsageEventJson(kOrg, "api_calls", 7, "hs");
+  const std::string batch = Batch({UsageEventJson(kOrg, "api_calls", 3, "hs"), "{\"id\":1}"});
+  const std::string too_many = Batch(std::vector<std::string>(6, event));
+  constexpr char kBatch[] = "application/cloudevents-batch+json";
+
+  HttpResult served = sample("GET", "/v1/openapi.yaml", "");
+  EXPECT_EQ(served.status, 200);
+  EXPECT_EQ(served.body, ReadFile(absl::StrCat(METERD_SOURCE_DIR, "/proto/openapi.yaml")));
+  for (const char* path : {"/healthz", "/readyz", "/metrics", "/metrics.json"}) {
+    sample("GET", path, "");
+  }
+  EXPECT_EQ(sample("POST", "/v1/events", owner, event, "application/cloudevents+json").status, 202);
+  EXPECT_EQ(sample("POST", "/v1/events", owner, batch, kBatch).status, 202);
+  EXPECT_EQ(sample("POST", "/v1/events", owner, "[{\"id\":1}]", kBatch).status, 400);
+  EXPECT_EQ(sample("POST", "/v1/events", owner, "{}", kBatch).status, 400);
+  EXPECT_EQ(sample("POST", "/v1/events", owner, too_many, kBatch).status, 413);
+  EXPECT_EQ(sample("POST", "/v1/events", owner, event, "text/plain").status, 415);
+  EXPECT_EQ(sample("POST", "/v1/events", "", event).status, 401);
+  EXPECT_EQ(sample("POST", "/v1/events", reader, event).status, 403);
+  EXPECT_EQ(sample("GET", "/v1/events", owner).status, 405);
+  EXPECT_EQ(sample("POST", "/api/billing/usage", owner, UsageEventJson(kOrg, "api_calls", 7, "hs"),
+                   "application/cloudevents+json")
+                .status,
+            202);
+  ASSERT_EQ(WaitForSum(url_, 17, absl::Seconds(60)), 17);
+  EXPECT_EQ(sample("POST", "/api/billing/create-subscription", admin,
+                   absl::StrCat("{\"org_id\":\"", kOrg,
+                                "\",\"plan\":\"basic\",\"name\":\"A\",\"industry\":\"hs\"}"))
+                .status,
+            201);
+  EXPECT_EQ(sample("POST", "/api/billing/create-subscription", owner, "{\"plan\":\"pro\"}").status,
+            409);
+  EXPECT_EQ(sample("GET", "/api/billing/usage?group_by=meter", reader).status, 200);
+  EXPECT_EQ(sample("GET", org + "/usage?group_by=industry", reader).status, 200);
+  EXPECT_EQ(sample("GET", org + "/usage?group_by=week", reader).status, 400);
+  EXPECT_EQ(sample("GET", org + "/billing-status", reader).status, 200);
+  EXPECT_EQ(sample("GET", org + "/billing-status", other).status, 404);
+  EXPECT_EQ(sample("GET", org + "/subscription", reader).status, 200);
+  EXPECT_EQ(sample("PATCH", org + "/subscription", owner, "{\"plan\":\"pro\"}").status, 200);
+  EXPECT_EQ(sample("PATCH", org + "/subscription", owner, "{\"plan\":\"gold\"}").status, 400);
+  EXPECT_EQ(sample("PATCH", org + "/subscription", reader, "{\"plan\":\"pro\"}").status, 403);
+  EXPECT_EQ(sample("DELETE", org + "/subscription", owner).status, 405);
+  EXPECT_EQ(sample("POST", org + "/subscription/cancel", owner, "{\"at_period_end\":true}").status,
+            200);
+  EXPECT_EQ(sample("POST", absl::StrCat("/v1/organizations/", kOtherOrg, "/subscription"), other,
+                   "{\"plan\":\"pro\"}")
+                .status,
+            403);
+  EXPECT_EQ(sample("POST", absl::StrCat("/v1/organizations/", kOtherOrg, "/subscription"), admin,
+                   "{\"plan\":\"pro\",\"name\":\"B\",\"industry\":\"rest\"}")
+                .status,
+            201);
+  // An invoice to read: the subscription backdated so its first period is due.
+  Exec(url_, absl::StrCat("UPDATE shared.subscriptions SET current_period_start = "
+                          "current_period_start - interval '1 month', current_period_end = "
+                          "current_period_end - interval '1 month', billing_anchor = "
+                          "billing_anchor - interval '1 month' WHERE org_id = '",
+                          kOtherOrg, "'"));
+  auto close = RunCommand({"close-period", "--pg", url_}, "close");
+  ASSERT_EQ(close.first, 0) << close.second;
+  const std::string other_org = absl::StrCat("/v1/organizations/", kOtherOrg);
+  HttpResult list = sample("GET", other_org + "/invoices", other);
+  EXPECT_EQ(list.status, 200);
+  const size_t at = list.body.find("\"invoice_id\": ");
+  ASSERT_NE(at, std::string::npos) << list.body;
+  const std::string invoice =
+      list.body.substr(at + 14, list.body.find_first_of(",}", at) - at - 14);
+  EXPECT_EQ(sample("GET", other_org + "/invoices/" + invoice, other).status, 200);
+  EXPECT_EQ(sample("GET", org + "/invoices/" + invoice, reader).status, 404);
+  EXPECT_EQ(sample("GET", org + "/invoices", reader).status, 200);
+  // The rate limit: 40 requests of burst, then 429.
+  int status = 0;
+  for (int i = 0; i < 60 && status != 429; ++i) {
+    status = sample("POST", "/v1/events", limited, "[]", kBatch).status;
+  }
+  EXPECT_EQ(status, 429);
+
+  const std::string file = absl::StrCat(dir_, "/openapi_samples.jsonl");
+  std::ofstream(file) << samples;
+  const std::string command =
+      absl::StrCat("python3 ", METERD_SOURCE_DIR, "/tests/proto/validate_openapi.py ",
+                   METERD_SOURCE_DIR, "/proto/openapi.yaml ", file, " 2>&1");
+  std::string output;
+  FILE* pipe = popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  char buffer[4096];
+  while (fgets(buffer, sizeof(buffer), pipe) != nullptr) output += buffer;
+  EXPECT_EQ(pclose(pipe), 0) << output;
+  EXPECT_TRUE(absl::StrContains(output, "0 failure(s)")) << output;
   StopMeterd();
 }
 

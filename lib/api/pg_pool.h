@@ -1,0 +1,49 @@
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <pqxx/pqxx>
+
+#include "absl/status/statusor.h"
+#include "lib/store/pg_connection.h"
+
+namespace meterd::api {
+
+// A few Postgres connections for the API's reads and subscription calls: opened on demand
+// (bounded timeouts), given back after one transaction, at most kMaxIdle kept; a broken one
+// is dropped.
+class PgPool {
+ public:
+  PgPool(std::string conninfo, store::PgTimeouts timeouts)
+      : conninfo_(std::move(conninfo)), timeouts_(timeouts) {}
+
+  absl::StatusOr<std::unique_ptr<pqxx::connection>> Take() {
+    {
+      std::lock_guard lock(mu_);
+      if (!idle_.empty()) {
+        auto conn = std::move(idle_.back());
+        idle_.pop_back();
+        return conn;
+      }
+    }
+    return store::Connect(conninfo_, timeouts_);
+  }
+
+  void Give(std::unique_ptr<pqxx::connection> conn) {
+    if (!conn->is_open()) return;
+    std::lock_guard lock(mu_);
+    if (idle_.size() < kMaxIdle) idle_.push_back(std::move(conn));
+  }
+
+ private:
+  static constexpr size_t kMaxIdle = 8;
+  const std::string conninfo_;
+  const store::PgTimeouts timeouts_;
+  std::mutex mu_;
+  std::vector<std::unique_ptr<pqxx::connection>> idle_;  // Guarded by mu_.
+};
+
+}  // namespace meterd::api

@@ -1,0 +1,178 @@
+#include "lib/api/subscriptions.h"
+
+#include <map>
+#include <optional>
+#include <set>
+
+#include <simdjson.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "absl/time/civil_time.h"
+#include "lib/api/api.h"
+#include "lib/common/logging.h"
+
+namespace meterd::api {
+namespace {
+
+constexpr char kJson[] = "application/json";
+
+// A request body's fields: strings and booleans only, each named in `allowed`.
+struct Fields {
+  std::map<std::string, std::string> text;
+  std::map<std::string, bool> flags;
+  std::optional<http::Response> error;
+};
+
+Fields ParseFields(const std::string& body, const std::set<std::string>& strings,
+                   const std::set<std::string>& booleans) {
+  Fields out;
+  if (body.find_first_not_of(" \t\r\n") == std::string::npos) return out;  // No body: {}.
+  simdjson::dom::parser parser;
+  simdjson::dom::object object;
+  if (parser.parse(body).get(object) != simdjson::SUCCESS) {
+    out.error = ErrorResponse(400, "bad_json", "the body must be a JSON object");
+    return out;
+  }
+  for (const auto field : object) {
+    const std::string name(field.key);
+    if (strings.count(name) > 0 && field.value.is_string()) {
+      out.text[name] = std::string(field.value.get_string().value());
+    } else if (booleans.count(name) > 0 && field.value.is_bool()) {
+      out.flags[name] = field.value.get_bool().value();
+    } else if (strings.count(name) > 0 || booleans.count(name) > 0) {
+      out.error = ErrorResponse(
+          400, "bad_field",
+          absl::StrCat(name, " must be a ", strings.count(name) > 0 ? "string" : "boolean"), name);
+      return out;
+    } else {
+      out.error = ErrorResponse(400, "unknown_field", absl::StrCat("unknown field ", name), name);
+      return out;
+    }
+  }
+  return out;
+}
+
+// The first line of a Postgres error, without its "ERROR:  " prefix.
+std::string PrimaryMessage(const pqxx::sql_error& e) {
+  absl::string_view text = e.what();
+  text = text.substr(0, text.find('\n'));
+  absl::ConsumePrefix(&text, "ERROR:");
+  while (!text.empty() && text.front() == ' ') text.remove_prefix(1);
+  return std::string(text);
+}
+
+// A SQL layer refusal as the API's error: 22023 "<field>: <what>" 400, P0002 404, 55000 409.
+std::optional<http::Response> Refusal(const pqxx::sql_error& e) {
+  const std::string& state = e.sqlstate();
+  std::string message = PrimaryMessage(e);
+  if (state == "22023") {
+    const size_t colon = message.find(": ");
+    std::string field;
+    if (colon != std::string::npos) {
+      const std::string prefix = message.substr(0, colon);
+      if (prefix == "plan" || prefix == "billing_anchor" || prefix == "name" ||
+          prefix == "industry") {
+        field = prefix;
+        message = message.substr(colon + 2);
+      }
+    }
+    return ErrorResponse(400, "invalid_value", message, field);
+  }
+  if (state == "P0002") return ErrorResponse(404, "no_subscription", message);
+  if (state == "55000") return ErrorResponse(409, "conflict", message);
+  return std::nullopt;
+}
+
+}  // namespace
+
+http::Response Subscriptions::Serve(const std::string& org, const std::string& rest,
+                                    const http::Request& request, const std::string& actor) {
+  std::string sql;
+  std::vector<std::optional<std::string>> params = {org};
+  int ok_status = 200;
+  if (rest == "/subscription" && request.method == "GET") {
+    sql = "SELECT shared.get_subscription($1::uuid)::text";
+  } else if (rest == "/subscription" && request.method == "POST") {
+    Fields f =
+        ParseFields(request.body, {"plan", "billing_anchor", "name", "industry", "org_id"}, {});
+    if (f.error) return std::move(*f.error);
+    if (f.text["plan"].empty())
+      return ErrorResponse(400, "missing_field", "plan is required", "plan");
+    std::optional<std::string> anchor;
+    if (f.text.count("billing_anchor") > 0) {
+      absl::CivilDay day;
+      if (!absl::ParseCivilTime(f.text["billing_anchor"], &day)) {
+        return ErrorResponse(400, "invalid_value", "billing_anchor is a date: YYYY-MM-DD",
+                             "billing_anchor");
+      }
+      anchor = absl::FormatCivilTime(day);
+    }
+    auto optional = [&](const char* name) -> std::optional<std::string> {
+      if (f.text.count(name) == 0) return std::nullopt;
+      return f.text[name];
+    };
+    sql =
+        "SELECT shared.create_subscription($1::uuid, $2::text, $3::date, $4::text, "
+        "$5::text)::text";
+    params = {org, f.text["plan"], anchor, optional("name"), optional("industry")};
+    ok_status = 201;
+  } else if (rest == "/subscription" && request.method == "PATCH") {
+    Fields f = ParseFields(request.body, {"plan"}, {});
+    if (f.error) return std::move(*f.error);
+    if (f.text["plan"].empty())
+      return ErrorResponse(400, "missing_field", "plan is required", "plan");
+    sql = "SELECT shared.change_subscription_plan($1::uuid, $2::text)::text";
+    params = {org, f.text["plan"]};
+  } else if (rest == "/subscription/cancel" && request.method == "POST") {
+    Fields f = ParseFields(request.body, {}, {"at_period_end"});
+    if (f.error) return std::move(*f.error);
+    const bool at_period_end = f.flags.count("at_period_end") == 0 || f.flags["at_period_end"];
+    sql = "SELECT shared.cancel_subscription($1::uuid, $2::boolean)::text";
+    params = {org, at_period_end ? "true" : "false"};
+  } else {
+    return ErrorResponse(404, "not_found", "no such endpoint");
+  }
+  absl::StatusOr<std::unique_ptr<pqxx::connection>> conn = pool_->Take();
+  if (!conn.ok()) {
+    LOG_WARN("http: subscription call failed: {}", conn.status().message());
+    return RetryLater("unavailable", "the database is not reachable");
+  }
+  std::optional<std::string> body;
+  std::optional<http::Response> refused;
+  absl::Status status = store::CatchPq([&]() -> absl::Status {
+    try {
+      pqxx::work tx(**conn);
+      tx.exec_params("SELECT set_config('app.actor', $1, true)", actor);
+      pqxx::result rows;
+      switch (params.size()) {
+        case 1:
+          rows = tx.exec_params(sql, params[0]);
+          break;
+        case 2:
+          rows = tx.exec_params(sql, params[0], params[1]);
+          break;
+        default:
+          rows = tx.exec_params(sql, params[0], params[1], params[2], params[3], params[4]);
+          break;
+      }
+      if (!rows.empty() && !rows[0][0].is_null()) body = rows[0][0].as<std::string>();
+      tx.commit();
+    } catch (const pqxx::sql_error& e) {
+      refused = Refusal(e);
+      if (!refused) throw;
+    }
+    return absl::OkStatus();
+  });
+  pool_->Give(std::move(*conn));
+  if (refused) return std::move(*refused);
+  if (!status.ok()) {
+    LOG_WARN("http: subscription call failed: {}", status.message());
+    return RetryLater("unavailable", "the call failed; retry shortly");
+  }
+  if (!body) return ErrorResponse(404, "no_subscription", "the org has no subscription");
+  return {ok_status, kJson, *body + "\n", {}};
+}
+
+}  // namespace meterd::api
