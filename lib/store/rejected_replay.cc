@@ -32,14 +32,23 @@ constexpr char kLockChunk[] = R"sql(
   LIMIT $4
   FOR UPDATE)sql";
 
-// The flush writer's arithmetic: one row per distinct key, added to what is stored.
+// The flush writer's arithmetic: one row per distinct key, added to what is stored; and one
+// audit row per org with what the replay counted for it, by meter ($6: the reason replayed).
 constexpr char kUpsertCounters[] = R"sql(
-  INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, quantity)
-  SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity
-  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::bigint[])
-    AS t(org_id, meter, industry, day, quantity)
-  ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE
-  SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now())sql";
+  WITH t AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::bigint[])
+      AS t(org_id, meter, industry, day, quantity)
+  ), upserted AS (
+    INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, quantity)
+    SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity FROM t
+    ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE
+    SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()
+  )
+  SELECT shared.audit('usage.replayed', org_id, NULL,
+                      jsonb_build_object('reason', $6::text,
+                                         'quantity_by_meter', jsonb_object_agg(meter, quantity)))
+  FROM (SELECT org_id, meter, sum(quantity)::bigint AS quantity FROM t GROUP BY 1, 2) per_meter
+  GROUP BY org_id)sql";
 
 constexpr char kMarkReplayed[] = R"sql(
   UPDATE shared.rejected_events SET replayed_at = now()
@@ -177,8 +186,8 @@ absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,
           days.Add(absl::StrCat(key.day));
           quantities.Add(absl::StrCat(quantity));
         }
-        tx.exec_params0(kUpsertCounters, org_ids.Take(), meter_names.Take(), industries.Take(),
-                        days.Take(), quantities.Take());
+        tx.exec_params(kUpsertCounters, org_ids.Take(), meter_names.Take(), industries.Take(),
+                       days.Take(), quantities.Take(), options.reason);
         const pqxx::result marked = tx.exec_params(kMarkReplayed, replayed_ids.Take());
         // The rows are locked by this transaction; anything else is a bug, and the rollback
         // keeps it from counting.

@@ -502,6 +502,11 @@ TEST_F(HttpApiTest, SubscriptionsThroughTheApiAreInvoicedAndAudited) {
   EXPECT_EQ(audited(kOrgC), absl::StrCat("subscription.created api_key:", KeyId(c_owner),
                                          ", subscription.canceled api_key:", KeyId(c_owner),
                                          ", subscription.created api_key:", KeyId(c_owner)));
+  // Each invoice the close made, with its final total.
+  EXPECT_EQ(text(absl::StrCat("SELECT string_agg(after->>'total_micros', ',' ORDER BY org_id) FROM "
+                              "shared.audit_log WHERE action = 'period.closed' AND org_id IN ('",
+                              kOrg, "', '", kOrgB, "', '", kOrgC, "')")),
+            "150000000,550000000,50000000");
   EXPECT_EQ(text(absl::StrCat("SELECT (before->>'plan') || '>' || (after->>'plan') FROM "
                               "shared.audit_log WHERE org_id = '",
                               kOrg, "' AND action = 'subscription.plan_changed'")),

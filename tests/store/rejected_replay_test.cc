@@ -117,6 +117,12 @@ TEST_F(RejectedReplayTest, CountsEachRowOnceAndLeavesWhatStillFails) {
   EXPECT_EQ(ReplaySummaryJson(first),
             R"({"rows_examined":7,"rows_replayed":5,"events_counted":5,"quantity_counted":21,)"
             R"("duplicates":0,"still_rejected":{"unknown_meter":1},"truncated":1})");
+  // Audited per org in the chunk's transaction, with what was counted by meter.
+  EXPECT_EQ(Query("SELECT count(*) FROM shared.audit_log WHERE action = 'usage.replayed'"), 2);
+  EXPECT_EQ(Query(absl::StrCat("SELECT (after->'quantity_by_meter'->>'gpu_seconds')::bigint FROM "
+                               "shared.audit_log WHERE action = 'usage.replayed' AND org_id = '",
+                               kOrg, "' AND after->>'reason' = 'unknown_meter'")),
+            2 + 3 + 4 + 5);
   // One row per distinct key, the same as a flush would have written.
   const std::string today = "(now() AT TIME ZONE 'UTC')::date";
   EXPECT_EQ(Query(absl::StrCat("SELECT quantity FROM shared.api_usage_meters WHERE org_id = '",
