@@ -38,6 +38,7 @@ class HttpApiTest : public MeterdFixture {
     return out.substr(at + 9, out.find('"', at + 9) - at - 9);
   }
   std::string KeyId(const std::string& token) { return token.substr(3, 12); }
+  std::string SecretOf(const std::string& token) { return token.substr(16); }
 
   int StartServing(std::vector<std::string> extra = {}) {
     const int port = FreeLocalPort();
@@ -638,6 +639,65 @@ TEST_F(HttpApiTest, OpenApiDocumentValidatesAndResponsesConform) {
   EXPECT_EQ(pclose(pipe), 0) << output;
   EXPECT_TRUE(absl::StrContains(output, "0 failure(s)")) << output;
   StopMeterd();
+}
+
+// Personal data sent to meterd (in events' data, in refused events, in an org's name, in a
+// wrong key) and the API keys themselves never reach its log or its metrics.
+TEST_F(HttpApiTest, LogsAndMetricsCarryNoPersonalDataOrKeys) {
+  constexpr char kEmail[] = "planted.person@example.org";
+  constexpr char kCard[] = "4242424242424242";
+  constexpr char kName[] = "Planted Name Ltd";
+  const std::string token = CreateKey({"--org", kOrg, "--scope", "ingest,read,admin"});
+  const std::string admin = CreateKey({"--admin"});
+  const int port = StartServing();
+  auto with_pii = [&](const std::string& meter, int64_t quantity) {
+    return absl::StrCat(R"({"specversion":"1.0","id":")", meter, quantity,
+                        R"(-pii","source":"/shop","type":")", meter, R"(","subject":")", kOrg,
+                        R"(","time":")",
+                        absl::FormatTime(absl::RFC3339_full, absl::Now(), absl::UTCTimeZone()),
+                        R"(","data":{"quantity":)", quantity, R"(,"industry":"hs","email":")",
+                        kEmail, R"(","card":")", kCard, R"("}})");
+  };
+  // Counted, refused by the parser (unknown meter, a bad quantity), refused for its subject.
+  EXPECT_EQ(Post(port, token,
+                 Batch({with_pii("api_calls", 5), with_pii("no_such_meter", 1),
+                        absl::StrCat(R"({"id":")", kEmail, R"(","data":")", kCard, R"("})")}),
+                 "application/cloudevents-batch+json")
+                .status,
+            202);
+  EXPECT_EQ(Post(port, token, absl::StrCat("{\"email\":\"", kEmail, "\"")).status, 400);
+  // A wrong key that looks right, and the real one in the wrong header.
+  const std::string wrong = token.substr(0, token.size() - 4) + "AAAA";
+  EXPECT_EQ(Post(port, wrong, with_pii("api_calls", 1)).status, 401);
+  EXPECT_EQ(HttpCall(port, "GET", absl::StrCat("/v1/organizations/", kOrg, "/usage?email=", kEmail),
+                     {{"Authorization", "Basic " + token}})
+                .status,
+            401);
+  // Events through Kafka: counted, and refused into shared.rejected_events.
+  ProduceOrDie(broker_->bootstrap(), kTopic, kOrg,
+               {with_pii("ai_requests", 2), with_pii("teleports", 3),
+                absl::StrCat("{\"broken\": \"", kEmail, kCard)});
+  // An org registered with a name through the API.
+  EXPECT_EQ(HttpCall(port, "POST", "/api/billing/create-subscription",
+                     {{"Authorization", "Bearer " + admin}, {"Content-Type", "application/json"}},
+                     absl::StrCat("{\"org_id\":\"", kOtherOrg, "\",\"plan\":\"basic\",\"name\":\"",
+                                  kName, "\",\"industry\":\"hs\"}"))
+                .status,
+            201);
+  ASSERT_EQ(WaitForSum(url_, 7, absl::Seconds(60)), 7);
+  ASSERT_TRUE(
+      Eventually([&] { return QueryInt(url_, "SELECT count(*) FROM shared.rejected_events") >= 2; },
+                 absl::Seconds(30)));
+  const std::string metrics =
+      HttpGet(port, "/metrics").second + HttpGet(port, "/metrics.json").second;
+  StopMeterd();
+  const std::string log = ReadFile(meterd_->log_path());
+  ASSERT_TRUE(absl::StrContains(log, "rejected")) << "the log should mention the rejections";
+  for (const std::string& planted : {std::string(kEmail), std::string(kCard), std::string(kName),
+                                     token, wrong, admin, SecretOf(token), SecretOf(admin)}) {
+    EXPECT_FALSE(absl::StrContains(log, planted)) << planted << " in " << meterd_->log_path();
+    EXPECT_FALSE(absl::StrContains(metrics, planted)) << planted << " in the metrics";
+  }
 }
 
 }  // namespace
