@@ -76,8 +76,12 @@ ABSL_FLAG(std::string, since, "",
 ABSL_FLAG(bool, billing, true,
           "Run the overage worker: keep shared.usage_charges and quota alerts current");
 ABSL_FLAG(std::string, http_listen, "",
-          "Serve /metrics, /metrics.json, /healthz, /readyz on host:port (e.g. 0.0.0.0:9464); "
-          "empty: off");
+          "Serve /metrics, /metrics.json, /healthz, /readyz and the /v1 API on host:port (e.g. "
+          "0.0.0.0:9464); empty: off");
+ABSL_FLAG(
+    std::string, tls_cert, "",
+    "Serve HTTPS (TLS 1.2+) on --http-listen with this PEM certificate chain (with --tls-key)");
+ABSL_FLAG(std::string, tls_key, "", "The PEM private key of --tls-cert");
 ABSL_FLAG(int, http_threads, 2, "Threads serving HTTP (never a shard's)");
 ABSL_FLAG(int, http_max_connections, 1024,
           "Open HTTP connections at most; further ones are closed at once");
@@ -153,6 +157,7 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   ASSIGN_OR_RETURN(o.ingest.kafka_properties, ParseProperties(raw_properties));
   o.billing = absl::GetFlag(FLAGS_billing);
   o.http_listen = absl::GetFlag(FLAGS_http_listen);
+  o.http_tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key)};
   o.http_limits.threads = absl::GetFlag(FLAGS_http_threads);
   o.http_limits.max_connections = absl::GetFlag(FLAGS_http_max_connections);
   o.http_limits.max_body_bytes =
@@ -365,6 +370,8 @@ const std::vector<Subcommand>& Subcommands() {
         "startup_timeout",
         "billing",
         "http_listen",
+        "tls_cert",
+        "tls_key",
         "http_threads",
         "http_max_connections",
         "http_max_body_bytes",

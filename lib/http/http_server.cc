@@ -4,10 +4,14 @@
 #include <chrono>
 #include <optional>
 
+#include <openssl/ssl.h>
+
 #include <boost/asio/post.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -16,6 +20,7 @@
 #include "absl/strings/str_split.h"
 #include "lib/common/json.h"
 #include "lib/common/logging.h"
+#include "lib/common/status_macros.h"
 
 namespace meterd::http {
 namespace {
@@ -60,22 +65,41 @@ Response JsonError(int status, std::string_view code, std::string_view message) 
   return {status, "application/json", std::move(body), {}};
 }
 
+using TlsStream = beast::ssl_stream<beast::tcp_stream>;
+
 // One connection: requests read and answered in turn (keep-alive) until the client closes, a
-// limit is hit or it goes idle. All of a session's work runs on its strand.
-class Session : public std::enable_shared_from_this<Session> {
+// limit is hit or it goes idle. All of a session's work runs on its strand. `Stream` is a
+// plain TCP stream or a TLS one over it.
+template <typename Stream>
+class Session : public std::enable_shared_from_this<Session<Stream>> {
  public:
-  Session(tcp::socket socket, const Handler* handler, const Precheck* precheck,
-          const Limits* limits, std::atomic<int>* connections)
-      : stream_(std::move(socket)),
+  Session(tcp::socket socket, boost::asio::ssl::context* tls, const Handler* handler,
+          const Precheck* precheck, const Limits* limits, std::atomic<int>* connections)
+      : stream_(MakeStream(std::move(socket), tls)),
         handler_(handler),
         precheck_(precheck),
         limits_(limits),
         connections_(connections) {
     beast::error_code ignored;
-    const auto peer = stream_.socket().remote_endpoint(ignored);
+    const auto peer = Tcp().socket().remote_endpoint(ignored);
     remote_ = ignored ? "" : peer.address().to_string();
   }
   ~Session() { connections_->fetch_sub(1, std::memory_order_relaxed); }
+
+  // TLS: the handshake first, within read_timeout (a client that never finishes it holds a
+  // connection no longer than one that never sends a request).
+  void Start() {
+    if constexpr (std::is_same_v<Stream, TlsStream>) {
+      Tcp().expires_after(Chrono(limits_->read_timeout));
+      stream_.async_handshake(boost::asio::ssl::stream_base::server,
+                              [self = this->shared_from_this()](beast::error_code error) {
+                                if (error) return self->Close();
+                                self->Read(/*first=*/true);
+                              });
+    } else {
+      Read(/*first=*/true);
+    }
+  }
 
   void Read(bool first) {
     parser_.emplace();
@@ -84,13 +108,23 @@ class Session : public std::enable_shared_from_this<Session> {
     // Idle between requests, then the whole request within read_timeout: the idle wait is the
     // first, the read timeout starts over once bytes arrive (a byte-per-second client still
     // has only read_timeout in all for its headers and body).
-    stream_.expires_after(Chrono(first ? limits_->read_timeout : limits_->idle_timeout));
-    bhttp::async_read_header(
-        stream_, buffer_, *parser_,
-        [self = shared_from_this()](beast::error_code error, size_t) { self->OnHeader(error); });
+    Tcp().expires_after(Chrono(first ? limits_->read_timeout : limits_->idle_timeout));
+    bhttp::async_read_header(stream_, buffer_, *parser_,
+                             [self = this->shared_from_this()](beast::error_code error, size_t) {
+                               self->OnHeader(error);
+                             });
   }
 
  private:
+  static Stream MakeStream(tcp::socket socket, boost::asio::ssl::context* tls) {
+    if constexpr (std::is_same_v<Stream, TlsStream>) {
+      return Stream(beast::tcp_stream(std::move(socket)), *tls);
+    } else {
+      return Stream(std::move(socket));
+    }
+  }
+  beast::tcp_stream& Tcp() { return beast::get_lowest_layer(stream_); }
+
   void OnHeader(beast::error_code error) {
     if (error) return Fail(error);
     if (*precheck_) {
@@ -112,10 +146,10 @@ class Session : public std::enable_shared_from_this<Session> {
         return Write(std::move(*early), /*keep_alive=*/false);
       }
     }
-    stream_.expires_after(Chrono(limits_->read_timeout));
+    Tcp().expires_after(Chrono(limits_->read_timeout));
     bhttp::async_read(
         stream_, buffer_, *parser_,
-        [self = shared_from_this()](beast::error_code e, size_t) { self->OnBody(e); });
+        [self = this->shared_from_this()](beast::error_code e, size_t) { self->OnBody(e); });
   }
 
   void Fail(beast::error_code error) {
@@ -132,7 +166,8 @@ class Session : public std::enable_shared_from_this<Session> {
                    /*keep_alive=*/false);
     }
     if (error == bhttp::error::end_of_stream || error == beast::error::timeout ||
-        error == boost::asio::error::operation_aborted) {
+        error == boost::asio::error::operation_aborted ||
+        error == boost::asio::ssl::error::stream_truncated) {
       return Close();
     }
     if (&error.category() == &bhttp::make_error_code(bhttp::error::bad_target).category()) {
@@ -159,8 +194,8 @@ class Session : public std::enable_shared_from_this<Session> {
     request.body = std::move(message.body());
     request.remote = remote_;
     // No timer while the handler works (HTTP ingest waits for Kafka): the answer re-arms it.
-    stream_.expires_never();
-    auto self = shared_from_this();
+    Tcp().expires_never();
+    auto self = this->shared_from_this();
     (*handler_)(std::move(request), [self](Response response) {
       boost::asio::post(self->stream_.get_executor(), [self, r = std::move(response)]() mutable {
         self->Write(std::move(r), self->keep_alive_);
@@ -178,10 +213,10 @@ class Session : public std::enable_shared_from_this<Session> {
     response->keep_alive(keep_alive);
     response->body() = std::move(r.body);
     response->prepare_payload();
-    stream_.expires_after(Chrono(limits_->write_timeout));
+    Tcp().expires_after(Chrono(limits_->write_timeout));
     bhttp::async_write(
         stream_, *response,
-        [self = shared_from_this(), response, keep_alive](beast::error_code error, size_t) {
+        [self = this->shared_from_this(), response, keep_alive](beast::error_code error, size_t) {
           if (error) return self->Close();
           if (!keep_alive) return self->Linger();
           self->Read(/*first=*/false);
@@ -191,28 +226,30 @@ class Session : public std::enable_shared_from_this<Session> {
   // A lingering close: our side is shut for sending (the client reads the answer to its end),
   // what the client still sends is read and dropped for up to 2 s, then the socket closes.
   // Closing at once with unread input would reset the connection and could destroy the
-  // answer (a 413 or 431) before the client read it.
+  // answer (a 413 or 431) before the client read it. Over TLS the bytes drained are the raw
+  // records (nothing more is answered); the answer's length is in its headers, so the client
+  // needs no close_notify to know it has all of it.
   void Linger() {
     beast::error_code ignored;
-    stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
-    stream_.expires_after(std::chrono::seconds(2));
+    Tcp().socket().shutdown(tcp::socket::shutdown_send, ignored);
+    Tcp().expires_after(std::chrono::seconds(2));
     Drain();
   }
   void Drain() {
-    stream_.async_read_some(boost::asio::buffer(drain_),
-                            [self = shared_from_this()](beast::error_code error, size_t) {
-                              if (error) return self->Close();
-                              self->Drain();
-                            });
+    Tcp().async_read_some(boost::asio::buffer(drain_),
+                          [self = this->shared_from_this()](beast::error_code error, size_t) {
+                            if (error) return self->Close();
+                            self->Drain();
+                          });
   }
 
   void Close() {
     beast::error_code ignored;
-    stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
-    stream_.close();
+    Tcp().socket().shutdown(tcp::socket::shutdown_both, ignored);
+    Tcp().close();
   }
 
-  beast::tcp_stream stream_;
+  Stream stream_;
   const Handler* handler_;
   const Precheck* precheck_;
   const Limits* limits_;
@@ -244,9 +281,37 @@ std::string Request::Param(std::string_view name) const {
   return "";
 }
 
+absl::StatusOr<std::unique_ptr<boost::asio::ssl::context>> TlsContext(const TlsFiles& files) {
+  if (files.cert.empty() != files.key.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together: give both or neither");
+  }
+  auto context = std::make_unique<boost::asio::ssl::context>(boost::asio::ssl::context::tls_server);
+  // TLS 1.2 and later only.
+  SSL_CTX_set_min_proto_version(context->native_handle(), TLS1_2_VERSION);
+  context->set_options(boost::asio::ssl::context::default_workarounds |
+                       boost::asio::ssl::context::single_dh_use);
+  beast::error_code error;
+  context->use_certificate_chain_file(files.cert, error);
+  if (error) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tls-cert: cannot load a PEM certificate chain from ", files.cert, ": ",
+                     error.message()));
+  }
+  context->use_private_key_file(files.key, boost::asio::ssl::context::pem, error);
+  if (error) {
+    return absl::InvalidArgumentError(absl::StrCat("--tls-key: cannot load a PEM private key from ",
+                                                   files.key, ": ", error.message()));
+  }
+  if (SSL_CTX_check_private_key(context->native_handle()) != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--tls-key: ", files.key, " is not the key of the certificate in ", files.cert));
+  }
+  return context;
+}
+
 absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& listen,
                                                               Handler handler, Limits limits,
-                                                              Precheck precheck) {
+                                                              Precheck precheck, TlsFiles tls) {
   const size_t colon = listen.rfind(':');
   int port = -1;
   if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port) ||
@@ -260,6 +325,9 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
   }
   std::unique_ptr<HttpServer> server(
       new HttpServer(std::move(handler), limits, std::move(precheck)));
+  if (!tls.cert.empty() || !tls.key.empty()) {
+    ASSIGN_OR_RETURN(server->tls_, TlsContext(tls));
+  }
   beast::error_code error;
   const auto address = boost::asio::ip::make_address(host.empty() ? "0.0.0.0" : host, error);
   if (error) {
@@ -297,31 +365,36 @@ HttpServer::~HttpServer() {
 }
 
 void HttpServer::Accept() {
-  acceptor_.async_accept(boost::asio::make_strand(io_), [this](beast::error_code error,
-                                                               tcp::socket socket) {
-    if (error == boost::asio::error::operation_aborted) return;
-    if (!error) {
-      // Over the connection limit: closed at once, so descriptors stay bounded.
-      if (connections_.fetch_add(1, std::memory_order_relaxed) >= limits_.max_connections) {
-        connections_.fetch_sub(1, std::memory_order_relaxed);
-        beast::error_code ignored;
-        socket.close(ignored);
-      } else {
-        std::make_shared<Session>(std::move(socket), &handler_, &precheck_, &limits_, &connections_)
-            ->Read(/*first=*/true);
-      }
-    } else {
-      // Out of descriptors (or another accept error): wait before accepting again, so the
-      // loop does not spin and flood the log.
-      LOG_WARN("http: accept failed ({}); accepting again in 100 ms", error.message());
-      accept_retry_.expires_after(std::chrono::milliseconds(100));
-      accept_retry_.async_wait([this](beast::error_code e) {
-        if (!e) Accept();
+  acceptor_.async_accept(
+      boost::asio::make_strand(io_), [this](beast::error_code error, tcp::socket socket) {
+        if (error == boost::asio::error::operation_aborted) return;
+        if (!error) {
+          // Over the connection limit: closed at once, so descriptors stay bounded.
+          if (connections_.fetch_add(1, std::memory_order_relaxed) >= limits_.max_connections) {
+            connections_.fetch_sub(1, std::memory_order_relaxed);
+            beast::error_code ignored;
+            socket.close(ignored);
+          } else if (tls_ != nullptr) {
+            std::make_shared<Session<TlsStream>>(std::move(socket), tls_.get(), &handler_,
+                                                 &precheck_, &limits_, &connections_)
+                ->Start();
+          } else {
+            std::make_shared<Session<beast::tcp_stream>>(std::move(socket), nullptr, &handler_,
+                                                         &precheck_, &limits_, &connections_)
+                ->Start();
+          }
+        } else {
+          // Out of descriptors (or another accept error): wait before accepting again, so the
+          // loop does not spin and flood the log.
+          LOG_WARN("http: accept failed ({}); accepting again in 100 ms", error.message());
+          accept_retry_.expires_after(std::chrono::milliseconds(100));
+          accept_retry_.async_wait([this](beast::error_code e) {
+            if (!e) Accept();
+          });
+          return;
+        }
+        Accept();
       });
-      return;
-    }
-    Accept();
-  });
 }
 
 }  // namespace meterd::http

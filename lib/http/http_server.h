@@ -14,6 +14,7 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl/context.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include "absl/status/statusor.h"
@@ -65,15 +66,24 @@ struct Limits {
   absl::Duration write_timeout = absl::Seconds(10);
 };
 
-// HTTP/1.1 (Boost.Beast) with keep-alive on its own threads. A request over a limit gets its
+// PEM files for HTTPS; both empty: plain HTTP.
+struct TlsFiles {
+  std::string cert;  // The certificate chain, leaf first.
+  std::string key;   // Its private key.
+};
+
+// HTTP/1.1 (Boost.Beast) with keep-alive on its own threads, over TLS 1.2+ when given a
+// certificate and key (OpenSSL). A request over a limit gets its
 // status (413 body, 431 headers) and the connection is closed; a client that does not finish
 // its request within read_timeout, or stays idle past idle_timeout, is disconnected.
 class HttpServer {
  public:
-  // `listen` is "host:port" (port 0 picks a free one). Fails with a message naming the address.
+  // `listen` is "host:port" (port 0 picks a free one). Fails with a message naming the address,
+  // or the TLS file that cannot be loaded.
   static absl::StatusOr<std::unique_ptr<HttpServer>> Start(const std::string& listen,
                                                            Handler handler, Limits limits = {},
-                                                           Precheck precheck = {});
+                                                           Precheck precheck = {},
+                                                           TlsFiles tls = {});
   ~HttpServer();
   int port() const { return port_; }
   int open_connections() const { return connections_.load(std::memory_order_relaxed); }
@@ -92,6 +102,7 @@ class HttpServer {
   Limits limits_;
   // Before io_: sessions still queued in io_ when it is destroyed count themselves out here.
   std::atomic<int> connections_{0};
+  std::unique_ptr<boost::asio::ssl::context> tls_;  // Null: plain HTTP.
   boost::asio::io_context io_;
   boost::asio::ip::tcp::acceptor acceptor_;
   boost::asio::steady_timer accept_retry_;

@@ -36,6 +36,12 @@ absl::Status Validate(const PipelineOptions& o) {
         "--http-max-body-bytes at least 1024, --http-read-timeout and --http-idle-timeout "
         "positive");
   }
+  if (o.http_tls.cert.empty() != o.http_tls.key.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together: give both or neither");
+  }
+  if (!o.http_tls.cert.empty() && o.http_listen.empty()) {
+    return absl::InvalidArgumentError("--tls-cert needs --http-listen");
+  }
   if (!(o.api_rate > 0) || !(o.api_burst >= 1) || o.api_max_events < 1) {
     return absl::InvalidArgumentError(
         "--api-rate must be positive, --api-burst at least 1, --api-max-events at least 1");
@@ -66,12 +72,13 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Start(PipelineOptions option
             [self](http::Request request, http::Responder respond) {
               self->Handle(std::move(request), std::move(respond));
             },
-            o.http_limits, [self](const http::Request& head) { return self->Precheck(head); }));
+            o.http_limits, [self](const http::Request& head) { return self->Precheck(head); },
+            o.http_tls));
     p->metrics_.AddCallbackGauge(
         "meterd_http_connections", "Open HTTP connections", {},
         [server = p->server_.get()] { return server->open_connections(); });
-    LOG_INFO("http: /metrics, /metrics.json, /healthz, /readyz and /v1 on {} (port {})",
-             o.http_listen, p->server_->port());
+    LOG_INFO("{}: /metrics, /metrics.json, /healthz, /readyz and /v1 on {} (port {})",
+             o.http_tls.cert.empty() ? "http" : "https", o.http_listen, p->server_->port());
   }
   RETURN_IF_ERROR(store::CheckSchemaCurrent(o.pg));
   // The close must look back as far as this instance accepts late events.

@@ -28,6 +28,7 @@ struct PipelineOptions {
   bool billing = true;  // Run the overage worker (charges and quota alerts as usage lands).
   // host:port for /metrics, /metrics.json, /healthz, /readyz and the /v1 API; "": none.
   std::string http_listen;
+  http::TlsFiles http_tls;  // Both set: HTTPS.
   http::Limits http_limits;
   // The API's per-key rate limit and batch bound (its topic is ingest.topic).
   double api_rate = 1000;
