@@ -12,6 +12,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -763,6 +764,125 @@ TEST_F(HttpApiTest, ServesHttpsWithTheGivenCertificate) {
     EXPECT_NE(bad->Wait(absl::Seconds(30)), 0);
     EXPECT_TRUE(absl::StrContains(ReadFile(bad->log_path()), named)) << ReadFile(bad->log_path());
   }
+}
+
+// 100,000 events from 8 concurrent clients in batches of 100. Some batches are sent, abandoned
+// by the client before the answer (its timeout), then sent again; two keys are revoked half way
+// through. Totals equal exactly what was acknowledged, each event once; a revoked key is
+// refused from a second after its revocation on.
+TEST_F(HttpApiTest, ConcurrentClientsRetriesAndRevocationsCountExactly) {
+  constexpr int kClients = 8;
+  constexpr int kBatches = 125;  // Per client: 8 × 125 × 100 = 100,000 events.
+  constexpr int kRevoked = 2;    // Clients 0 and 1 lose their key after half their batches.
+  std::vector<std::string> orgs, tokens;
+  for (int c = 0; c < kClients; ++c) {
+    orgs.push_back(absl::StrFormat("00000000-0000-4000-8000-%012d", 100 + c));
+    tokens.push_back(CreateKey({"--org", orgs.back(), "--scope", "ingest"}));
+  }
+  const int port = StartServing({"--api-rate", "100000", "--api-burst", "100000"});
+  std::vector<int64_t> acknowledged(kClients, 0);  // Quantity of the batches answered 202.
+  std::vector<int> retried(kClients, 0), refused_after_revoke(kClients, 0);
+  std::vector<int> accepted_after_revoke(kClients, 0);
+  std::atomic<int> halfway{0};
+  std::vector<std::atomic<int64_t>> revoked_at_ms(kRevoked);
+  for (auto& at : revoked_at_ms) at.store(0);
+  auto abandon = [&](const std::string& token, const std::string& body) {
+    // The whole request, then the client gives up without reading the answer.
+    const std::string request = absl::StrCat(
+        "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ", token,
+        "\r\nContent-Type: application/cloudevents-batch+json\r\nContent-Length: ", body.size(),
+        "\r\n\r\n", body);
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(static_cast<uint16_t>(port));
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0) {
+      size_t sent = 0;
+      while (sent < request.size()) {
+        const ssize_t n = send(fd, request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
+        if (n <= 0) break;
+        sent += static_cast<size_t>(n);
+      }
+    }
+    close(fd);
+  };
+  std::vector<std::thread> clients;
+  for (int c = 0; c < kClients; ++c) {
+    clients.emplace_back([&, c] {
+      for (int b = 0; b < kBatches; ++b) {
+        if (b == kBatches / 2) {
+          halfway.fetch_add(1);
+          // The revoked clients wait for their revocation, then keep sending.
+          if (c < kRevoked) {
+            while (revoked_at_ms[c].load() == 0) absl::SleepFor(absl::Milliseconds(5));
+          }
+        }
+        // After it, they pace themselves, so that many of their requests come after the
+        // second a revocation may take to reach the daemon.
+        if (c < kRevoked && b >= kBatches / 2) absl::SleepFor(absl::Milliseconds(40));
+        std::vector<std::string> events;
+        int64_t quantity = 0;
+        for (int i = 0; i < 100; ++i) {
+          const int64_t q = 1 + (b + i) % 5;
+          events.push_back(UsageEventJson(orgs[c], "api_calls", q, "hs"));
+          quantity += q;
+        }
+        const std::string body = Batch(events);
+        // Every seventh batch of the clients that keep their key: abandoned once, then retried.
+        if (c >= kRevoked && b % 7 == 3) {
+          abandon(tokens[c], body);
+          ++retried[c];
+        }
+        for (int attempt = 0; attempt < 20; ++attempt) {
+          const HttpResult r = Post(port, tokens[c], body, "application/cloudevents-batch+json");
+          const int64_t since_revoke =
+              c < kRevoked && revoked_at_ms[c].load() > 0
+                  ? absl::ToUnixMillis(absl::Now()) - revoked_at_ms[c].load()
+                  : -1;
+          if (r.status == 202) {
+            acknowledged[c] += quantity;
+            if (since_revoke > 1000) ++accepted_after_revoke[c];
+            break;
+          }
+          if (r.status == 401) {
+            if (since_revoke >= 0) ++refused_after_revoke[c];
+            break;
+          }
+          absl::SleepFor(absl::Milliseconds(100));  // 503 or no answer: retry the same bytes.
+        }
+      }
+    });
+  }
+  // Half way through, revoke two keys (the CLI, as an operator would).
+  ASSERT_TRUE(Eventually([&] { return halfway.load() >= kClients; }, absl::Minutes(3)));
+  for (int c = 0; c < kRevoked; ++c) {
+    auto [code, out] =
+        RunCommand({"api-key", "revoke", "--pg", url_, "--key-id", KeyId(tokens[c])}, "revoke");
+    EXPECT_EQ(code, 0) << out;
+    revoked_at_ms[c].store(absl::ToUnixMillis(absl::Now()));
+  }
+  for (std::thread& t : clients) t.join();
+  int64_t want = 0;
+  for (int c = 0; c < kClients; ++c) want += acknowledged[c];
+  EXPECT_EQ(WaitForSum(url_, want, absl::Minutes(2)), want) << ReadFile(meterd_->log_path());
+  absl::SleepFor(absl::Seconds(1));
+  for (int c = 0; c < kClients; ++c) {
+    SCOPED_TRACE(orgs[c]);
+    EXPECT_EQ(QueryInt(url_, absl::StrCat("SELECT coalesce(sum(quantity), 0) FROM "
+                                          "shared.api_usage_meters WHERE org_id = '",
+                                          orgs[c], "'")),
+              acknowledged[c]);
+    if (c < kRevoked) {
+      EXPECT_EQ(accepted_after_revoke[c], 0);
+      EXPECT_GE(refused_after_revoke[c], 20);
+      EXPECT_LT(acknowledged[c], kBatches * 300);
+    } else {
+      EXPECT_EQ(acknowledged[c], kBatches * 300);  // Every batch: 100 events of 1..5, sum 300.
+      EXPECT_GT(retried[c], 0);
+    }
+  }
+  StopMeterd();
 }
 
 }  // namespace
