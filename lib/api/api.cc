@@ -9,6 +9,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "lib/common/json.h"
 #include "lib/common/logging.h"
 #include "lib/event/binary_mode.h"
@@ -88,15 +89,24 @@ Elements SplitEvents(const http::Request& request, int64_t max_events) {
     const simdjson::padded_string padded(request.body);
     simdjson::ondemand::document doc;
     simdjson::ondemand::array array;
-    bool ok = parser.iterate(padded).get(doc) == simdjson::SUCCESS &&
-              doc.get_array().get(array) == simdjson::SUCCESS;
+    auto not_a_batch = [&out] {
+      out.texts.clear();
+      out.error = ErrorResponse(400, "not_a_batch",
+                                "a cloudevents-batch+json body must be a JSON array of events");
+      return out;
+    };
+    // Never iterate an array that did not parse (simdjson's iterator would be null).
+    if (parser.iterate(padded).get(doc) != simdjson::SUCCESS ||
+        doc.get_array().get(array) != simdjson::SUCCESS) {
+      return not_a_batch();
+    }
+    const char* last_end = padded.data();  // Just past the last element's bytes.
     for (auto element : array) {
-      if (!ok) break;
+      bool ok = true;
       simdjson::ondemand::value value;
       simdjson::ondemand::json_type kind;
       if (element.get(value) != simdjson::SUCCESS || value.type().get(kind) != simdjson::SUCCESS) {
-        ok = false;
-        break;
+        return not_a_batch();
       }
       std::string_view raw;
       if (kind == simdjson::ondemand::json_type::object) {
@@ -110,17 +120,22 @@ Elements SplitEvents(const http::Request& request, int64_t max_events) {
       } else {
         raw = value.raw_json_token();
       }
+      if (!ok) return not_a_batch();
       if (static_cast<int64_t>(out.texts.size()) >= max_events) {
         out.error = ErrorResponse(413, "batch_too_large",
                                   absl::StrCat("at most ", max_events, " events per request"));
         return out;
       }
       out.texts.emplace_back(absl::StripAsciiWhitespace(Absl(raw)));
+      last_end = raw.data() + raw.size();
     }
-    if (!ok) {
-      out.error = ErrorResponse(400, "not_a_batch",
-                                "a cloudevents-batch+json body must be a JSON array of events");
-      return out;
+    // Nothing but white space may follow the array's closing bracket.
+    if (!out.texts.empty()) {
+      absl::string_view rest(last_end, padded.data() + padded.size() - last_end);
+      rest = absl::StripLeadingAsciiWhitespace(rest);
+      if (!absl::ConsumePrefix(&rest, "]") || !absl::StripAsciiWhitespace(rest).empty()) {
+        return not_a_batch();
+      }
     }
     if (out.texts.empty()) out.error = ErrorResponse(400, "empty_batch", "the batch is empty");
     return out;

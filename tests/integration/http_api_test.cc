@@ -577,6 +577,12 @@ TEST_F(HttpApiTest, OpenApiDocumentValidatesAndResponsesConform) {
   EXPECT_EQ(sample("POST", "/v1/events", owner, batch, kBatch).status, 202);
   EXPECT_EQ(sample("POST", "/v1/events", owner, "[{\"id\":1}]", kBatch).status, 400);
   EXPECT_EQ(sample("POST", "/v1/events", owner, "{}", kBatch).status, 400);
+  for (const std::string& bad : {std::string("not json"), std::string("\"x\""),
+                                 absl::StrCat("[", event, "] trailing"), std::string("[1,")}) {
+    const HttpResult r = sample("POST", "/v1/events", owner, bad, kBatch);
+    EXPECT_EQ(r.status, 400) << bad;
+    EXPECT_TRUE(absl::StrContains(r.body, "not_a_batch")) << bad << " " << r.body;
+  }
   EXPECT_EQ(sample("POST", "/v1/events", owner, too_many, kBatch).status, 413);
   EXPECT_EQ(sample("POST", "/v1/events", owner, event, "text/plain").status, 415);
   EXPECT_EQ(sample("POST", "/v1/events", "", event).status, 401);
@@ -835,11 +841,12 @@ TEST_F(HttpApiTest, ConcurrentClientsRetriesAndRevocationsCountExactly) {
           ++retried[c];
         }
         for (int attempt = 0; attempt < 20; ++attempt) {
-          const HttpResult r = Post(port, tokens[c], body, "application/cloudevents-batch+json");
+          // Measured when the request leaves: one sent a second after the revocation must fail.
           const int64_t since_revoke =
               c < kRevoked && revoked_at_ms[c].load() > 0
                   ? absl::ToUnixMillis(absl::Now()) - revoked_at_ms[c].load()
                   : -1;
+          const HttpResult r = Post(port, tokens[c], body, "application/cloudevents-batch+json");
           if (r.status == 202) {
             acknowledged[c] += quantity;
             if (since_revoke > 1000) ++accepted_after_revoke[c];

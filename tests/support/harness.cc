@@ -1,5 +1,7 @@
 #include "tests/support/harness.h"
 
+#include <atomic>
+
 #include <algorithm>
 
 #include <arpa/inet.h>
@@ -377,8 +379,10 @@ std::pair<int, std::string> HttpGet(int port, const std::string& path) {
 
 std::string UsageEventJson(const std::string& org, const std::string& meter, int64_t quantity,
                            const std::string& industry) {
-  static int counter = 0;
-  return absl::StrCat(R"({"specversion":"1.0","id":"test-)", counter++,
+  // Atomic: concurrent test clients must never be handed the same id (a repeated id is a
+  // duplicate, and meterd rightly counts it once).
+  static std::atomic<int64_t> counter{0};
+  return absl::StrCat(R"({"specversion":"1.0","id":"test-)", counter.fetch_add(1),
                       R"(","source":"tests","type":")", meter, R"(","subject":")", org,
                       R"(","time":")",
                       absl::FormatTime(absl::RFC3339_full, absl::Now(), absl::UTCTimeZone()),
