@@ -12,7 +12,7 @@ packages=(
   libspdlog-dev libfmt-dev libssl-dev
   postgresql-15 postgresql-client-15
   python3
-  python3-jsonschema python3-fastjsonschema nodejs node-ajv
+  python3-jsonschema python3-fastjsonschema python3-confluent-kafka nodejs node-ajv
   clang libclang-rt-14-dev
 )
 

@@ -1,0 +1,3 @@
+module meterd.dev/clients/go
+
+go 1.19
