@@ -386,14 +386,18 @@ void Api::Handle(http::Request request, http::Responder respond) {
   }
   // The aliases act for the key's own org (an admin key names one: ?org_id= to read, "org_id"
   // in the body to create a subscription).
+  // A body's org_id that names another org than the key's is a 404 like any other org's.
   if (org_text.empty()) {
-    org_text = key->org                             ? std::string()
-               : route.kind == Route::kSubscription ? OrgIdInBody(request.body)
-                                                    : request.Param("org_id");
-    if (key->org) {
+    org_text = route.kind == Route::kSubscription ? OrgIdInBody(request.body)
+                                                  : (key->org ? "" : request.Param("org_id"));
+    if (org_text.empty() && key->org) {
       char text[36];
       event::FormatOrgId(*key->org, text);
       org_text.assign(text, sizeof(text));
+    }
+    if (org_text.empty()) {
+      respond(ErrorResponse(400, "missing_field", "an admin key names the org: org_id", "org_id"));
+      return;
     }
   }
   const std::optional<event::OrgId> org = event::ParseOrgId(org_text);

@@ -12,6 +12,7 @@
 #include "absl/time/civil_time.h"
 #include "lib/api/api.h"
 #include "lib/common/logging.h"
+#include "lib/event/usage_event.h"
 
 namespace meterd::api {
 namespace {
@@ -38,7 +39,15 @@ Fields ParseFields(const std::string& body, const std::set<std::string>& strings
   for (const auto field : object) {
     const std::string name(field.key);
     if (strings.count(name) > 0 && field.value.is_string()) {
-      out.text[name] = std::string(field.value.get_string().value());
+      const std::string_view value = field.value.get_string().value();
+      for (const char c : value) {
+        if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+          out.error = ErrorResponse(400, "invalid_value",
+                                    absl::StrCat(name, " may not hold control characters"), name);
+          return out;
+        }
+      }
+      out.text[name] = std::string(value);
     } else if (booleans.count(name) > 0 && field.value.is_bool()) {
       out.flags[name] = field.value.get_bool().value();
     } else if (strings.count(name) > 0 || booleans.count(name) > 0) {
@@ -82,6 +91,10 @@ std::optional<http::Response> Refusal(const pqxx::sql_error& e) {
   }
   if (state == "P0002") return ErrorResponse(404, "no_subscription", message);
   if (state == "55000") return ErrorResponse(409, "conflict", message);
+  // Other data errors (a value Postgres refuses) and integrity conflicts are the request's:
+  // retrying the same request cannot help.
+  if (absl::StartsWith(state, "22")) return ErrorResponse(400, "invalid_value", message);
+  if (absl::StartsWith(state, "23")) return ErrorResponse(409, "conflict", message);
   return std::nullopt;
 }
 
@@ -100,10 +113,20 @@ http::Response Subscriptions::Serve(const std::string& org, const std::string& r
     if (f.error) return std::move(*f.error);
     if (f.text["plan"].empty())
       return ErrorResponse(400, "missing_field", "plan is required", "plan");
+    if (f.text.count("org_id") > 0) {
+      const std::optional<event::OrgId> named = event::ParseOrgId(f.text["org_id"]);
+      char text[36];
+      if (named) event::FormatOrgId(*named, text);
+      if (!named || std::string_view(text, sizeof(text)) != org) {
+        return ErrorResponse(400, "invalid_value", "org_id differs from the org in the path",
+                             "org_id");
+      }
+    }
     std::optional<std::string> anchor;
     if (f.text.count("billing_anchor") > 0) {
       absl::CivilDay day;
-      if (!absl::ParseCivilTime(f.text["billing_anchor"], &day)) {
+      if (!absl::ParseCivilTime(f.text["billing_anchor"], &day) || day.year() < 1970 ||
+          day.year() > 9999) {
         return ErrorResponse(400, "invalid_value", "billing_anchor is a date: YYYY-MM-DD",
                              "billing_anchor");
       }

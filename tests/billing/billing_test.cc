@@ -526,8 +526,7 @@ TEST_F(BillingTest, TenantLoginReadsItsOwnOrgAndWritesNothing) {
   }
   // Direct writes: refused on every billing and usage table, for its own org too.
   const std::vector<std::string> writes = {
-      "UPDATE shared.api_usage_meters SET quantity = 0",
-      "DELETE FROM shared.api_usage_meters",
+      "UPDATE shared.api_usage_meters SET quantity = 0", "DELETE FROM shared.api_usage_meters",
       "INSERT INTO shared.api_usage_meters (org_id, meter, industry, usage_date, quantity) "
       "VALUES ('" +
           a + "', 'api_calls', 'hs', '2026-10-11', 1)",
@@ -535,14 +534,17 @@ TEST_F(BillingTest, TenantLoginReadsItsOwnOrgAndWritesNothing) {
       "INSERT INTO shared.usage_alerts (org_id, period_start, meter, threshold_percent, quantity, "
       "included_quantity) VALUES ('" +
           a + "', now(), 'api_calls', 80, 1, 1)",
-      "UPDATE shared.invoices SET total_micros = 0",
-      "DELETE FROM shared.invoice_lines",
+      "UPDATE shared.invoices SET total_micros = 0", "DELETE FROM shared.invoice_lines",
       "UPDATE shared.subscriptions SET plan_id = 'enterprise'",
       "INSERT INTO shared.payments (org_id, amount_micros, status) VALUES ('" + a +
           "', 1, 'succeeded')",
       "SELECT shared.refresh_usage_charges(ARRAY['" + a + "'::uuid])",
       "SELECT shared.reset_monthly_usage('2030-01-01T00:00:00Z')",
       "SELECT shared.increment_api_usage('" + b + "', 'api_calls', 5)",
+      // Subscriptions: tenants read theirs (get_subscription), they never change one.
+      "SELECT shared.change_subscription_plan('" + a + "', 'enterprise')",
+      "SELECT shared.cancel_subscription('" + a + "', false)",
+      "SELECT shared.create_subscription('" + a + "', 'pro')",
       "INSERT INTO shared.org_logins (login, org_id) VALUES ('tenant_a2', '" + b + "')"};
   for (const std::string& sql : writes) {
     pqxx::work tx(tenant);
@@ -561,6 +563,11 @@ TEST_F(BillingTest, TenantLoginReadsItsOwnOrgAndWritesNothing) {
   EXPECT_EQ(Int("SELECT sum(quantity) FROM shared.api_usage_meters WHERE org_id = '" + b + "'"),
             1'500);
   EXPECT_EQ(InvoiceTotal(a, "2026-10-01"), 55'000'000);
+  {
+    pqxx::work tx(tenant);
+    EXPECT_TRUE(tx.exec1("SELECT shared.get_subscription('" + a + "')")[0].as<std::string>().find(
+                    "\"plan\": \"basic\"") != std::string::npos);
+  }
   // A tenant login not mapped to an org sees nothing, whatever it sets.
   pqxx::connection stray(stray_url);
   pqxx::work tx(stray);

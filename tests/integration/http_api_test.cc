@@ -386,8 +386,9 @@ TEST_F(HttpApiTest, ReadsAnswerForTheKeysOrgOnly) {
 
 // Subscriptions created, upgraded and canceled over HTTP are invoiced by close-period exactly
 // as the SQL rules say (plan at close prices the period; canceled now: usage through the
-// cancel day; at period end: the whole period, then ended), and each change is audited with
-// the API key that made it.
+// cancel day; at period end: the whole period, then ended), each change is audited with the
+// API key that made it, and what would bill a period twice or reprice a finished one is
+// refused.
 TEST_F(HttpApiTest, SubscriptionsThroughTheApiAreInvoicedAndAudited) {
   constexpr char kOrgB[] = "00000000-0000-4000-8000-0000000000e3";
   constexpr char kOrgC[] = "00000000-0000-4000-8000-0000000000e4";
@@ -398,8 +399,12 @@ TEST_F(HttpApiTest, SubscriptionsThroughTheApiAreInvoicedAndAudited) {
   const std::string b_owner = CreateKey({"--org", kOrgB, "--scope", "ingest,admin"});
   const std::string c_owner = CreateKey({"--org", kOrgC, "--scope", "admin"});
   const std::string ingest_only = CreateKey({"--org", kOrg, "--scope", "ingest"});
-  Exec(url_, absl::StrCat("INSERT INTO shared.organizations VALUES ('", kOrgB,
-                          "', 'B', 'auto'), ('", kOrgC, "', 'C', 'edu')"));
+  Exec(url_,
+       absl::StrCat("INSERT INTO shared.organizations VALUES ('", kOrgB, "', 'B', 'auto'), ('",
+                    kOrgC, "', 'C', 'edu'), ('", kOrgD,
+                    "', 'D', 'ret');"
+                    "INSERT INTO shared.subscription_plans (plan_id, name, base_price_micros, "
+                    "active) VALUES ('legacy_free', 'Legacy', 0, false)"));
   const int port = StartServing();
   auto call = [&](const std::string& method, const std::string& path, const std::string& token,
                   const std::string& body = "") {
@@ -415,23 +420,28 @@ TEST_F(HttpApiTest, SubscriptionsThroughTheApiAreInvoicedAndAudited) {
     return rows.empty() || rows[0][0].is_null() ? std::string() : rows[0][0].as<std::string>();
   };
   auto days_ago = [&](int days) { return text(absl::StrCat("SELECT current_date - ", days)); };
+  auto anchored = [&](const std::string& plan, int days) {
+    return absl::StrCat("{\"plan\":\"", plan, "\",\"billing_anchor\":\"", days_ago(days), "\"}");
+  };
   const std::string a = absl::StrCat("/v1/organizations/", kOrg, "/subscription");
   const std::string b = absl::StrCat("/v1/organizations/", kOrgB, "/subscription");
   const std::string c = absl::StrCat("/v1/organizations/", kOrgC, "/subscription");
+  const std::string d = absl::StrCat("/v1/organizations/", kOrgD, "/subscription");
 
-  // A: created on Basic through the brief's path by the back office (registering the org), then
-  // upgraded to Pro by its own key: the close prices the whole period at Pro.
+  // A: created on Basic 10 days ago through the brief's path by the back office (registering
+  // the org), then upgraded to Pro by its own key: the close prices the whole period at Pro.
   HttpResult r = call("POST", "/api/billing/create-subscription", admin,
                       absl::StrCat("{\"org_id\":\"", kOrg,
                                    "\",\"plan\":\"basic\",\"billing_"
                                    "anchor\":\"",
-                                   days_ago(31), "\",\"name\":\"Org A\",\"industry\":\"hs\"}"));
+                                   days_ago(10), "\",\"name\":\"Org A\",\"industry\":\"hs\"}"));
   ASSERT_EQ(r.status, 201) << r.body;
   EXPECT_TRUE(absl::StrContains(r.body, "\"plan\": \"basic\"")) << r.body;
   EXPECT_EQ(call("POST", a, a_owner, "{\"plan\":\"pro\"}").status, 409);  // One live per org.
   r = call("PATCH", a, a_owner, "{\"plan\":\"platinum\"}");
   EXPECT_EQ(r.status, 400) << r.body;
   EXPECT_TRUE(absl::StrContains(r.body, "\"field\":\"plan\"")) << r.body;
+  EXPECT_EQ(call("PATCH", a, a_owner, "{\"plan\":\"legacy_free\"}").status, 400);  // Inactive.
   EXPECT_EQ(call("PATCH", a, a_owner, "{\"plan\":\"pro\",\"extra\":1}").status, 400);
   EXPECT_EQ(call("PATCH", a, a_reader, "{\"plan\":\"pro\"}").status, 403);
   EXPECT_EQ(call("PATCH", a, b_owner, "{\"plan\":\"pro\"}").status, 404);
@@ -446,14 +456,13 @@ TEST_F(HttpApiTest, SubscriptionsThroughTheApiAreInvoicedAndAudited) {
 
   // B: Enterprise from 10 days ago, 25,000 calls today, canceled now; 1,000 more recorded for
   // tomorrow are after the cancel day and never billed.
-  r = call("POST", b, b_owner,
-           absl::StrCat("{\"plan\":\"enterprise\",\"billing_anchor\":\"", days_ago(10), "\"}"));
+  r = call("POST", b, b_owner, anchored("enterprise", 10));
   ASSERT_EQ(r.status, 201) << r.body;
   ASSERT_EQ(Post(port, b_owner, UsageEventJson(kOrgB, "api_calls", 25000, "auto")).status, 202);
-  // A: 1,500 calls inside its first period (at Basic they would cost $5 of overage).
+  // A: 1,500 calls inside its period (at Basic they would cost $5 of overage).
   Exec(url_, absl::StrCat("INSERT INTO shared.api_usage_meters (org_id, meter, industry, "
                           "usage_date, quantity) VALUES ('",
-                          kOrg, "', 'api_calls', 'hs', current_date - 20, 1500), ('", kOrgB,
+                          kOrg, "', 'api_calls', 'hs', current_date - 5, 1500), ('", kOrgB,
                           "', 'api_calls', 'auto', current_date + 1, 1000)"));
   ASSERT_EQ(WaitForSum(url_, 27500, absl::Seconds(60)), 27500);
   r = call("POST", b + "/cancel", b_owner, "{\"at_period_end\":false}");
@@ -461,30 +470,52 @@ TEST_F(HttpApiTest, SubscriptionsThroughTheApiAreInvoicedAndAudited) {
   EXPECT_TRUE(absl::StrContains(r.body, "\"status\": \"canceled\"")) << r.body;
   EXPECT_EQ(call("PATCH", b, b_owner, "{\"plan\":\"pro\"}").status, 409);  // Canceled.
 
-  // C: Basic from 31 days ago, canceled at period end: billed whole, then ended; a new one may
-  // start afterwards.
-  ASSERT_EQ(call("POST", c, c_owner,
-                 absl::StrCat("{\"plan\":\"basic\",\"billing_anchor\":\"", days_ago(31), "\"}"))
-                .status,
-            201);
+  // C: Basic from 10 days ago, canceled at period end: billed whole, then ended.
+  ASSERT_EQ(call("POST", c, c_owner, anchored("basic", 10)).status, 201);
   r = call("POST", c + "/cancel", c_owner);
   ASSERT_EQ(r.status, 200) << r.body;
   EXPECT_EQ(call("POST", c, c_owner, "{\"plan\":\"pro\"}").status, 409);  // Not ended yet.
+
+  // D: a period that ended yesterday-ish and is not closed yet may not be repriced or cut.
+  ASSERT_EQ(call("POST", d, admin, anchored("basic", 31)).status, 201);
+  r = call("PATCH", d, admin, "{\"plan\":\"enterprise\"}");
+  EXPECT_EQ(r.status, 409) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "not closed yet")) << r.body;
+  EXPECT_EQ(call("POST", d + "/cancel", admin, "{\"at_period_end\":false}").status, 409);
+
+  // Refused: anchors in the future or too far back, an org_id other than the path's, an
+  // unregistered org without a name, canceling nothing, an admin key naming no org.
+  EXPECT_EQ(call("POST", d, admin, anchored("basic", -3)).status, 400);
+  EXPECT_EQ(call("POST", d, admin, anchored("basic", 40)).status, 400);
+  EXPECT_EQ(call("POST", a, a_owner, absl::StrCat("{\"plan\":\"pro\",\"org_id\":\"", kOrgB, "\"}"))
+                .status,
+            400);
+  EXPECT_EQ(call("POST", "/api/billing/create-subscription", a_owner,
+                 absl::StrCat("{\"plan\":\"pro\",\"org_id\":\"", kOrgB, "\"}"))
+                .status,
+            404);
+  EXPECT_EQ(call("POST", "/api/billing/create-subscription", admin, "{\"plan\":\"pro\"}").status,
+            400);
+  constexpr char kOrgE[] = "00000000-0000-4000-8000-0000000000e6";
   EXPECT_EQ(
-      call("POST", absl::StrCat("/v1/organizations/", kOrgD, "/subscription/cancel"), admin).status,
+      call("POST", absl::StrCat("/v1/organizations/", kOrgE, "/subscription/cancel"), admin).status,
       404);
-  r = call("POST", absl::StrCat("/v1/organizations/", kOrgD, "/subscription"), admin,
-           "{\"plan\":\"basic\"}");  // Not registered, no name given.
+  r = call("POST", absl::StrCat("/v1/organizations/", kOrgE, "/subscription"), admin,
+           "{\"plan\":\"basic\"}");
   EXPECT_EQ(r.status, 400) << r.body;
   EXPECT_TRUE(absl::StrContains(r.body, "\"field\":\"name\"")) << r.body;
+  EXPECT_EQ(call("POST", absl::StrCat("/v1/organizations/", kOrgE, "/subscription"), admin,
+                 "{\"plan\":\"basic\",\"name\":\"E\\u0000x\",\"industry\":\"hs\"}")
+                .status,
+            400);
 
-  // Close through B's period end: every period above is due.
-  const std::string b_end =
+  // Close through the period end of A, B and C (all anchored 10 days ago).
+  const std::string end =
       text(absl::StrCat("SELECT to_char(current_period_end, 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM "
                         "shared.subscriptions WHERE org_id = '",
                         kOrgB, "'"));
   auto close =
-      RunCommand({"close-period", "--pg", url_, "--as-of", b_end, "--allow-future"}, "close");
+      RunCommand({"close-period", "--pg", url_, "--as-of", end, "--allow-future"}, "close");
   ASSERT_EQ(close.first, 0) << close.second;
   auto invoice = [&](const char* org) {
     return text(
@@ -495,12 +526,16 @@ TEST_F(HttpApiTest, SubscriptionsThroughTheApiAreInvoicedAndAudited) {
   EXPECT_EQ(invoice(kOrg), "pro 150000000");          // Pro base, 1,500 within 5,000.
   EXPECT_EQ(invoice(kOrgB), "enterprise 550000000");  // $500 + 5,000 × $0.01; not tomorrow.
   EXPECT_EQ(invoice(kOrgC), "basic 50000000");
+  EXPECT_EQ(invoice(kOrgD), "basic 50000000");  // D's ended period, at its own plan.
   for (const char* org : {kOrgB, kOrgC}) {
     EXPECT_EQ(
         text(absl::StrCat("SELECT status FROM shared.subscriptions WHERE org_id = '", org, "'")),
         "ended");
   }
-  EXPECT_EQ(call("POST", c, c_owner, "{\"plan\":\"pro\"}").status, 201);
+  // C paid through its period's end: a new subscription may not start before it.
+  r = call("POST", c, c_owner, "{\"plan\":\"pro\"}");
+  EXPECT_EQ(r.status, 400) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "last invoiced period")) << r.body;
 
   // The audit trail: one row per change, naming the key that made it.
   auto audited = [&](const char* org) {
@@ -511,11 +546,13 @@ TEST_F(HttpApiTest, SubscriptionsThroughTheApiAreInvoicedAndAudited) {
   };
   EXPECT_EQ(audited(kOrg), absl::StrCat("subscription.created api_key:", KeyId(admin),
                                         ", subscription.plan_changed api_key:", KeyId(a_owner)));
+  const std::string closer = text("SELECT 'role:' || current_user");
   EXPECT_EQ(audited(kOrgB), absl::StrCat("subscription.created api_key:", KeyId(b_owner),
-                                         ", subscription.canceled api_key:", KeyId(b_owner)));
+                                         ", subscription.canceled api_key:", KeyId(b_owner),
+                                         ", subscription.ended ", closer));
   EXPECT_EQ(audited(kOrgC), absl::StrCat("subscription.created api_key:", KeyId(c_owner),
                                          ", subscription.canceled api_key:", KeyId(c_owner),
-                                         ", subscription.created api_key:", KeyId(c_owner)));
+                                         ", subscription.ended ", closer));
   // Each invoice the close made, with its final total.
   EXPECT_EQ(text(absl::StrCat("SELECT string_agg(after->>'total_micros', ',' ORDER BY org_id) FROM "
                               "shared.audit_log WHERE action = 'period.closed' AND org_id IN ('",
