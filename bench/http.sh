@@ -6,7 +6,7 @@
 #   (a)  BENCH_EVENTS (200,000) events produced straight to the topic by librdkafka, set up as
 #        meterd's own producer (idempotent, acks=all, linger.ms=1), keyed by org: events/s;
 #   (b)  the same events as POST /v1/events batches of BENCH_BATCH (100), one org's key per
-#        request, from BENCH_BATCH_CLIENTS (8) keep-alive connections: events/s, ratio to (a);
+#        request, from BENCH_BATCH_CLIENTS (32) keep-alive connections: events/s, ratio to (a);
 #        (a) and (b) alternate BENCH_ROUNDS (5) times; the median round's ratio is reported;
 #   (c0) BENCH_SINGLE_CLIENTS (64) senders straight to Kafka, each awaiting its event's ack, and
 #   (c)  single-event requests from as many keep-alive connections: requests/s;
@@ -26,7 +26,7 @@ if [[ "${1:-}" == "--json" ]]; then json_out=${2:?--json needs a file}; fi
 events=${BENCH_EVENTS:-200000}
 orgs=${BENCH_ORGS:-200}
 batch=${BENCH_BATCH:-100}
-batch_clients=${BENCH_BATCH_CLIENTS:-8}
+batch_clients=${BENCH_BATCH_CLIENTS:-32}
 single_clients=${BENCH_SINGLE_CLIENTS:-64}
 seconds=${BENCH_SECONDS:-10}
 rounds=${BENCH_ROUNDS:-5}

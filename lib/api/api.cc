@@ -1,5 +1,6 @@
 #include "lib/api/api.h"
 
+#include <array>
 #include <cmath>
 #include <mutex>
 
@@ -52,13 +53,15 @@ std::string TokenOf(const http::Request& request) {
   return std::string(absl::StripAsciiWhitespace(Absl(request.Header("x-api-key"))));
 }
 
-// The request's events, one JSON text each, or an error response.
+// The request's events, one JSON text each (views into the request's body), or an error
+// response.
 struct Elements {
-  std::vector<std::string> texts;
+  std::vector<std::string_view> texts;
   std::optional<http::Response> error;
 };
 
-Elements SplitEvents(const http::Request& request, int64_t max_events) {
+// Binary mode replaces the request's body with the structured event it converts to.
+Elements SplitEvents(http::Request& request, int64_t max_events) {
   Elements out;
   const std::string_view header = request.Header("content-type");
   const std::string type(absl::StripAsciiWhitespace(Absl(header.substr(0, header.find(';')))));
@@ -79,7 +82,8 @@ Elements SplitEvents(const http::Request& request, int64_t max_events) {
                                 "ce-source, ce-type, ce-subject, ce-time)");
       return out;
     }
-    out.texts.push_back(std::move(structured));
+    request.body = std::move(structured);
+    out.texts.push_back(request.body);
     return out;
   }
   if (type == "application/cloudevents-batch+json") {
@@ -89,11 +93,11 @@ Elements SplitEvents(const http::Request& request, int64_t max_events) {
     const simdjson::padded_string padded(request.body);
     simdjson::ondemand::document doc;
     simdjson::ondemand::array array;
-    auto not_a_batch = [&out] {
-      out.texts.clear();
-      out.error = ErrorResponse(400, "not_a_batch",
-                                "a cloudevents-batch+json body must be a JSON array of events");
-      return out;
+    auto not_a_batch = [] {
+      return Elements{
+          {},
+          ErrorResponse(400, "not_a_batch",
+                        "a cloudevents-batch+json body must be a JSON array of events")};
     };
     // Never iterate an array that did not parse (simdjson's iterator would be null).
     if (parser.iterate(padded).get(doc) != simdjson::SUCCESS ||
@@ -126,7 +130,10 @@ Elements SplitEvents(const http::Request& request, int64_t max_events) {
                                   absl::StrCat("at most ", max_events, " events per request"));
         return out;
       }
-      out.texts.emplace_back(absl::StripAsciiWhitespace(Absl(raw)));
+      // The same bytes in the request's body (the padded copy goes when this returns).
+      const absl::string_view trimmed = absl::StripAsciiWhitespace(Absl(raw));
+      out.texts.push_back(
+          std::string_view(request.body).substr(trimmed.data() - padded.data(), trimmed.size()));
       last_end = raw.data() + raw.size();
     }
     // Nothing but white space may follow the array's closing bracket.
@@ -448,12 +455,17 @@ void Api::Ingest(const ApiKey& key, http::Request request, http::Responder respo
     respond(std::move(*elements.error));
     return;
   }
+  // The accepted events: where each is in the request, its org (the message key), and its id
+  // in one shared buffer (no allocation per event).
   struct Accepted {
     size_t index;
-    std::string id;
-    std::string org;
+    size_t id_at;
+    size_t id_size;
+    std::array<char, 36> org;
   };
   std::vector<Accepted> accepted;
+  accepted.reserve(elements.texts.size());
+  std::string ids;
   std::string rejected;  // JSON objects, comma-separated.
   int64_t rejected_count = 0;
   auto reject = [&](size_t index, std::string_view id, std::string_view reason,
@@ -483,9 +495,9 @@ void Api::Ingest(const ApiKey& key, http::Request request, http::Responder respo
       reject(i, e.id, "forbidden_subject", "the event's subject is not this API key's org");
       continue;
     }
-    char org[36];
-    event::FormatOrgId(e.org, org);
-    accepted.push_back({i, std::string(e.id), std::string(org, sizeof(org))});
+    Accepted& a = accepted.emplace_back(Accepted{i, ids.size(), e.id.size(), {}});
+    ids.append(e.id);
+    event::FormatOrgId(e.org, a.org.data());
   }
   ReturnParser(std::move(parser));
   counters_->events_rejected->Add(rejected_count);
@@ -499,70 +511,47 @@ void Api::Ingest(const ApiKey& key, http::Request request, http::Responder respo
              {}});
     return;
   }
-  // Answered when the last acknowledgement (or failure) arrives, on the producer's thread.
-  struct Pending {
-    std::mutex mu;
-    size_t remaining;
-    std::vector<Accepted> accepted;
-    std::vector<bool> ok;
-    std::string rejected;
-    http::Responder respond;
-    Counters* counters;
-  };
-  auto pending = std::make_shared<Pending>();
-  pending->remaining = accepted.size();
-  pending->ok.assign(accepted.size(), false);
-  pending->rejected = std::move(rejected);
-  pending->respond = std::move(respond);
-  pending->counters = counters_.get();
-  pending->accepted = std::move(accepted);
-  auto finish = [](Pending& p) {
-    std::string ok_list, failed_list;
-    int64_t acked = 0;
-    std::string error;
-    for (size_t i = 0; i < p.accepted.size(); ++i) {
-      const std::string item = absl::StrCat("{\"index\":", p.accepted[i].index, ",\"id\":\"",
-                                            RawJsonString(p.accepted[i].id), "\"}");
-      std::string& list = p.ok[i] ? ok_list : failed_list;
-      absl::StrAppend(&list, list.empty() ? "" : ",", item);
-      acked += p.ok[i] ? 1 : 0;
-    }
-    p.counters->events_accepted->Add(acked);
-    if (failed_list.empty()) {
-      p.counters->requests_ok->Add();
-      p.respond({202,
-                 kJson,
-                 absl::StrCat("{\"accepted\":[", ok_list, "],\"rejected\":[", p.rejected, "]}\n"),
-                 {}});
-      return;
-    }
-    p.counters->kafka_failures->Add();
-    // Nothing is lost by retrying the whole request: the events already taken are counted once
-    // (event-id dedup).
-    http::Response r{
-        503,
-        kJson,
-        absl::StrCat("{\"error\":{\"code\":\"kafka_unavailable\",\"message\":\"Kafka did not "
-                     "acknowledge every event; retry the request (safe: events are deduplicated "
-                     "by source and id)\"},\"accepted\":[",
-                     ok_list, "],\"failed\":[", failed_list, "],\"rejected\":[", p.rejected,
-                     "]}\n"),
-        {{"Retry-After", "1"}}};
-    p.respond(std::move(r));
-  };
-  const std::vector<Accepted>& all = pending->accepted;
-  for (size_t i = 0; i < all.size(); ++i) {
-    producer_->Send(options_.topic, all[i].org, elements.texts[all[i].index],
-                    [pending, i, finish](absl::Status status) {
-                      bool last = false;
-                      {
-                        std::lock_guard lock(pending->mu);
-                        pending->ok[i] = status.ok();
-                        last = --pending->remaining == 0;
-                      }
-                      if (last) finish(*pending);
-                    });
+  std::vector<kafka::AckedProducer::Message> messages;
+  messages.reserve(accepted.size());
+  for (const Accepted& a : accepted) {
+    messages.push_back({std::string_view(a.org.data(), a.org.size()), elements.texts[a.index]});
   }
+  // Answered when the last acknowledgement (or failure) arrives, on the producer's thread.
+  producer_->SendAll(
+      options_.topic, messages,
+      [accepted = std::move(accepted), ids = std::move(ids), rejected = std::move(rejected),
+       respond = std::move(respond), counters = counters_.get()](std::vector<bool> ok) {
+        std::string ok_list, failed_list;
+        int64_t acked = 0;
+        for (size_t i = 0; i < accepted.size(); ++i) {
+          std::string& list = ok[i] ? ok_list : failed_list;
+          absl::StrAppend(
+              &list, list.empty() ? "" : ",", "{\"index\":", accepted[i].index, ",\"id\":\"",
+              RawJsonString(std::string_view(ids).substr(accepted[i].id_at, accepted[i].id_size)),
+              "\"}");
+          acked += ok[i] ? 1 : 0;
+        }
+        counters->events_accepted->Add(acked);
+        if (failed_list.empty()) {
+          counters->requests_ok->Add();
+          respond({202,
+                   kJson,
+                   absl::StrCat("{\"accepted\":[", ok_list, "],\"rejected\":[", rejected, "]}\n"),
+                   {}});
+          return;
+        }
+        counters->kafka_failures->Add();
+        // Nothing is lost by retrying the whole request: the events already taken are counted
+        // once (event-id dedup).
+        respond({503,
+                 kJson,
+                 absl::StrCat("{\"error\":{\"code\":\"kafka_unavailable\",\"message\":\"Kafka did "
+                              "not acknowledge every event; retry the request (safe: events are "
+                              "deduplicated by source and id)\"},\"accepted\":[",
+                              ok_list, "],\"failed\":[", failed_list, "],\"rejected\":[", rejected,
+                              "]}\n"),
+                 {{"Retry-After", "1"}}});
+      });
 }
 
 }  // namespace meterd::api

@@ -146,6 +146,12 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
         return Write(std::move(*early), /*keep_alive=*/false);
       }
     }
+    // Room for the body (up to 64 KiB) before reading it: reads sized by a small buffer would
+    // take a system call per few hundred bytes of a large batch.
+    if (const boost::optional<uint64_t> length = parser_->content_length(); length) {
+      const size_t want = buffer_.size() + static_cast<size_t>(std::min<uint64_t>(*length, 65536));
+      if (buffer_.capacity() < want) buffer_.reserve(want);
+    }
     Tcp().expires_after(Chrono(limits_->read_timeout));
     bhttp::async_read(
         stream_, buffer_, *parser_,

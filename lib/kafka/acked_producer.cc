@@ -46,33 +46,56 @@ void AckedProducer::Close(absl::Duration timeout) {
   }
 }
 
-void AckedProducer::OnDelivery(rd_kafka_t*, const rd_kafka_message_t* message, void*) {
-  std::unique_ptr<Done> done(static_cast<Done*>(message->_private));
-  if (done == nullptr) return;
-  if (message->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
-    (*done)(absl::OkStatus());
-  } else {
-    (*done)(absl::UnavailableError(
-        absl::StrCat("Kafka did not acknowledge: ", rd_kafka_err2str(message->err))));
+// The messages of one SendAll. `remaining` counts the unsettled messages plus one for the
+// sender, so the batch outlives SendAll's own loop; whoever settles the last frees it.
+struct AckedProducer::Batch {
+  struct Slot {  // Each message's opaque: its batch and its index.
+    Batch* batch;
+    size_t index;
+  };
+
+  AckedProducer* producer;
+  std::atomic<size_t> remaining;
+  std::vector<uint8_t> ok;  // Each index written once, before `remaining` drops.
+  std::vector<Slot> slots;
+  AllDone done;
+
+  void Settle(size_t index, bool delivered) {
+    ok[index] = delivered ? 1 : 0;
+    producer->in_flight_.fetch_sub(1, std::memory_order_relaxed);
+    Release();
   }
+  void Release() {
+    if (remaining.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    std::vector<bool> result(ok.begin(), ok.end());
+    AllDone finish = std::move(done);
+    delete this;
+    finish(std::move(result));
+  }
+};
+
+void AckedProducer::OnDelivery(rd_kafka_t*, const rd_kafka_message_t* message, void*) {
+  auto* slot = static_cast<Batch::Slot*>(message->_private);
+  if (slot == nullptr) return;
+  slot->batch->Settle(slot->index, message->err == RD_KAFKA_RESP_ERR_NO_ERROR);
 }
 
-void AckedProducer::Send(const std::string& topic, std::string_view key, std::string_view value,
-                         Done done) {
-  in_flight_.fetch_add(1, std::memory_order_relaxed);
-  auto* callback = new Done([this, done = std::move(done)](absl::Status status) {
-    in_flight_.fetch_sub(1, std::memory_order_relaxed);
-    done(std::move(status));
-  });
-  const rd_kafka_resp_err_t err = rd_kafka_producev(
-      handle_.get(), RD_KAFKA_V_TOPIC(topic.c_str()), RD_KAFKA_V_KEY(key.data(), key.size()),
-      RD_KAFKA_V_VALUE(const_cast<char*>(value.data()), value.size()),
-      RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_OPAQUE(callback), RD_KAFKA_V_END);
-  if (err == RD_KAFKA_RESP_ERR_NO_ERROR) return;
-  std::unique_ptr<Done> refused(callback);
-  (*refused)(err == RD_KAFKA_RESP_ERR__QUEUE_FULL
-                 ? absl::ResourceExhaustedError("Kafka producer queue full")
-                 : absl::UnavailableError(absl::StrCat("produce failed: ", rd_kafka_err2str(err))));
+void AckedProducer::SendAll(const std::string& topic, const std::vector<Message>& messages,
+                            AllDone done) {
+  auto* batch = new Batch{this, messages.size() + 1, std::vector<uint8_t>(messages.size(), 0),
+                          std::vector<Batch::Slot>(messages.size()), std::move(done)};
+  in_flight_.fetch_add(static_cast<int64_t>(messages.size()), std::memory_order_relaxed);
+  for (size_t i = 0; i < messages.size(); ++i) {
+    batch->slots[i] = {batch, i};
+    const Message& m = messages[i];
+    const rd_kafka_resp_err_t err = rd_kafka_producev(
+        handle_.get(), RD_KAFKA_V_TOPIC(topic.c_str()), RD_KAFKA_V_KEY(m.key.data(), m.key.size()),
+        RD_KAFKA_V_VALUE(const_cast<char*>(m.value.data()), m.value.size()),
+        RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_OPAQUE(&batch->slots[i]),
+        RD_KAFKA_V_END);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) batch->Settle(i, false);
+  }
+  batch->Release();
 }
 
 }  // namespace meterd::kafka

@@ -20,8 +20,15 @@ namespace meterd::kafka {
 // Send; delivery callbacks run on the producer's own poll thread and must be quick.
 class AckedProducer {
  public:
-  // Called once per message: OK when every in-sync replica has it, the error otherwise.
-  using Done = std::function<void(absl::Status)>;
+  // One message of a SendAll: both views need to live only until SendAll returns (librdkafka
+  // copies them).
+  struct Message {
+    std::string_view key;
+    std::string_view value;
+  };
+  // Called once per SendAll, when every message has an outcome: ok[i] is true when every
+  // in-sync replica has messages[i].
+  using AllDone = std::function<void(std::vector<bool> ok)>;
 
   // `properties` must name bootstrap.servers; they apply after the idempotence settings and
   // linger.ms=1, so an SRE can tune batching (but idempotence stays on: refused otherwise).
@@ -30,18 +37,20 @@ class AckedProducer {
   ~AckedProducer();
   // Waits up to `timeout` for outstanding acknowledgements, then fails the rest (their
   // callbacks run with an error), then stops the poll thread: no callback runs after this
-  // returns. Send must not be called during or after it.
+  // returns. SendAll must not be called during or after it.
   void Close(absl::Duration timeout);
 
-  // Queues one message (copied), keyed (librdkafka's partitioner). If it cannot be queued
-  // (local queue full: ResourceExhausted; anything else: Unavailable) `done` is called with
-  // that error before Send returns.
-  void Send(const std::string& topic, std::string_view key, std::string_view value, Done done);
+  // Queues the messages (keyed: librdkafka's partitioner) and calls `done` once, on the
+  // producer's poll thread when the last acknowledgement (or failure) arrives, or before
+  // SendAll returns if every message is settled by then (a message that cannot be queued,
+  // e.g. the local queue is full, counts as failed). One allocation per call, none per message.
+  void SendAll(const std::string& topic, const std::vector<Message>& messages, AllDone done);
 
   int64_t in_flight() const { return in_flight_.load(std::memory_order_relaxed); }
 
  private:
   AckedProducer() = default;
+  struct Batch;
   static void OnDelivery(rd_kafka_t*, const rd_kafka_message_t* message, void* opaque);
 
   Handle handle_;
