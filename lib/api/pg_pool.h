@@ -2,6 +2,7 @@
 
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,5 +46,14 @@ class PgPool {
   std::mutex mu_;
   std::vector<std::unique_ptr<pqxx::connection>> idle_;  // Guarded by mu_.
 };
+
+// The first column of the first row of `sql`, with `params` as $1, $2, … (nullopt: NULL), as
+// text; nullopt when there is no row or it is NULL.
+inline std::optional<std::string> QueryText(pqxx::transaction_base& tx, const std::string& sql,
+                                            const std::vector<std::optional<std::string>>& params) {
+  const pqxx::result rows = tx.exec_params(sql, pqxx::prepare::make_dynamic_params(params));
+  if (rows.empty() || rows[0][0].is_null()) return std::nullopt;
+  return rows[0][0].as<std::string>();
+}
 
 }  // namespace meterd::api

@@ -29,7 +29,7 @@ std::optional<std::string> DateParam(const http::Request& request, const char* n
 http::Response Reads::Serve(const std::string& org, const std::string& rest,
                             const http::Request& request) {
   std::string sql;
-  std::vector<std::string> params = {org};
+  std::vector<std::optional<std::string>> params = {org};
   if (rest == "/billing-status") {
     sql = "SELECT shared.get_billing_status($1::uuid)::text";
   } else if (rest == "/usage") {
@@ -90,19 +90,7 @@ http::Response Reads::Serve(const std::string& org, const std::string& rest,
   std::optional<std::string> body;
   absl::Status status = store::CatchPq([&]() -> absl::Status {
     pqxx::read_transaction tx(**conn);
-    pqxx::result rows;
-    switch (params.size()) {
-      case 1:
-        rows = tx.exec_params(sql, params[0]);
-        break;
-      case 2:
-        rows = tx.exec_params(sql, params[0], params[1]);
-        break;
-      default:
-        rows = tx.exec_params(sql, params[0], params[1], params[2], params[3]);
-        break;
-    }
-    if (!rows.empty() && !rows[0][0].is_null()) body = rows[0][0].as<std::string>();
+    body = QueryText(tx, sql, params);
     return absl::OkStatus();
   });
   pool_->Give(std::move(*conn));

@@ -168,19 +168,7 @@ http::Response Subscriptions::Serve(const std::string& org, const std::string& r
     try {
       pqxx::work tx(**conn);
       tx.exec_params("SELECT set_config('app.actor', $1, true)", actor);
-      pqxx::result rows;
-      switch (params.size()) {
-        case 1:
-          rows = tx.exec_params(sql, params[0]);
-          break;
-        case 2:
-          rows = tx.exec_params(sql, params[0], params[1]);
-          break;
-        default:
-          rows = tx.exec_params(sql, params[0], params[1], params[2], params[3], params[4]);
-          break;
-      }
-      if (!rows.empty() && !rows[0][0].is_null()) body = rows[0][0].as<std::string>();
+      body = QueryText(tx, sql, params);
       tx.commit();
     } catch (const pqxx::sql_error& e) {
       refused = Refusal(e);

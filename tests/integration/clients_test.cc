@@ -45,19 +45,6 @@ using Totals = std::map<std::tuple<std::string, std::string, std::string>, int64
 
 class ClientsTest : public MeterdFixture {
  protected:
-  // `meterd api-key create …`: the token it prints once.
-  std::string CreateKey(std::vector<std::string> args) {
-    args.insert(args.begin(), {"api-key", "create", "--pg", url_});
-    auto [code, out] = RunCommand(args, "api-key");
-    EXPECT_EQ(code, 0) << out;
-    const size_t at = out.find("\"token\":\"");
-    if (at == std::string::npos) {
-      ADD_FAILURE() << out;
-      return "";
-    }
-    return out.substr(at + 9, out.find('"', at + 9) - at - 9);
-  }
-
   // meterd serving HTTP on `port` (a free one if 0); waits until the API takes requests.
   int StartServing(std::vector<std::string> extra = {}, int port = 0) {
     if (port == 0) port = FreeLocalPort();

@@ -27,18 +27,6 @@ constexpr char kOtherOrg[] = "00000000-0000-4000-8000-0000000000e2";
 
 class HttpApiTest : public MeterdFixture {
  protected:
-  // `meterd api-key create …`: the token it prints once.
-  std::string CreateKey(std::vector<std::string> args) {
-    args.insert(args.begin(), {"api-key", "create", "--pg", url_});
-    auto [code, out] = RunCommand(args, "api-key");
-    EXPECT_EQ(code, 0) << out;
-    const size_t at = out.find("\"token\":\"");
-    if (at == std::string::npos) {
-      ADD_FAILURE() << out;
-      return "";
-    }
-    return out.substr(at + 9, out.find('"', at + 9) - at - 9);
-  }
   std::string KeyId(const std::string& token) { return token.substr(3, 12); }
   std::string SecretOf(const std::string& token) { return token.substr(16); }
 

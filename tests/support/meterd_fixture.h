@@ -42,6 +42,19 @@ class MeterdFixture : public ::testing::Test {
     if (!HasFailure()) std::filesystem::remove_all(dir_);
   }
 
+  // `meterd api-key create …`: the token it prints once.
+  std::string CreateKey(std::vector<std::string> args) {
+    args.insert(args.begin(), {"api-key", "create", "--pg", url_});
+    auto [code, out] = RunCommand(args, "api-key");
+    EXPECT_EQ(code, 0) << out;
+    const size_t at = out.find("\"token\":\"");
+    if (at == std::string::npos) {
+      ADD_FAILURE() << out;
+      return "";
+    }
+    return out.substr(at + 9, out.find('"', at + 9) - at - 9);
+  }
+
   // With `test_group_timing`, a short session timeout so rebalances in these tests are quick;
   // without, meterd's own defaults (what an SRE runs).
   std::unique_ptr<ChildProcess> StartMeterd(const std::string& label,

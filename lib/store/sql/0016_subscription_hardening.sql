@@ -47,6 +47,21 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION shared.assert_period_not_ended(shared.subscriptions) FROM PUBLIC;
 
+-- The org's live subscription, locked; P0002 (404) if there is none.
+CREATE FUNCTION shared.required_live_subscription(p_org uuid)
+RETURNS shared.subscriptions
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_sub shared.subscriptions := shared.live_subscription_for_update(p_org);
+BEGIN
+  IF v_sub.subscription_id IS NULL THEN
+    RAISE EXCEPTION 'org % has no live subscription', p_org USING ERRCODE = 'P0002';
+  END IF;
+  RETURN v_sub;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION shared.required_live_subscription(uuid) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION shared.create_subscription(p_org uuid, p_plan text,
                                                       p_anchor date DEFAULT NULL,
                                                       p_name text DEFAULT NULL,
@@ -116,10 +131,7 @@ DECLARE
   v_doc jsonb;
 BEGIN
   PERFORM shared.assert_may_act_for(p_org);
-  v_sub := shared.live_subscription_for_update(p_org);
-  IF v_sub.subscription_id IS NULL THEN
-    RAISE EXCEPTION 'org % has no live subscription', p_org USING ERRCODE = 'P0002';
-  END IF;
+  v_sub := shared.required_live_subscription(p_org);
   SELECT billing_interval INTO v_interval FROM shared.subscription_plans
   WHERE plan_id = v_sub.plan_id;
   PERFORM shared.assert_plan_choosable(p_plan, v_interval);
@@ -154,10 +166,7 @@ DECLARE
   v_doc jsonb;
 BEGIN
   PERFORM shared.assert_may_act_for(p_org);
-  v_sub := shared.live_subscription_for_update(p_org);
-  IF v_sub.subscription_id IS NULL THEN
-    RAISE EXCEPTION 'org % has no live subscription', p_org USING ERRCODE = 'P0002';
-  END IF;
+  v_sub := shared.required_live_subscription(p_org);
   PERFORM shared.assert_period_not_ended(v_sub);
   v_at := CASE WHEN coalesce(p_at_period_end, true)
                THEN v_sub.current_period_end - interval '1 microsecond'
