@@ -94,6 +94,10 @@ ABSL_FLAG(absl::Duration, http_idle_timeout, absl::Seconds(30),
 ABSL_FLAG(double, api_rate, 1000, "API requests per second per API key (token bucket rate)");
 ABSL_FLAG(double, api_burst, 2000, "API requests per API key in a burst (token bucket size)");
 ABSL_FLAG(int64_t, api_max_events, 1000, "Events per POST /v1/events request at most");
+ABSL_FLAG(std::vector<std::string>, stripe_webhook_secret, {},
+          "Stripe webhook endpoint secret(s) (whsec_…, comma-separated during a rotation): "
+          "enables POST /v1/stripe/webhook; better set as METERD_STRIPE_WEBHOOK_SECRET than on "
+          "the command line");
 ABSL_FLAG(std::string, summary_json, "",
           "When the run ends, write every metric (the same registry as /metrics) as one JSON "
           "object to this file; empty: off");
@@ -167,6 +171,14 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   o.api_rate = absl::GetFlag(FLAGS_api_rate);
   o.api_burst = absl::GetFlag(FLAGS_api_burst);
   o.api_max_events = absl::GetFlag(FLAGS_api_max_events);
+  for (const std::string& secret : absl::GetFlag(FLAGS_stripe_webhook_secret)) {
+    if (secret.empty()) continue;
+    if (secret.size() < 16) {
+      return absl::InvalidArgumentError(
+          "--stripe-webhook-secret: a secret is at least 16 characters (Stripe's whsec_…)");
+    }
+    o.stripe_webhook_secrets.push_back(secret);
+  }
   o.summary_json = absl::GetFlag(FLAGS_summary_json);
   InstallStopSignals();
   ASSIGN_OR_RETURN(auto pipeline, pipeline::Pipeline::Start(std::move(o), &SystemClock::Get()));
@@ -380,6 +392,7 @@ const std::vector<Subcommand>& Subcommands() {
         "api_rate",
         "api_burst",
         "api_max_events",
+        "stripe_webhook_secret",
         "summary_json",
         "kafka_property"},
        &Run},

@@ -193,7 +193,7 @@ http::Response Unauthorized(std::string_view token) {
 // What a request asks for: its kind, the scope it needs, and for the org routes the org (as
 // written in the path; empty for the aliases) and what follows it.
 struct Route {
-  enum Kind { kNone, kWrongMethod, kIngest, kRead, kSubscription } kind = kNone;
+  enum Kind { kNone, kWrongMethod, kIngest, kRead, kSubscription, kStripeWebhook } kind = kNone;
   uint8_t scope = 0;
   std::string org;
   std::string rest;
@@ -226,6 +226,11 @@ Route RouteOf(const http::Request& request) {
     } else {
       return wrong("GET, POST");
     }
+    return r;
+  }
+  if (path == kStripeWebhookPath) {
+    if (method != "POST") return wrong("POST");
+    r.kind = Route::kStripeWebhook;
     return r;
   }
   if (path == "/api/billing/create-subscription") {
@@ -286,6 +291,8 @@ struct Api::Counters {
   Counter* unauthorized;
   Counter* rate_limited;
   Counter* kafka_failures;
+  Counter* stripe_received;
+  Counter* stripe_refused;
 };
 
 Api::Api(ApiOptions options, const KeyStore* keys, kafka::AckedProducer* producer,
@@ -310,6 +317,10 @@ Api::Api(ApiOptions options, const KeyStore* keys, kafka::AckedProducer* produce
   counters_->kafka_failures = r.AddCounter(requests, help, {{"outcome", "kafka_unavailable"}});
   counters_->events_accepted = r.AddCounter("meterd_http_events_accepted_total",
                                             "Events acknowledged by Kafka for HTTP clients");
+  counters_->stripe_received = r.AddCounter("meterd_stripe_webhooks_total",
+                                            "Stripe webhook deliveries", {{"outcome", "stored"}});
+  counters_->stripe_refused = r.AddCounter("meterd_stripe_webhooks_total",
+                                           "Stripe webhook deliveries", {{"outcome", "refused"}});
   counters_->events_rejected = r.AddCounter(
       "meterd_http_events_rejected_total", "Events refused to HTTP clients (answered, not stored)");
 }
@@ -322,7 +333,7 @@ bool Api::Owns(const std::string& path) {
 }
 
 std::optional<http::Response> Api::Precheck(const http::Request& head) const {
-  if (!Owns(head.path)) return std::nullopt;
+  if (!Owns(head.path) || head.path == kStripeWebhookPath) return std::nullopt;
   const std::string token = TokenOf(head);
   if (token.empty() || !keys_->Authenticate(token)) return Unauthorized(token);
   return std::nullopt;
@@ -344,13 +355,17 @@ void Api::Handle(http::Request request, http::Responder respond) {
     respond(RetryLater("stopping", "meterd is stopping; retry elsewhere"));
     return;
   }
+  const Route route = RouteOf(request);
+  if (route.kind == Route::kStripeWebhook) {
+    StripeWebhook(std::move(request), std::move(respond));
+    return;
+  }
   // Keys that could not be refreshed for a while may include revoked ones: refuse rather than
   // trust them (a revocation must hold within seconds).
   if (options_.clock->Now() - keys_->last_refresh() > absl::Seconds(5)) {
     respond(RetryLater("keys_unavailable", "API keys cannot be checked right now; retry shortly"));
     return;
   }
-  const Route route = RouteOf(request);
   if (route.kind == Route::kNone) {
     respond(ErrorResponse(404, "not_found", "no such endpoint"));
     return;
@@ -415,20 +430,55 @@ void Api::Handle(http::Request request, http::Responder respond) {
   }
   char canonical[36];
   event::FormatOrgId(*org, canonical);
+  OnReadPool(std::move(respond),
+             [this, org = std::string(canonical, sizeof(canonical)), rest = std::move(rest),
+              request = std::move(request), subscription = route.kind == Route::kSubscription,
+              actor = absl::StrCat("api_key:", key->key_id)] {
+               return subscription ? subscriptions_.Serve(org, rest, request, actor)
+                                   : reads_.Serve(org, rest, request);
+             });
+}
+
+void Api::OnReadPool(http::Responder respond, std::function<http::Response()> work) {
   if (queued_reads_.fetch_add(1) >= kMaxQueuedReads) {
     queued_reads_.fetch_sub(1);
-    respond(RetryLater("busy", "too many reads waiting; retry shortly"));
+    respond(RetryLater("busy", "too many requests waiting for Postgres; retry shortly"));
     return;
   }
-  boost::asio::post(*read_pool_,
-                    [this, org = std::string(canonical, sizeof(canonical)), rest = std::move(rest),
-                     request = std::move(request), respond = std::move(respond),
-                     subscription = route.kind == Route::kSubscription,
-                     actor = absl::StrCat("api_key:", key->key_id)] {
-                      respond(subscription ? subscriptions_.Serve(org, rest, request, actor)
-                                           : reads_.Serve(org, rest, request));
-                      queued_reads_.fetch_sub(1);
-                    });
+  boost::asio::post(*read_pool_, [this, respond = std::move(respond), work = std::move(work)] {
+    respond(work());
+    queued_reads_.fetch_sub(1);
+  });
+}
+
+void Api::StripeWebhook(http::Request request, http::Responder respond) {
+  if (options_.stripe_webhook_secrets.empty()) {
+    respond(ErrorResponse(404, "not_found",
+                          "Stripe webhooks are not configured (--stripe-webhook-secret)"));
+    return;
+  }
+  const absl::Status verified =
+      VerifyStripeSignature(request.Header("stripe-signature"), request.body,
+                            options_.stripe_webhook_secrets, options_.clock->Now());
+  if (!verified.ok()) {
+    counters_->stripe_refused->Add();
+    respond(ErrorResponse(400, "bad_signature", std::string(verified.message())));
+    return;
+  }
+  simdjson::dom::parser parser;
+  simdjson::dom::object event;
+  std::string_view id, type;
+  if (parser.parse(request.body).get(event) != simdjson::SUCCESS ||
+      event["id"].get(id) != simdjson::SUCCESS || event["type"].get(type) != simdjson::SUCCESS) {
+    counters_->stripe_refused->Add();
+    respond(ErrorResponse(400, "bad_event", "the body is not a Stripe event (id, type)"));
+    return;
+  }
+  OnReadPool(std::move(respond), [this, body = std::move(request.body)] {
+    http::Response r = ApplyStripeEvent(&pool_, body);
+    if (r.status == 200) counters_->stripe_received->Add();
+    return r;
+  });
 }
 
 std::unique_ptr<event::EventParser> Api::TakeParser() {

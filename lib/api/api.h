@@ -13,6 +13,7 @@
 #include "lib/api/pg_pool.h"
 #include "lib/api/rate_limiter.h"
 #include "lib/api/reads.h"
+#include "lib/api/stripe_webhook.h"
 #include "lib/api/subscriptions.h"
 #include "lib/common/clock.h"
 #include "lib/common/metrics.h"
@@ -32,6 +33,8 @@ struct ApiOptions {
   MetricsRegistry* metrics = nullptr;  // Request counters by route and status.
   std::string pg;                      // For the read endpoints.
   store::PgTimeouts pg_timeouts;
+  // Stripe webhook endpoint secrets (whsec_…); empty: POST /v1/stripe/webhook answers 404.
+  std::vector<std::string> stripe_webhook_secrets;
 };
 
 // The /v1 API on the daemon's HTTP server. POST /v1/events (alias POST /api/billing/usage):
@@ -60,6 +63,10 @@ class Api {
  private:
   struct Counters;
   void Ingest(const ApiKey& key, http::Request request, http::Responder respond);
+  // POST /v1/stripe/webhook: the signature is the authentication (no API key).
+  void StripeWebhook(http::Request request, http::Responder respond);
+  // Runs `work` on the read pool (at most kMaxQueuedReads waiting, else 503).
+  void OnReadPool(http::Responder respond, std::function<http::Response()> work);
   // An EventParser for this call (they are not thread-safe), back to the pool after.
   std::unique_ptr<event::EventParser> TakeParser();
   void ReturnParser(std::unique_ptr<event::EventParser> parser);

@@ -144,16 +144,17 @@ absl::Status Pipeline::StartApi() {
   properties.insert(properties.end(), o.ingest.kafka_properties.begin(),
                     o.ingest.kafka_properties.end());
   ASSIGN_OR_RETURN(producer_, kafka::AckedProducer::Create(properties));
-  api_owned_ =
-      std::make_unique<api::Api>(api::ApiOptions{.topic = o.ingest.topic,
-                                                 .parse_limits = o.ingest.parse_limits,
-                                                 .max_events_per_request = o.api_max_events,
-                                                 .rate_per_key = o.api_rate,
-                                                 .burst_per_key = o.api_burst,
-                                                 .metrics = &metrics_,
-                                                 .pg = o.pg,
-                                                 .pg_timeouts = o.pg_timeouts},
-                                 keys_.get(), producer_.get(), &meters_);
+  api_owned_ = std::make_unique<api::Api>(
+      api::ApiOptions{.topic = o.ingest.topic,
+                      .parse_limits = o.ingest.parse_limits,
+                      .max_events_per_request = o.api_max_events,
+                      .rate_per_key = o.api_rate,
+                      .burst_per_key = o.api_burst,
+                      .metrics = &metrics_,
+                      .pg = o.pg,
+                      .pg_timeouts = o.pg_timeouts,
+                      .stripe_webhook_secrets = o.stripe_webhook_secrets},
+      keys_.get(), producer_.get(), &meters_);
   api_.store(api_owned_.get());
   LOG_INFO("http: /v1 API ready ({} API keys loaded)", keys_->size());
   return absl::OkStatus();

@@ -34,6 +34,7 @@ struct PipelineOptions {
   double api_rate = 1000;
   double api_burst = 2000;
   int64_t api_max_events = 1000;
+  std::vector<std::string> stripe_webhook_secrets;  // Empty: no Stripe webhook endpoint.
   std::string summary_json;  // Where to write the metrics as JSON when the run ends; "": none.
 };
 

@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "lib/api/stripe_webhook.h"
 #include "lib/common/json.h"
 #include "tests/support/meterd_fixture.h"
 
@@ -561,7 +562,9 @@ TEST_F(HttpApiTest, OpenApiDocumentValidatesAndResponsesConform) {
   const std::string reader = CreateKey({"--org", kOrg, "--scope", "read"});
   const std::string other = CreateKey({"--org", kOtherOrg, "--scope", "ingest,read"});
   const std::string limited = CreateKey({"--org", kOtherOrg, "--scope", "ingest"});
-  const int port = StartServing({"--api-max-events", "5", "--api-rate", "2", "--api-burst", "40"});
+  constexpr char kStripeSecret[] = "whsec_openapi_0123456789abcdef";
+  const int port = StartServing({"--api-max-events", "5", "--api-rate", "2", "--api-burst", "40",
+                                 "--stripe-webhook-secret", kStripeSecret});
   std::string samples;
   auto sample = [&](const std::string& method, const std::string& path, const std::string& token,
                     const std::string& body = "", const std::string& type = "application/json") {
@@ -663,6 +666,23 @@ TEST_F(HttpApiTest, OpenApiDocumentValidatesAndResponsesConform) {
   EXPECT_EQ(sample("GET", other_org + "/invoices/" + invoice, other).status, 200);
   EXPECT_EQ(sample("GET", org + "/invoices/" + invoice, reader).status, 404);
   EXPECT_EQ(sample("GET", org + "/invoices", reader).status, 200);
+  const std::string stripe_event =
+      absl::StrCat(R"({"id":"evt_openapi_1","object":"event","type":"plan.created","created":)",
+                   absl::ToUnixSeconds(absl::Now()), R"(,"data":{"object":{"id":"plan_1"}}})");
+  std::vector<std::pair<std::string, std::string>> stripe_headers = {
+      {"Content-Type", "application/json"},
+      {"Stripe-Signature",
+       api::StripeSignatureHeader(stripe_event, kStripeSecret, absl::ToUnixSeconds(absl::Now()))}};
+  EXPECT_EQ(sample("POST", "/v1/stripe/webhook", "", stripe_event).status, 400);
+  {
+    HttpResult r = HttpCall(port, "POST", "/v1/stripe/webhook", stripe_headers, stripe_event);
+    EXPECT_EQ(r.status, 200) << r.body;
+    absl::StrAppend(&samples,
+                    "{\"method\":\"POST\",\"path\":\"/v1/stripe/webhook\",\"status\":", r.status,
+                    ",\"content_type\":\"application/json\",\"body\":");
+    AppendJsonString(&samples, r.body);
+    samples += "}\n";
+  }
   // The rate limit: 40 requests of burst, then 429.
   int status = 0;
   for (int i = 0; i < 60 && status != 429; ++i) {
@@ -914,6 +934,67 @@ TEST_F(HttpApiTest, ConcurrentClientsRetriesAndRevocationsCountExactly) {
       EXPECT_GT(retried[c], 0);
     }
   }
+  StopMeterd();
+}
+
+// POST /v1/stripe/webhook: no API key, the signature is the authentication. Tampered, wrong
+// secret, 301 s old, missing header: 400 and nothing stored; a valid one is stored once and
+// applied (a redelivery is 200 and changes nothing); rotation (two v1, one valid) accepted.
+TEST_F(HttpApiTest, StripeWebhooksAreVerifiedStoredOnceAndApplied) {
+  constexpr char kSecret[] = "whsec_it_9f8e7d6c5b4a39281706";
+  Exec(url_, absl::StrCat("INSERT INTO shared.organizations VALUES ('", kOrg, "', 'A', 'hs')"));
+  const int port = StartServing({"--stripe-webhook-secret", kSecret});
+  const std::string event =
+      absl::StrCat(R"({"id":"evt_1PgcWebhookTest01","object":"event","created":)",
+                   absl::ToUnixSeconds(absl::Now()),
+                   R"(,"type":"customer.created","data":{"object":{"id":"cus_QXg1o8vcGmoR32",)",
+                   R"("object":"customer","email":"billing@example.org","metadata":{"org_id":")",
+                   kOrg, R"("}}}})");
+  auto post = [&](const std::string& body, const std::string& signature) {
+    std::vector<std::pair<std::string, std::string>> headers = {
+        {"Content-Type", "application/json"}};
+    if (!signature.empty()) headers.emplace_back("Stripe-Signature", signature);
+    return HttpCall(port, "POST", "/v1/stripe/webhook", headers, body);
+  };
+  const int64_t now = absl::ToUnixSeconds(absl::Now());
+  const std::string good = api::StripeSignatureHeader(event, kSecret, now);
+  std::string tampered = event;
+  tampered.replace(tampered.find("billing@"), 8, "attacker");
+  for (const auto& [body, signature] : std::vector<std::pair<std::string, std::string>>{
+           {tampered, good},
+           {event, api::StripeSignatureHeader(event, "whsec_wrong_secret_0000000000", now)},
+           {event, api::StripeSignatureHeader(event, kSecret, now - 301)},
+           {event, ""}}) {
+    const HttpResult r = post(body, signature);
+    EXPECT_EQ(r.status, 400) << r.body;
+    EXPECT_TRUE(absl::StrContains(r.body, "bad_signature")) << r.body;
+  }
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.stripe_webhook_events"), 0);
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.stripe_customers"), 0);
+  // Rotation: the old secret's signature beside the current one.
+  const std::string old_sig = api::StripeSignatureHeader(event, "whsec_old_0000000000000000", now);
+  HttpResult r = post(event, absl::StrCat(good, ",v1=", old_sig.substr(old_sig.find("v1=") + 3)));
+  EXPECT_EQ(r.status, 200) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"result\":\"applied\"")) << r.body;
+  r = post(event, good);  // Stripe redelivers.
+  EXPECT_EQ(r.status, 200) << r.body;
+  EXPECT_TRUE(absl::StrContains(r.body, "\"result\":\"duplicate\"")) << r.body;
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM shared.stripe_webhook_events"), 1);
+  EXPECT_EQ(QueryInt(url_, absl::StrCat("SELECT count(*) FROM shared.stripe_customers WHERE "
+                                        "org_id = '",
+                                        kOrg, "' AND email = 'billing@example.org'")),
+            1);
+  EXPECT_EQ(QueryInt(url_,
+                     "SELECT count(*) FROM shared.audit_log WHERE action = "
+                     "'stripe.customer.created' AND actor = 'stripe:webhook'"),
+            1);
+  // Signed, but not an event.
+  const std::string junk = "{\"hello\":1}";
+  EXPECT_EQ(post(junk, api::StripeSignatureHeader(junk, kSecret, now)).status, 400);
+  const auto [status, metrics] = HttpGet(port, "/metrics");
+  EXPECT_TRUE(absl::StrContains(metrics, "meterd_stripe_webhooks_total{outcome=\"refused\"} 5"))
+      << metrics;
+  EXPECT_FALSE(absl::StrContains(ReadFile(meterd_->log_path()), kSecret));
   StopMeterd();
 }
 

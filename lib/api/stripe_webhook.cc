@@ -1,0 +1,108 @@
+#include "lib/api/stripe_webhook.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "lib/api/api.h"
+#include "lib/common/logging.h"
+
+namespace meterd::api {
+namespace {
+
+// HMAC-SHA256(secret, "<t>.<body>") as lowercase hex.
+std::string Signature(std::string_view secret, std::string_view t, std::string_view body) {
+  const std::string signed_text = absl::StrCat(absl::string_view(t.data(), t.size()), ".",
+                                               absl::string_view(body.data(), body.size()));
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int size = 0;
+  HMAC(EVP_sha256(), secret.data(), static_cast<int>(secret.size()),
+       reinterpret_cast<const unsigned char*>(signed_text.data()), signed_text.size(), mac, &size);
+  return absl::BytesToHexString(
+      absl::string_view(reinterpret_cast<const char*>(mac), static_cast<size_t>(size)));
+}
+
+}  // namespace
+
+absl::Status VerifyStripeSignature(std::string_view header, std::string_view body,
+                                   const std::vector<std::string>& secrets, absl::Time now,
+                                   absl::Duration tolerance) {
+  if (header.empty()) return absl::InvalidArgumentError("no Stripe-Signature header");
+  std::string_view t;
+  std::vector<std::string_view> signatures;
+  for (absl::string_view part :
+       absl::StrSplit(absl::string_view(header.data(), header.size()), ',')) {
+    const size_t eq = part.find('=');
+    if (eq == absl::string_view::npos) continue;
+    const absl::string_view name = part.substr(0, eq);
+    const absl::string_view value = part.substr(eq + 1);
+    if (name == "t") t = std::string_view(value.data(), value.size());
+    if (name == "v1") signatures.emplace_back(value.data(), value.size());
+  }
+  int64_t seconds = 0;
+  if (t.empty() || !absl::SimpleAtoi(absl::string_view(t.data(), t.size()), &seconds)) {
+    return absl::InvalidArgumentError("Stripe-Signature has no timestamp (t=)");
+  }
+  if (signatures.empty()) return absl::InvalidArgumentError("Stripe-Signature has no v1 signature");
+  if (absl::AbsDuration(now - absl::FromUnixSeconds(seconds)) > tolerance) {
+    return absl::InvalidArgumentError(absl::StrCat("Stripe-Signature timestamp is more than ",
+                                                   absl::ToInt64Seconds(tolerance), " s from now"));
+  }
+  bool match = false;
+  for (const std::string& secret : secrets) {
+    const std::string expected = Signature(secret, t, body);
+    for (std::string_view candidate : signatures) {
+      // Constant time for equal lengths; a length mismatch says nothing about the secret.
+      if (candidate.size() == expected.size() &&
+          CRYPTO_memcmp(candidate.data(), expected.data(), expected.size()) == 0) {
+        match = true;
+      }
+    }
+  }
+  if (!match) return absl::InvalidArgumentError("no v1 signature matches the endpoint secret");
+  return absl::OkStatus();
+}
+
+http::Response ApplyStripeEvent(PgPool* pool, const std::string& body) {
+  absl::StatusOr<std::unique_ptr<pqxx::connection>> conn = pool->Take();
+  if (!conn.ok()) {
+    LOG_WARN("stripe webhook: not stored, Postgres unreachable: {}", conn.status().message());
+    return RetryLater("unavailable", "the database is not reachable");
+  }
+  std::optional<std::string> result;
+  std::optional<http::Response> refused;
+  const absl::Status status = store::CatchPq([&]() -> absl::Status {
+    try {
+      pqxx::work tx(**conn);
+      tx.exec("SELECT set_config('app.actor', 'stripe:webhook', true)");
+      result = QueryText(tx, "SELECT shared.apply_stripe_event($1::jsonb)", {body});
+      tx.commit();
+    } catch (const pqxx::sql_error& e) {
+      if (e.sqlstate() != "22023" && e.sqlstate() != "22P02") throw;
+      refused =
+          ErrorResponse(400, "bad_event", "not a Stripe event (id, type, created, data.object)");
+    }
+    return absl::OkStatus();
+  });
+  pool->Give(std::move(*conn));
+  if (refused) return std::move(*refused);
+  if (!status.ok() || !result) {
+    LOG_WARN("stripe webhook: not stored: {}", status.message());
+    return RetryLater("unavailable", "the event could not be stored; retry");
+  }
+  return {200,
+          "application/json",
+          absl::StrCat("{\"received\":true,\"result\":\"", *result, "\"}\n"),
+          {}};
+}
+
+std::string StripeSignatureHeader(std::string_view body, std::string_view secret, int64_t t) {
+  const std::string stamp = absl::StrCat(t);
+  return absl::StrCat("t=", stamp, ",v1=", Signature(secret, stamp, body));
+}
+
+}  // namespace meterd::api
