@@ -210,5 +210,17 @@ TEST_F(StripeEventsTest, AnyOrderDeliveredTwiceEndsAsInOrderOnce) {
       13);
 }
 
+TEST_F(StripeEventsTest, AmountsFollowTheCurrencysDecimals) {
+  const std::string url = testing::SharedPostgres().CreateMigratedDatabase("stripe_amounts");
+  pqxx::connection conn(url);
+  pqxx::nontransaction tx(conn);
+  EXPECT_EQ(tx.exec1("SELECT shared.stripe_amount_micros(1099, 'usd')")[0].as<int64_t>(),
+            10'990'000);  // $10.99
+  EXPECT_EQ(tx.exec1("SELECT shared.stripe_amount_micros(500, 'JPY')")[0].as<int64_t>(),
+            500'000'000);  // ¥500
+  EXPECT_EQ(tx.exec1("SELECT shared.stripe_amount_micros(1000, 'kwd')")[0].as<int64_t>(),
+            1'000'000);  // 1.000 KWD
+}
+
 }  // namespace
 }  // namespace meterd::api
