@@ -171,7 +171,8 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   o.api_rate = absl::GetFlag(FLAGS_api_rate);
   o.api_burst = absl::GetFlag(FLAGS_api_burst);
   o.api_max_events = absl::GetFlag(FLAGS_api_max_events);
-  for (const std::string& secret : absl::GetFlag(FLAGS_stripe_webhook_secret)) {
+  for (const std::string& entry : absl::GetFlag(FLAGS_stripe_webhook_secret)) {
+    const std::string secret(absl::StripAsciiWhitespace(entry));
     if (secret.empty()) continue;
     if (secret.size() < 16) {
       return absl::InvalidArgumentError(

@@ -333,7 +333,16 @@ bool Api::Owns(const std::string& path) {
 }
 
 std::optional<http::Response> Api::Precheck(const http::Request& head) const {
-  if (!Owns(head.path) || head.path == kStripeWebhookPath) return std::nullopt;
+  if (!Owns(head.path)) return std::nullopt;
+  if (head.path == kStripeWebhookPath) {
+    // No key here: at least a fresh signature header before anyone makes us read a body.
+    if (options_.stripe_webhook_secrets.empty()) return std::nullopt;  // Handle says 404.
+    const absl::Status fresh =
+        StripeSignatureLooksFresh(head.Header("stripe-signature"), options_.clock->Now());
+    if (fresh.ok()) return std::nullopt;
+    counters_->stripe_refused->Add();
+    return ErrorResponse(400, "bad_signature", std::string(fresh.message()));
+  }
   const std::string token = TokenOf(head);
   if (token.empty() || !keys_->Authenticate(token)) return Unauthorized(token);
   return std::nullopt;

@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "lib/api/api.h"
 #include "lib/common/logging.h"
 
@@ -27,6 +28,19 @@ std::string Signature(std::string_view secret, std::string_view t, std::string_v
 }
 
 }  // namespace
+
+absl::Status StripeSignatureLooksFresh(std::string_view header, absl::Time now,
+                                       absl::Duration tolerance) {
+  for (absl::string_view part :
+       absl::StrSplit(absl::string_view(header.data(), header.size()), ',')) {
+    int64_t seconds = 0;
+    if (absl::ConsumePrefix(&part, "t=") && absl::SimpleAtoi(part, &seconds)) {
+      if (absl::AbsDuration(now - absl::FromUnixSeconds(seconds)) > tolerance) break;
+      return absl::OkStatus();
+    }
+  }
+  return absl::InvalidArgumentError("no fresh Stripe-Signature header (t= within 300 s)");
+}
 
 absl::Status VerifyStripeSignature(std::string_view header, std::string_view body,
                                    const std::vector<std::string>& secrets, absl::Time now,
@@ -82,7 +96,9 @@ http::Response ApplyStripeEvent(PgPool* pool, const std::string& body) {
       result = QueryText(tx, "SELECT shared.apply_stripe_event($1::jsonb)", {body});
       tx.commit();
     } catch (const pqxx::sql_error& e) {
-      if (e.sqlstate() != "22023" && e.sqlstate() != "22P02") throw;
+      // Data errors (not an event, bytes jsonb cannot hold) are the body's: retrying the same
+      // body cannot help.
+      if (e.sqlstate().rfind("22", 0) != 0) throw;
       refused =
           ErrorResponse(400, "bad_event", "not a Stripe event (id, type, created, data.object)");
     }
@@ -91,7 +107,9 @@ http::Response ApplyStripeEvent(PgPool* pool, const std::string& body) {
   pool->Give(std::move(*conn));
   if (refused) return std::move(*refused);
   if (!status.ok() || !result) {
-    LOG_WARN("stripe webhook: not stored: {}", status.message());
+    // The first line only: Postgres's DETAIL can name Stripe ids.
+    const absl::string_view message = status.message();
+    LOG_WARN("stripe webhook: not stored: {}", message.substr(0, message.find('\n')));
     return RetryLater("unavailable", "the event could not be stored; retry");
   }
   return {200,

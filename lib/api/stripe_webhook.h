@@ -20,6 +20,10 @@ absl::Status VerifyStripeSignature(std::string_view header, std::string_view bod
                                    const std::vector<std::string>& secrets, absl::Time now,
                                    absl::Duration tolerance = absl::Seconds(300));
 
+// The cheap part of the check, at the headers (before a body is read): a t= within tolerance.
+absl::Status StripeSignatureLooksFresh(std::string_view header, absl::Time now,
+                                       absl::Duration tolerance = absl::Seconds(300));
+
 // The header value Stripe would send for `body` at `t` with `secret` (tests, the fake Stripe).
 std::string StripeSignatureHeader(std::string_view body, std::string_view secret, int64_t t);
 

@@ -128,7 +128,7 @@ TEST_F(StripeEventsTest, AnyOrderDeliveredTwiceEndsAsInOrderOnce) {
   auto subscription = [&](const std::string& status, const std::string& extra) {
     return absl::StrCat(R"({"id":"sub_1Pgc6rB7WZ01zgkWNy0Cn5nw","object":"subscription",)",
                         R"("customer":"cus_QXg1o8vcGmoR32","status":")", status, R"(",)", extra,
-                        R"("metadata":{}})");
+                        R"("metadata":{"meterd_subscription_id":"1"}})");
   };
   auto intent = [&](const std::string& status) {
     return absl::StrCat(R"({"id":"pi_1PgafyB7WZ01zgkWSjxsAJo3","object":"payment_intent",)",
@@ -220,6 +220,51 @@ TEST_F(StripeEventsTest, AmountsFollowTheCurrencysDecimals) {
             500'000'000);  // ¥500
   EXPECT_EQ(tx.exec1("SELECT shared.stripe_amount_micros(1000, 'kwd')")[0].as<int64_t>(),
             1'000'000);  // 1.000 KWD
+}
+
+// Found by review: an unrelated Stripe subscription (a failed checkout) must not cancel the
+// org's subscription, an invoice event must not touch another org's invoice, and a paid
+// invoice does not go back to open, nor a voided one to paid.
+TEST_F(StripeEventsTest, EventsChangeOnlyWhatIsTheirs) {
+  const std::string url = Database("stripe_theirs");
+  constexpr char kOther[] = "00000000-0000-4000-8000-00000000057f";
+  pqxx::connection conn(url);
+  {
+    pqxx::work tx(conn);
+    tx.exec0(absl::StrCat("INSERT INTO shared.organizations VALUES ('", kOther, "', 'B', 'hs')"));
+    tx.commit();
+  }
+  const int64_t t = absl::ToUnixSeconds(absl::Now()) - 3600;
+  auto customer = [&](const std::string& id, const std::string& org) {
+    return absl::StrCat(R"({"id":")", id, R"(","object":"customer","created":)", t,
+                        R"(,"email":null,"metadata":{"org_id":")", org, R"("}})");
+  };
+  EXPECT_EQ(Apply(conn, Event("evt_a1", "customer.created", t, customer("cus_A", kOrg))),
+            "applied");
+  EXPECT_EQ(Apply(conn, Event("evt_b1", "customer.created", t, customer("cus_B", kOther))),
+            "applied");
+  // A checkout that failed: its subscription expires. Not linked to meterd's: stored only.
+  EXPECT_EQ(Apply(conn, Event("evt_a2", "customer.subscription.updated", t + 10,
+                              R"({"id":"sub_try1","object":"subscription","customer":"cus_A",)"
+                              R"("status":"incomplete_expired","metadata":{}})")),
+            "stored");
+  // B's customer paying "invoice 1" (A's): not applied.
+  const std::string paid_by_b =
+      R"({"id":"in_b","object":"invoice","customer":"cus_B","metadata":{"meterd_invoice_id":"1"}})";
+  EXPECT_EQ(Apply(conn, Event("evt_b2", "invoice.paid", t + 20, paid_by_b)), "stored");
+  // A's own: voided, then a later "paid" for it changes nothing (void is final).
+  const std::string a_invoice =
+      R"({"id":"in_a","object":"invoice","customer":"cus_A","metadata":{"meterd_invoice_id":"1"}})";
+  EXPECT_EQ(Apply(conn, Event("evt_a3", "invoice.voided", t + 30, a_invoice)), "applied");
+  EXPECT_EQ(Apply(conn, Event("evt_a4", "invoice.paid", t + 40, a_invoice)), "stored");
+  pqxx::nontransaction tx(conn);
+  EXPECT_EQ(tx.exec1("SELECT status || ' ' || coalesce(stripe_subscription_id, '-') FROM "
+                     "shared.subscriptions")[0]
+                .as<std::string>(),
+            "active -");
+  EXPECT_EQ(
+      tx.exec1("SELECT status FROM shared.invoices WHERE invoice_id = 1")[0].as<std::string>(),
+      "void");
 }
 
 }  // namespace

@@ -43,19 +43,6 @@ $$;
 -- Applies a stored, not yet processed event (see apply_stripe_event). 'pending': it needs an
 -- org that is not known yet (its customer's event has not arrived): it stays unprocessed and
 -- is applied when that customer's event is.
--- A Stripe amount (in the currency's smallest unit) as micros of the currency: zero-decimal
--- currencies (JPY, KRW, …) count whole units, three-decimal ones (BHD, KWD, …) thousandths,
--- the rest hundredths (Stripe's documented lists).
-CREATE FUNCTION shared.stripe_amount_micros(p_amount bigint, p_currency text)
-RETURNS bigint
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-  SELECT p_amount * CASE
-    WHEN lower(p_currency) IN ('bif', 'clp', 'djf', 'gnf', 'jpy', 'kmf', 'krw', 'mga', 'pyg',
-                               'rwf', 'ugx', 'vnd', 'vuv', 'xaf', 'xof', 'xpf') THEN 1000000
-    WHEN lower(p_currency) IN ('bhd', 'jod', 'kwd', 'omr', 'tnd') THEN 1000
-    ELSE 10000 END
-$$;
-
 CREATE FUNCTION shared.apply_stored_stripe_event(p_id text)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' AS $$
@@ -164,7 +151,7 @@ BEGIN
                      ELSE 'pending' END;
     INSERT INTO shared.payments (org_id, invoice_id, amount_micros, currency, status,
                                  stripe_payment_intent_id)
-    VALUES (v_org, v_invoice, shared.stripe_amount_micros((v_object->>'amount')::bigint, coalesce(v_object->>'currency', 'usd')),
+    VALUES (v_org, v_invoice, (v_object->>'amount')::bigint * 10000,
             coalesce(v_object->>'currency', 'usd'), v_status, v_object->>'id')
     ON CONFLICT (stripe_payment_intent_id) DO UPDATE
       SET status = EXCLUDED.status, amount_micros = EXCLUDED.amount_micros,
@@ -179,7 +166,7 @@ BEGIN
     END IF;
     INSERT INTO shared.payments (org_id, invoice_id, amount_micros, currency, status,
                                  stripe_payment_intent_id)
-    VALUES (v_org, v_invoice, shared.stripe_amount_micros((v_object->>'amount')::bigint, coalesce(v_object->>'currency', 'usd')),
+    VALUES (v_org, v_invoice, (v_object->>'amount')::bigint * 10000,
             coalesce(v_object->>'currency', 'usd'), 'refunded', v_object->>'payment_intent')
     ON CONFLICT (stripe_payment_intent_id) DO UPDATE SET status = 'refunded';
   ELSIF v_type IN ('payment_method.attached', 'payment_method.updated') AND v_org IS NOT NULL THEN
