@@ -20,8 +20,6 @@ namespace {
 
 constexpr char kJson[] = "application/json";
 
-// `text` as the inside of a JSON string.
-
 absl::string_view Absl(std::string_view text) { return {text.data(), text.size()}; }
 
 // An id as the event's JSON carried it (escapes kept): valid inside a JSON string as is, but

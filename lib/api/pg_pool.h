@@ -1,5 +1,6 @@
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -9,6 +10,7 @@
 #include <pqxx/pqxx>
 
 #include "absl/status/statusor.h"
+#include "lib/http/http_server.h"
 #include "lib/store/pg_connection.h"
 
 namespace meterd::api {
@@ -55,5 +57,22 @@ inline std::optional<std::string> QueryText(pqxx::transaction_base& tx, const st
   if (rows.empty() || rows[0][0].is_null()) return std::nullopt;
   return rows[0][0].as<std::string>();
 }
+
+// What a PgCall gives back: the first column of the first row as text (nullopt: no row, or
+// NULL), or the response to send instead (a refusal, or a 503 to retry).
+struct PgAnswer {
+  std::optional<std::string> value;
+  std::optional<http::Response> instead;
+};
+
+// One transaction on a connection of `pool` running `sql` with `params`: read-only when
+// `actor` is empty, else read-write with app.actor = `actor` (the audit rows' actor). A
+// pqxx::sql_error that `refuse` maps to a response becomes `instead`; any other failure is a
+// 503 with Retry-After, logged as `what` (the first line only: Postgres's DETAIL can name
+// data).
+PgAnswer PgCall(
+    PgPool* pool, std::string_view what, const std::string& actor, const std::string& sql,
+    const std::vector<std::optional<std::string>>& params,
+    const std::function<std::optional<http::Response>(const pqxx::sql_error&)>& refuse = {});
 
 }  // namespace meterd::api

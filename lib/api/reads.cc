@@ -5,7 +5,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "lib/api/api.h"
-#include "lib/common/logging.h"
 
 namespace meterd::api {
 namespace {
@@ -82,22 +81,9 @@ http::Response Reads::Serve(const std::string& org, const std::string& rest,
   } else {
     return ErrorResponse(404, "not_found", "no such endpoint");
   }
-  absl::StatusOr<std::unique_ptr<pqxx::connection>> conn = pool_->Take();
-  if (!conn.ok()) {
-    LOG_WARN("http: read of {} failed: {}", rest, conn.status().message());
-    return RetryLater("unavailable", "the database is not reachable");
-  }
-  std::optional<std::string> body;
-  absl::Status status = store::CatchPq([&]() -> absl::Status {
-    pqxx::read_transaction tx(**conn);
-    body = QueryText(tx, sql, params);
-    return absl::OkStatus();
-  });
-  pool_->Give(std::move(*conn));
-  if (!status.ok()) {
-    LOG_WARN("http: read of {} failed: {}", rest, status.message());
-    return RetryLater("unavailable", "the read failed; retry shortly");
-  }
+  PgAnswer answer = PgCall(pool_, absl::StrCat("read of ", rest), "", sql, params);
+  if (answer.instead) return std::move(*answer.instead);
+  const std::optional<std::string>& body = answer.value;
   if (!body) return ErrorResponse(404, "not_found", "no such invoice");
   return {200, kJson, *body + "\n", {}};
 }

@@ -10,7 +10,6 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "lib/api/api.h"
-#include "lib/common/logging.h"
 
 namespace meterd::api {
 namespace {
@@ -82,39 +81,21 @@ absl::Status VerifyStripeSignature(std::string_view header, std::string_view bod
 }
 
 http::Response ApplyStripeEvent(PgPool* pool, const std::string& body) {
-  absl::StatusOr<std::unique_ptr<pqxx::connection>> conn = pool->Take();
-  if (!conn.ok()) {
-    LOG_WARN("stripe webhook: not stored, Postgres unreachable: {}", conn.status().message());
-    return RetryLater("unavailable", "the database is not reachable");
-  }
-  std::optional<std::string> result;
-  std::optional<http::Response> refused;
-  const absl::Status status = store::CatchPq([&]() -> absl::Status {
-    try {
-      pqxx::work tx(**conn);
-      tx.exec("SELECT set_config('app.actor', 'stripe:webhook', true)");
-      result = QueryText(tx, "SELECT shared.apply_stripe_event($1::jsonb)", {body});
-      tx.commit();
-    } catch (const pqxx::sql_error& e) {
-      // Data errors (not an event, bytes jsonb cannot hold) are the body's: retrying the same
-      // body cannot help.
-      if (e.sqlstate().rfind("22", 0) != 0) throw;
-      refused =
-          ErrorResponse(400, "bad_event", "not a Stripe event (id, type, created, data.object)");
-    }
-    return absl::OkStatus();
-  });
-  pool->Give(std::move(*conn));
-  if (refused) return std::move(*refused);
-  if (!status.ok() || !result) {
-    // The first line only: Postgres's DETAIL can name Stripe ids.
-    const absl::string_view message = status.message();
-    LOG_WARN("stripe webhook: not stored: {}", message.substr(0, message.find('\n')));
-    return RetryLater("unavailable", "the event could not be stored; retry");
-  }
+  PgAnswer answer =
+      PgCall(pool, "storing a Stripe event", "stripe:webhook",
+             "SELECT shared.apply_stripe_event($1::jsonb)", {body},
+             [](const pqxx::sql_error& e) -> std::optional<http::Response> {
+               // Data errors (not an event, bytes jsonb cannot hold) are the body's: retrying the
+               // same body cannot help.
+               if (e.sqlstate().rfind("22", 0) != 0) return std::nullopt;
+               return ErrorResponse(400, "bad_event",
+                                    "not a Stripe event (id, type, created, data.object)");
+             });
+  if (answer.instead) return std::move(*answer.instead);
+  if (!answer.value) return RetryLater("unavailable", "the event could not be stored; retry");
   return {200,
           "application/json",
-          absl::StrCat("{\"received\":true,\"result\":\"", *result, "\"}\n"),
+          absl::StrCat("{\"received\":true,\"result\":\"", *answer.value, "\"}\n"),
           {}};
 }
 

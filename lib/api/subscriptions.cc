@@ -11,7 +11,6 @@
 #include "absl/strings/strip.h"
 #include "absl/time/civil_time.h"
 #include "lib/api/api.h"
-#include "lib/common/logging.h"
 #include "lib/event/usage_event.h"
 
 namespace meterd::api {
@@ -157,31 +156,9 @@ http::Response Subscriptions::Serve(const std::string& org, const std::string& r
   } else {
     return ErrorResponse(404, "not_found", "no such endpoint");
   }
-  absl::StatusOr<std::unique_ptr<pqxx::connection>> conn = pool_->Take();
-  if (!conn.ok()) {
-    LOG_WARN("http: subscription call failed: {}", conn.status().message());
-    return RetryLater("unavailable", "the database is not reachable");
-  }
-  std::optional<std::string> body;
-  std::optional<http::Response> refused;
-  absl::Status status = store::CatchPq([&]() -> absl::Status {
-    try {
-      pqxx::work tx(**conn);
-      tx.exec_params("SELECT set_config('app.actor', $1, true)", actor);
-      body = QueryText(tx, sql, params);
-      tx.commit();
-    } catch (const pqxx::sql_error& e) {
-      refused = Refusal(e);
-      if (!refused) throw;
-    }
-    return absl::OkStatus();
-  });
-  pool_->Give(std::move(*conn));
-  if (refused) return std::move(*refused);
-  if (!status.ok()) {
-    LOG_WARN("http: subscription call failed: {}", status.message());
-    return RetryLater("unavailable", "the call failed; retry shortly");
-  }
+  PgAnswer answer = PgCall(pool_, "subscription call", actor, sql, params, Refusal);
+  if (answer.instead) return std::move(*answer.instead);
+  const std::optional<std::string>& body = answer.value;
   if (!body) return ErrorResponse(404, "no_subscription", "the org has no subscription");
   return {ok_status, kJson, *body + "\n", {}};
 }
