@@ -383,7 +383,6 @@ void Api::Handle(http::Request request, http::Responder respond) {
     respond(std::move(r));
     return;
   }
-  const bool ingest_route = route.kind == Route::kIngest;
   std::string org_text = route.org;
   std::string rest = route.rest;
   const std::string token = TokenOf(request);
@@ -409,7 +408,7 @@ void Api::Handle(http::Request request, http::Responder respond) {
     respond(std::move(r));
     return;
   }
-  if (ingest_route) {
+  if (route.kind == Route::kIngest) {
     Ingest(*key, std::move(request), std::move(respond));
     return;
   }
