@@ -1,14 +1,19 @@
 // Subcommands: each reads its flags, wires library objects together, and maps the result to an
 // exit code with one clear line on failure. No logic of its own.
 #include <cstdio>
+#include <fstream>
+#include <optional>
+#include <sstream>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/civil_time.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "daemon/flags.h"
 #include "lib/api/api_keys.h"
+#include "lib/billing/billing_metrics.h"
 #include "lib/billing/close_period.h"
 #include "lib/common/clock.h"
 #include "lib/common/files.h"
@@ -16,11 +21,13 @@
 #include "lib/common/process.h"
 #include "lib/common/status_macros.h"
 #include "lib/devtools/dev_broker.h"
+#include "lib/devtools/fake_stripe.h"
 #include "lib/devtools/loadgen.h"
 #include "lib/pipeline/pipeline.h"
 #include "lib/store/data_protection.h"
 #include "lib/store/migrations.h"
 #include "lib/store/rejected_replay.h"
+#include "lib/stripe/stripe_exporter.h"
 
 // The flags. Each subcommand lists the ones it reads (Subcommands() below); main refuses the
 // others and reads the environment through Abseil's reflection.
@@ -98,6 +105,18 @@ ABSL_FLAG(std::vector<std::string>, stripe_webhook_secret, {},
           "Stripe webhook endpoint secret(s) (whsec_…, comma-separated during a rotation): "
           "enables POST /v1/stripe/webhook; better set as METERD_STRIPE_WEBHOOK_SECRET than on "
           "the command line");
+ABSL_FLAG(std::string, stripe_secret_key, "",
+          "Stripe secret or restricted key (sk_…/rk_…) for the export of shared.stripe_outbox; "
+          "in `run`, enables the export. Never logged; better set as METERD_STRIPE_SECRET_KEY or "
+          "in --stripe-secret-key-file than on the command line");
+ABSL_FLAG(std::string, stripe_secret_key_file, "",
+          "A file holding the Stripe secret key (e.g. a mounted secret), instead of "
+          "--stripe-secret-key");
+ABSL_FLAG(std::string, stripe_api_base, "https://api.stripe.com",
+          "Where the Stripe API is (tests and the demo point it at a local fake)");
+ABSL_FLAG(int, stripe_export_senders, 4, "Concurrent connections sending the outbox to Stripe");
+ABSL_FLAG(absl::Duration, stripe_export_timeout, absl::Minutes(10),
+          "stripe-export: give up after this long (rows left are sent by the next run)");
 ABSL_FLAG(std::string, summary_json, "",
           "When the run ends, write every metric (the same registry as /metrics) as one JSON "
           "object to this file; empty: off");
@@ -134,6 +153,39 @@ absl::StatusOr<kafka::Properties> ParseProperties(const std::vector<std::string>
     properties.push_back(std::move(pair));
   }
   return properties;
+}
+
+// The Stripe export's options from the flags; nullopt when no key is given.
+absl::StatusOr<std::optional<stripe::ExporterOptions>> StripeExportOptions() {
+  std::string key = absl::GetFlag(FLAGS_stripe_secret_key);
+  const std::string file = absl::GetFlag(FLAGS_stripe_secret_key_file);
+  if (!key.empty() && !file.empty()) {
+    return absl::InvalidArgumentError(
+        "give --stripe-secret-key or --stripe-secret-key-file, not both");
+  }
+  if (!file.empty()) {
+    std::ifstream in(file);
+    std::stringstream text;
+    text << in.rdbuf();
+    if (!in) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--stripe-secret-key-file: cannot read ", file));
+    }
+    key = std::string(absl::StripAsciiWhitespace(text.str()));
+    if (key.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--stripe-secret-key-file: ", file, " is empty"));
+    }
+  }
+  if (key.empty()) return std::nullopt;
+  stripe::ExporterOptions options;
+  options.secret_key = key;
+  options.api_base = absl::GetFlag(FLAGS_stripe_api_base);
+  options.senders = absl::GetFlag(FLAGS_stripe_export_senders);
+  if (options.senders < 1 || options.senders > 64) {
+    return absl::InvalidArgumentError("--stripe-export-senders must be 1..64");
+  }
+  return options;
 }
 
 absl::Status Run(const std::vector<std::string>& raw_properties) {
@@ -180,6 +232,7 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
     }
     o.stripe_webhook_secrets.push_back(secret);
   }
+  ASSIGN_OR_RETURN(o.stripe_export, StripeExportOptions());
   o.summary_json = absl::GetFlag(FLAGS_summary_json);
   InstallStopSignals();
   ASSIGN_OR_RETURN(auto pipeline, pipeline::Pipeline::Start(std::move(o), &SystemClock::Get()));
@@ -217,7 +270,51 @@ absl::Status ClosePeriod(const std::vector<std::string>&) {
            absl::FormatTime(absl::RFC3339_sec, as_of, absl::UTCTimeZone()));
   std::printf("%s\n", billing::CloseSummaryJson(summary).c_str());
   std::fflush(stdout);
+  // The revenue KPIs through the last month before --as-of's (a month's invoices exist once
+  // its periods ended; the current month's are not there yet).
+  const absl::CivilDay through =
+      absl::CivilDay(absl::CivilMonth(absl::ToCivilDay(as_of, absl::UTCTimeZone()))) - 1;
+  absl::StatusOr<int64_t> kpis = billing::ComputeBillingMetrics(pg, through);
+  if (!kpis.ok()) {
+    return absl::Status(kpis.status().code(),
+                        absl::StrCat("invoices were created, but the billing metrics were not "
+                                     "computed: ",
+                                     kpis.status().message()));
+  }
+  LOG_INFO("close-period: {} billing metric(s) computed through {}", *kpis,
+           absl::FormatCivilTime(through));
   return billing::FailuresStatus(summary);
+}
+
+absl::Status StripeExport(const std::vector<std::string>&) {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  ASSIGN_OR_RETURN(std::optional<stripe::ExporterOptions> options, StripeExportOptions());
+  if (!options.has_value()) {
+    return absl::InvalidArgumentError(
+        "--stripe-secret-key or --stripe-secret-key-file is required (or set "
+        "METERD_STRIPE_SECRET_KEY)");
+  }
+  RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
+  ASSIGN_OR_RETURN(auto exporter, stripe::StripeExporter::Create(pg, *options));
+  const stripe::DrainSummary summary = exporter->Drain(absl::GetFlag(FLAGS_stripe_export_timeout));
+  std::printf("{\"sent\":%lld,\"refused\":%lld,\"pending\":%lld,\"failed_rows\":%lld}\n",
+              static_cast<long long>(summary.sent), static_cast<long long>(summary.refused),
+              static_cast<long long>(summary.still_pending),
+              static_cast<long long>(summary.failed_rows));
+  std::fflush(stdout);
+  if (summary.still_pending > 0) {
+    return absl::UnavailableError(absl::StrCat(
+        summary.still_pending,
+        " outbox row(s) still pending (Stripe unreachable or rate limiting?); run again later"));
+  }
+  if (summary.failed_rows > 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        summary.failed_rows,
+        " outbox row(s) refused by Stripe (shared.stripe_outbox state 'failed', last_error "
+        "says why); fix, then SELECT shared.retry_stripe_exports()"));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status ReplayRejected(const std::vector<std::string>&) {
@@ -334,6 +431,22 @@ absl::Status DevBroker(const std::vector<std::string>&) {
   return absl::OkStatus();
 }
 
+absl::Status DevStripe(const std::vector<std::string>&) {
+  InstallStopSignals();
+  devtools::FakeStripeOptions options;
+  const std::string listen = absl::GetFlag(FLAGS_http_listen);
+  if (!listen.empty()) options.listen = listen;
+  ASSIGN_OR_RETURN(auto fake, devtools::FakeStripe::Start(options));
+  std::printf("%s\n", fake->base_url().c_str());
+  std::fflush(stdout);
+  LOG_INFO(
+      "dev-stripe: a fake Stripe API at {} (test key {}, webhook secret {}); GET "
+      "/__fake/meter_events lists what it got; SIGTERM stops it",
+      fake->base_url(), options.secret_key, options.webhook_secret);
+  while (!StopRequested()) absl::SleepFor(absl::Milliseconds(100));
+  return absl::OkStatus();
+}
+
 absl::Status Loadgen(const std::vector<std::string>& raw_properties) {
   devtools::LoadgenOptions options;
   options.brokers = absl::GetFlag(FLAGS_brokers);
@@ -394,14 +507,25 @@ const std::vector<Subcommand>& Subcommands() {
         "api_burst",
         "api_max_events",
         "stripe_webhook_secret",
+        "stripe_secret_key",
+        "stripe_secret_key_file",
+        "stripe_api_base",
+        "stripe_export_senders",
         "summary_json",
         "kafka_property"},
        &Run},
       {"migrate", "apply the embedded schema migrations", {"pg"}, &Migrate},
       {"close-period",
-       "invoice every subscription period that has ended (the monthly cron); idempotent",
+       "invoice every subscription period that has ended, then recompute the revenue KPIs "
+       "(shared.billing_metrics) through last month (the daily cron); idempotent",
        {"pg", "as_of", "allow_future"},
        &ClosePeriod},
+      {"stripe-export",
+       "send the Stripe outbox (meter events of closed periods) until it is empty; exactly "
+       "once per row",
+       {"pg", "stripe_secret_key", "stripe_secret_key_file", "stripe_api_base",
+        "stripe_export_senders", "stripe_export_timeout"},
+       &StripeExport},
       {"replay-rejected",
        "count the rejected events of one reason that parse now (new meter, raised maximum); "
        "each row at most once",
@@ -429,6 +553,10 @@ const std::vector<Subcommand>& Subcommands() {
        "start an embedded Kafka (librdkafka mock cluster) on 127.0.0.1; prints its address",
        {"topic", "partitions"},
        &DevBroker},
+      {"dev-stripe",
+       "start a fake Stripe API on 127.0.0.1 for tests and the demo; prints its URL",
+       {"http_listen"},
+       &DevStripe},
       {"loadgen",
        "produce generated usage events and print the expected totals as JSON",
        {"brokers", "topic", "events", "orgs", "malformed_share", "duplicate_share", "expected_out",

@@ -3,7 +3,9 @@
 # produces generated usage events, runs meterd on them, and prints the billing result.
 #   DEMO_EVENTS (default 1000000), DEMO_ORGS (500), DEMO_PARTITIONS (128) tune it.
 # Each org gets a subscription (basic, pro or enterprise by a hash of its id) for the month the
-# events fall in; after ingestion the month is closed and the invoices are summarised per plan.
+# events fall in, and a Stripe customer; after ingestion the month is closed, the invoices are
+# summarised per plan, their usage is exported to a local fake Stripe (meterd dev-stripe), and
+# one signed webhook (invoice.paid) makes the round trip back into meterd.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 events=${DEMO_EVENTS:-1000000}
@@ -41,6 +43,9 @@ SELECT org_id, (ARRAY['basic', 'basic', 'pro', 'enterprise'])[1 + abs(hashtext(o
        date_trunc('month', now() - interval '3 days'),
        date_trunc('month', now() - interval '3 days') + interval '1 month'
 FROM shared.organizations;
+-- What the customer.created webhooks would have filled in.
+INSERT INTO shared.stripe_customers (org_id, stripe_customer_id)
+SELECT org_id, 'cus_demo' || left(replace(org_id::text, '-', ''), 14) FROM shared.organizations;
 SQL
 psql "$pg" -q -v ON_ERROR_STOP=1 -f "$work/orgs.sql"
 period_end=$(psql "$pg" -qAt -c "SELECT to_char(date_trunc('month', now() - interval '3 days') + interval '1 month', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')")
@@ -62,6 +67,39 @@ alerts=$(psql "$pg" -qAt -c "SELECT count(*) FROM shared.usage_alerts")
 # The demo invoices this month now instead of waiting for it to end: --allow-future says so
 # (a real cron closes what has ended, and meterd refuses a future --as-of without it).
 "$meterd" close-period --pg "$pg" --as-of "$period_end" --allow-future >"$work/close.json" 2>>"$work/meterd.log"
+
+echo "== exporting the invoiced usage to Stripe (a local fake: meterd dev-stripe, meterd stripe-export)" >&2
+dev_env_background "$meterd" dev-stripe >"$work/stripe.addr" 2>>"$work/stripe.log"
+for _ in $(seq 100); do [[ -s "$work/stripe.addr" ]] && break; sleep 0.1; done
+stripe=$(head -n 1 "$work/stripe.addr")
+export_start=$(date +%s.%N)
+METERD_STRIPE_SECRET_KEY=sk_test_meterd_fake "$meterd" stripe-export --pg "$pg" \
+  --stripe-api-base "$stripe" --stripe-export-senders 8 >"$work/export.json" 2>>"$work/meterd.log"
+export_s=$(python3 -c "import sys; print('%.2f' % (float(sys.argv[2]) - float(sys.argv[1])))" "$export_start" "$(date +%s.%N)")
+curl -sf "$stripe/__fake/meter_events" >"$work/stripe-events.json"
+
+echo "== one webhook round trip: the fake Stripe signs invoice.paid, meterd verifies and applies it" >&2
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+dev_env_background "$meterd" run --pg "$pg" --brokers "$brokers" --topic "$topic" --group demo \
+  --billing=false --http-listen "127.0.0.1:$port" \
+  --stripe-webhook-secret whsec_meterd_fake_0123456789 2>>"$work/meterd-webhook.log"
+webhook_pid=$last_pid
+psql "$pg" -qAt -F ' ' -c "SELECT i.invoice_id, i.org_id, c.stripe_customer_id, i.total_micros / 10000, i.status
+  FROM shared.invoices i JOIN shared.stripe_customers c USING (org_id) ORDER BY i.invoice_id LIMIT 1" \
+  >"$work/paid-invoice.txt"
+read -r invoice_id invoice_org customer cents before <"$work/paid-invoice.txt"
+cat >"$work/invoice-paid.json" <<JSON
+{"id":"evt_demo_invoice_paid","object":"event","type":"invoice.paid","api_version":"2024-06-20","created":$(date +%s),"livemode":false,"data":{"object":{"id":"in_demo_$invoice_id","object":"invoice","customer":"$customer","status":"paid","amount_paid":$cents,"currency":"usd","metadata":{"meterd_invoice_id":"$invoice_id","org_id":"$invoice_org"}}}}
+JSON
+to=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "http://127.0.0.1:$port/v1/stripe/webhook")
+for _ in $(seq 100); do  # Until meterd's HTTP endpoint is up.
+  curl -s -X POST --data-binary @"$work/invoice-paid.json" "$stripe/__fake/webhook?to=$to" >"$work/webhook.json" || true
+  grep -q '"status":200' "$work/webhook.json" && break
+  sleep 0.1
+done
+after=$(psql "$pg" -qAt -c "SELECT status FROM shared.invoices WHERE invoice_id = $invoice_id")
+kill -TERM "$webhook_pid"; wait "$webhook_pid" || true
+printf '%s %s %s %s %s\n' "$invoice_id" "$before" "$after" "$export_s" "$stripe" >"$work/roundtrip.txt"
 
 python3 - "$work" "$pg" "$start" "$start" "$done_at" "$events" "$alerts" <<'PY'
 import csv, json, re, subprocess, sys
@@ -110,7 +148,26 @@ for plan in ("basic", "pro", "enterprise"):
     p = close["by_plan"].get(plan)
     if p:
         print("%-11s %9d %15s %15s %15s" % (plan, p["invoices"], dollars(p["base_micros"]), dollars(p["usage_micros"] + p["adjustment_micros"]), dollars(p["total_micros"])))
+exported = json.load(open(f"{work}/export.json"))
+at_stripe = json.load(open(f"{work}/stripe-events.json"))
+owed = {r[0]: (r[1], r[2]) for r in q("SELECT identifier, stripe_customer_id, value::text FROM shared.stripe_outbox WHERE kind = 'meter_event'")}
+got = {}
+for e in at_stripe:
+    got.setdefault(e["identifier"], []).append((e["payload"]["stripe_customer_id"], e["payload"]["value"]))
+export_ok = set(got) == set(owed) and all(v == [owed[k]] for k, v in got.items()) and exported["pending"] == 0
+invoice_id, before, after, export_s, stripe_url = open(f"{work}/roundtrip.txt").read().split()
+webhook = json.load(open(f"{work}/webhook.json"))
 print()
-print("RESULT: %s" % ("totals match exactly" if ok and keys_ok and sum(rejected.values()) == gen["malformed"] else "MISMATCH"))
-sys.exit(0 if ok and keys_ok else 1)
+print("Stripe export (meterd stripe-export to a fake Stripe at %s): %d meter events sent in %s s, %d at Stripe, each identifier once: %s" % (stripe_url, exported["sent"], export_s, len(at_stripe), "yes" if export_ok else "NO"))
+by_meter = {}
+for r in q("SELECT event_name, count(*), sum(value) FROM shared.stripe_outbox GROUP BY 1 ORDER BY 1"):
+    print("  %-14s %6s events, value %12s" % (r[0], r[1], r[2]))
+print("webhook round trip: invoice.paid signed by the fake Stripe -> meterd answered %s %s; invoice %s: %s -> %s" % (webhook["status"], webhook["body"].strip(), invoice_id, before, after))
+roundtrip_ok = webhook["status"] == 200 and after == "paid"
+kpis = dict(q("SELECT metric, value FROM shared.billing_metrics WHERE segment = 'all' AND metric_date = (SELECT max(metric_date) FROM shared.billing_metrics) AND metric IN ('mrr', 'arr', 'arpa', 'overage_share', 'active_customers')"))
+if kpis:
+    print("revenue KPIs (shared.billing_metrics, filled by close-period): MRR %s, ARR %s, ARPA %s, %s active customers, overage share %.1f%%" % (dollars(float(kpis["mrr"])), dollars(float(kpis["arr"])), dollars(float(kpis["arpa"])), kpis["active_customers"], 100 * float(kpis["overage_share"])))
+print()
+print("RESULT: %s" % ("totals match exactly, export and webhook round trip exact" if ok and keys_ok and export_ok and roundtrip_ok and sum(rejected.values()) == gen["malformed"] else "MISMATCH"))
+sys.exit(0 if ok and keys_ok and export_ok and roundtrip_ok else 1)
 PY

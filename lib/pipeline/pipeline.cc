@@ -97,6 +97,14 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Start(PipelineOptions option
     };
     p->overage_->Start();
   }
+  if (o.stripe_export.has_value()) {
+    stripe::ExporterOptions exporter = *o.stripe_export;
+    exporter.metrics = &p->metrics_;
+    ASSIGN_OR_RETURN(p->exporter_, stripe::StripeExporter::Create(o.pg, std::move(exporter)));
+    p->exporter_->Start();
+    LOG_INFO("stripe export: {} sender(s) to {}", o.stripe_export->senders,
+             o.stripe_export->api_base);
+  }
   ASSIGN_OR_RETURN(p->ingestor_,
                    ingest::Ingestor::Create(ingest, std::move(writer), &p->meters_, clock));
   p->serving_.store(p->ingestor_.get());
@@ -115,6 +123,11 @@ Pipeline::~Pipeline() {
 
 absl::Status Pipeline::Run(const std::function<bool()>& stop) {
   absl::Status run = ingestor_->Run(stop);
+  if (exporter_) {
+    exporter_->Stop();  // Rows of an unfinished batch are sent again by the next run.
+    const stripe::ExporterMetrics& m = exporter_->metrics();
+    LOG_INFO("stripe export: {} sent, {} refused by Stripe", m.sent->value(), m.refused->value());
+  }
   if (overage_) {
     overage_->Stop();
     const billing::OverageMetrics& m = overage_->metrics();

@@ -16,6 +16,7 @@
 #include "lib/ingest/ingestor.h"
 #include "lib/kafka/acked_producer.h"
 #include "lib/store/pg_connection.h"
+#include "lib/stripe/stripe_exporter.h"
 
 namespace meterd::pipeline {
 
@@ -35,6 +36,8 @@ struct PipelineOptions {
   double api_burst = 2000;
   int64_t api_max_events = 1000;
   std::vector<std::string> stripe_webhook_secrets;  // Empty: no Stripe webhook endpoint.
+  // Set (a secret key given): send shared.stripe_outbox to Stripe while running.
+  std::optional<stripe::ExporterOptions> stripe_export;
   std::string summary_json;  // Where to write the metrics as JSON when the run ends; "": none.
 };
 
@@ -79,6 +82,7 @@ class Pipeline {
   MetricsRegistry metrics_;
   event::MeterRegistry meters_;
   std::unique_ptr<billing::OverageWorker> overage_;
+  std::unique_ptr<stripe::StripeExporter> exporter_;
   std::unique_ptr<ingest::Ingestor> ingestor_;
   // Set once the ingestor exists; the endpoint thread reads it (null: starting).
   std::atomic<const ingest::Ingestor*> serving_{nullptr};
