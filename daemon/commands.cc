@@ -295,8 +295,8 @@ absl::Status StripeExport(const std::vector<std::string>&) {
         "--stripe-secret-key or --stripe-secret-key-file is required (or set "
         "METERD_STRIPE_SECRET_KEY)");
   }
-  RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
   ASSIGN_OR_RETURN(auto exporter, stripe::StripeExporter::Create(pg, *options));
+  RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
   const stripe::DrainSummary summary = exporter->Drain(absl::GetFlag(FLAGS_stripe_export_timeout));
   std::printf("{\"sent\":%lld,\"refused\":%lld,\"pending\":%lld,\"failed_rows\":%lld}\n",
               static_cast<long long>(summary.sent), static_cast<long long>(summary.refused),

@@ -32,7 +32,8 @@ TEST(CliTest, HelpListsCommandsAndFlags) {
   Outcome top = RunMeterd({"--help"});
   EXPECT_EQ(top.exit_code, 0);
   for (const char* command :
-       {"run", "migrate", "dev-broker", "loadgen", "replay-rejected", "org export", "org erase"}) {
+       {"run", "migrate", "dev-broker", "dev-stripe", "loadgen", "replay-rejected", "org export",
+        "org erase", "stripe-export", "close-period"}) {
     EXPECT_NE(top.stdout_text.find(command), std::string::npos) << command;
   }
   Outcome run = RunMeterd({"run", "--help"});
@@ -106,6 +107,42 @@ TEST(CliTest, BadFlagsFailWithOneClearLine) {
                                     "no.such.property=1", "--events", "1"});
   EXPECT_EQ(bad_property.exit_code, 1);
   EXPECT_NE(bad_property.stderr_text.find("no.such.property"), std::string::npos);
+}
+
+// The Stripe export's configuration is checked before anything connects, and the key is never
+// echoed back.
+TEST(CliTest, StripeExportConfigErrorsNameTheFlag) {
+  const std::string pg = "postgresql://postgres@127.0.0.1:1/x?connect_timeout=1";
+  Outcome no_key = RunMeterd({"stripe-export", "--pg", pg});
+  EXPECT_EQ(no_key.exit_code, 1);
+  EXPECT_NE(no_key.stderr_text.find("--stripe-secret-key"), std::string::npos)
+      << no_key.stderr_text;
+  Outcome publishable = RunMeterd(
+      {"stripe-export", "--pg", pg, "--stripe-secret-key", "pk_live_publishable_0123456789"});
+  EXPECT_EQ(publishable.exit_code, 1);
+  EXPECT_NE(publishable.stderr_text.find("not a Stripe secret"), std::string::npos)
+      << publishable.stderr_text;
+  EXPECT_EQ(publishable.stderr_text.find("0123456789"), std::string::npos)
+      << publishable.stderr_text;
+  Outcome missing_file = RunMeterd(
+      {"stripe-export", "--pg", pg, "--stripe-secret-key-file", "/nonexistent/stripe.key"});
+  EXPECT_EQ(missing_file.exit_code, 1);
+  EXPECT_NE(missing_file.stderr_text.find("--stripe-secret-key-file: cannot read"),
+            std::string::npos)
+      << missing_file.stderr_text;
+  Outcome bad_base = RunMeterd({"stripe-export", "--pg", pg, "--stripe-secret-key",
+                                "sk_test_0123456789", "--stripe-api-base", "ftp://stripe"});
+  EXPECT_EQ(bad_base.exit_code, 1);
+  EXPECT_NE(bad_base.stderr_text.find("--stripe-api-base"), std::string::npos)
+      << bad_base.stderr_text;
+  Outcome senders = RunMeterd({"stripe-export", "--pg", pg, "--stripe-secret-key",
+                               "sk_test_0123456789", "--stripe-export-senders", "0"});
+  EXPECT_EQ(senders.exit_code, 1);
+  EXPECT_NE(senders.stderr_text.find("--stripe-export-senders"), std::string::npos)
+      << senders.stderr_text;
+  Outcome help = RunMeterd({"stripe-export", "--help"});
+  EXPECT_EQ(help.exit_code, 0);
+  EXPECT_NE(help.stdout_text.find("METERD_STRIPE_SECRET_KEY"), std::string::npos);
 }
 
 TEST(CliTest, UnreachablePostgresFailsAtStart) {

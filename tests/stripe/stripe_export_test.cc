@@ -14,6 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "lib/billing/close_period.h"
+#include "lib/common/files.h"
 #include "lib/devtools/fake_stripe.h"
 #include "lib/stripe/stripe_exporter.h"
 #include "tests/support/harness.h"
@@ -289,6 +290,42 @@ TEST_F(StripeExportTest, VoidedInvoiceCancelsItsMeterEvents) {
   }
   EXPECT_EQ(canceled, expected);
   EXPECT_EQ(expected.size(), 3u);
+}
+
+// `meterd run --stripe-secret-key-file …` exports while it consumes, and says so in /metrics.
+TEST_F(StripeExportTest, RunExportsWhileItConsumes) {
+  Close();
+  const int64_t rows = kOrgs * 2 + kOrgs / 2;
+  fake_->FailNext(2, 502);
+  const std::string dir = testing::TempDir("stripe_run");
+  testing::DevBrokerProcess broker("usage-events", 4, dir);
+  const std::string key_file = dir + "/stripe.key";
+  ASSERT_TRUE(WriteFileAtomically(key_file, absl::StrCat(kKey, "\n"), 0600).ok());
+  const int port = testing::FreeLocalPort();
+  testing::ChildProcess meterd(
+      {testing::MeterdBinary(), "run", "--pg", url_, "--brokers", broker.bootstrap(),
+       "--http-listen", absl::StrCat("127.0.0.1:", port), "--stripe-secret-key-file", key_file,
+       "--stripe-api-base", fake_->base_url(), "--kafka-property", "session.timeout.ms=6000"},
+      dir + "/meterd.log");
+  EXPECT_TRUE(testing::Eventually(
+      [&] { return static_cast<int64_t>(fake_->meter_events().size()) == rows; },
+      absl::Seconds(60)));
+  // The backlog gauge refreshes every 10 s.
+  EXPECT_TRUE(testing::Eventually(
+      [&] {
+        const auto [code, body] = testing::HttpGet(port, "/metrics");
+        return code == 200 &&
+               body.find(absl::StrCat("meterd_stripe_export_sent_total ", rows)) !=
+                   std::string::npos &&
+               body.find("meterd_stripe_outbox_pending 0") != std::string::npos &&
+               body.find("meterd_stripe_export_retries_total{cause=\"5xx\"} 2") !=
+                   std::string::npos;
+      },
+      absl::Seconds(30)));
+  meterd.Signal(SIGTERM);
+  EXPECT_EQ(meterd.Wait(absl::Seconds(30)), 0);
+  ExpectDeliveredExactlyOnce();
+  EXPECT_EQ(testing::ReadFile(dir + "/meterd.log").find(kKey), std::string::npos);
 }
 
 }  // namespace
