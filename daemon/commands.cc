@@ -303,16 +303,21 @@ absl::Status StripeExport(const std::vector<std::string>&) {
               static_cast<long long>(summary.still_pending),
               static_cast<long long>(summary.failed_rows));
   std::fflush(stdout);
-  if (summary.still_pending > 0) {
-    return absl::UnavailableError(absl::StrCat(
-        summary.still_pending,
-        " outbox row(s) still pending (Stripe unreachable or rate limiting?); run again later"));
+  if (!summary.status_known) {
+    return absl::UnavailableError(
+        "the outbox's backlog could not be read at the end (see the log); run again");
   }
   if (summary.failed_rows > 0) {
     return absl::FailedPreconditionError(absl::StrCat(
         summary.failed_rows,
-        " outbox row(s) refused by Stripe (shared.stripe_outbox state 'failed', last_error "
-        "says why); fix, then SELECT shared.retry_stripe_exports()"));
+        " outbox row(s) failed (shared.stripe_outbox state 'failed', last_error says why); "
+        "fix, then SELECT shared.retry_stripe_exports(); ",
+        summary.still_pending, " row(s) pending"));
+  }
+  if (summary.still_pending > 0) {
+    return absl::UnavailableError(absl::StrCat(
+        summary.still_pending,
+        " outbox row(s) still pending (Stripe unreachable or rate limiting?); run again later"));
   }
   return absl::OkStatus();
 }

@@ -43,11 +43,19 @@ struct Outcome {
 // row's creation, so every resend of a row carries the same timestamp (a different body
 // under the same Idempotency-Key would be refused).
 constexpr char kClaimSql[] =
-    "SELECT outbox_id, kind, identifier, event_name, coalesce(stripe_customer_id, ''), "
+    "SELECT o.outbox_id, kind, identifier, event_name, coalesce(stripe_customer_id, ''), "
     "coalesce(value, 0), coalesce(extract(epoch FROM greatest(least(event_time, created_at), "
     "created_at - interval '34 days'))::bigint, 0), coalesce(cancel_identifier, ''), attempts "
-    "FROM shared.stripe_outbox WHERE state = 'pending' AND next_attempt_at <= now() "
-    "ORDER BY next_attempt_at, outbox_id LIMIT $1 FOR UPDATE SKIP LOCKED";
+    "FROM shared.stripe_outbox o WHERE state = 'pending' AND next_attempt_at <= now() AND "
+    "(kind <> 'meter_event_cancel' OR EXISTS (SELECT 1 FROM shared.stripe_outbox t "
+    "WHERE t.identifier = o.cancel_identifier AND t.state = 'sent')) "
+    "ORDER BY next_attempt_at, outbox_id LIMIT $1 FOR UPDATE OF o SKIP LOCKED";
+
+// A cancellation waits for its meter event to be sent (Stripe refuses to cancel what it does
+// not hold); one whose meter event failed is parked with it.
+constexpr char kParkedSql[] =
+    "kind = 'meter_event_cancel' AND NOT EXISTS (SELECT 1 FROM shared.stripe_outbox t "
+    "WHERE t.identifier = o.cancel_identifier AND t.state = 'sent')";
 
 http::ClientRequest RequestFor(const Row& row, const std::string& key) {
   http::ClientRequest request;
@@ -147,6 +155,14 @@ absl::StatusOr<std::unique_ptr<StripeExporter>> StripeExporter::Create(std::stri
   if (options.senders < 1 || options.batch < 1) {
     return absl::InvalidArgumentError("--stripe-export-senders must be at least 1");
   }
+  // The key must not travel in clear text: plain HTTP only to this host (the fake Stripe).
+  if (absl::StartsWith(options.api_base, "http://") &&
+      !absl::StartsWith(options.api_base, "http://127.0.0.1") &&
+      !absl::StartsWith(options.api_base, "http://localhost")) {
+    return absl::InvalidArgumentError(
+        "--stripe-api-base: plain http:// only to 127.0.0.1 or localhost (the secret key "
+        "would travel in clear text); use https://");
+  }
   // Checks the URL now (InvalidArgument names it); each sender makes its own client.
   auto probe = http::HttpClient::Create(options.api_base, options.request_timeout);
   if (!probe.ok()) {
@@ -192,8 +208,8 @@ DrainSummary StripeExporter::Drain(absl::Duration deadline) {
     std::lock_guard lock(mu_);
     drain_deadline_ = absl::InfiniteFuture();
   }
-  RefreshStatus();
   DrainSummary summary;
+  summary.status_known = RefreshStatus();
   summary.sent = drained_sent_.load();
   summary.refused = drained_refused_.load();
   summary.still_pending = metrics_.pending->value();
@@ -216,7 +232,7 @@ bool StripeExporter::WaitUntil(absl::Time until) {
   return !stopping_ && absl::Now() < drain_deadline_;
 }
 
-void StripeExporter::RefreshStatus() {
+bool StripeExporter::RefreshStatus() {
   absl::Status status = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(auto conn, store::Connect(conninfo_));
     return store::CatchPq([&]() -> absl::Status {
@@ -229,6 +245,7 @@ void StripeExporter::RefreshStatus() {
     });
   }();
   if (!status.ok()) LOG_WARN("stripe export: backlog not read: {}", status.message());
+  return status.ok();
 }
 
 void StripeExporter::SenderLoop(int index, bool drain) {
@@ -298,8 +315,12 @@ void StripeExporter::SenderLoop(int index, bool drain) {
           if (response->status >= 500 || response->status == 409) {
             return {Outcome::kRetry, text, absl::ZeroDuration(), metrics_.retried_5xx};
           }
-          if (response->status == 401 || response->status == 403) {
-            return {Outcome::kAuth, text};
+          // 401: the key itself is wrong, every request will fail. 403: the key lacks a
+          // permission for this kind of request; other rows may still go.
+          if (response->status == 401) return {Outcome::kAuth, text};
+          if (response->status == 403) {
+            metrics_.auth_failures->Add();
+            return {Outcome::kRetry, text, absl::ZeroDuration(), metrics_.retried_5xx};
           }
           // Stripe already holds a meter event with this identifier: what we meant to do.
           if (absl::StrContains(code, "duplicate")) return {Outcome::kSent, text};
@@ -309,7 +330,8 @@ void StripeExporter::SenderLoop(int index, bool drain) {
           case Outcome::kSent:
             tx.exec_params0(
                 "UPDATE shared.stripe_outbox SET state = 'sent', sent_at = now(), "
-                "attempts = attempts + 1, last_error = nullif($2, '') WHERE outbox_id = $1",
+                "attempts = attempts + 1, last_error = nullif($2, ''), "
+                "first_attempt_at = coalesce(first_attempt_at, now()) WHERE outbox_id = $1",
                 row.id, outcome.detail);
             metrics_.sent->Add();
             if (drain) drained_sent_.fetch_add(1);
@@ -318,7 +340,8 @@ void StripeExporter::SenderLoop(int index, bool drain) {
           case Outcome::kRefused:
             tx.exec_params0(
                 "UPDATE shared.stripe_outbox SET state = 'failed', attempts = attempts + 1, "
-                "last_error = $2 WHERE outbox_id = $1",
+                "last_error = $2, first_attempt_at = coalesce(first_attempt_at, now()) "
+                "WHERE outbox_id = $1",
                 row.id, outcome.detail);
             metrics_.refused->Add();
             if (drain) drained_refused_.fetch_add(1);
@@ -329,13 +352,33 @@ void StripeExporter::SenderLoop(int index, bool drain) {
             const absl::Duration delay = outcome.retry_after > absl::ZeroDuration()
                                              ? std::min(outcome.retry_after, options_.max_backoff)
                                              : row_delay(row.attempts);
-            tx.exec_params0(
-                "UPDATE shared.stripe_outbox SET attempts = attempts + 1, last_error = $2, "
-                "next_attempt_at = now() + make_interval(secs => $3) WHERE outbox_id = $1",
-                row.id, outcome.detail, absl::ToDoubleSeconds(delay));
+            // Past Stripe's idempotency window a resend could count twice: stop and say so.
+            const bool gave_up =
+                tx.exec_params1(
+                      "UPDATE shared.stripe_outbox SET attempts = attempts + 1, "
+                      "first_attempt_at = coalesce(first_attempt_at, now()), "
+                      "next_attempt_at = now() + make_interval(secs => $3), "
+                      "state = CASE WHEN first_attempt_at < now() - interval '23 hours' "
+                      "THEN 'failed' ELSE state END, "
+                      "last_error = CASE WHEN first_attempt_at < now() - interval '23 hours' "
+                      "THEN 'not delivered within 23 h of the first attempt (Stripe keeps "
+                      "idempotency keys 24 h): check Stripe for this identifier before "
+                      "retrying; last: ' || $2 ELSE $2 END "
+                      "WHERE outbox_id = $1 RETURNING state = 'failed'",
+                      row.id, outcome.detail, absl::ToDoubleSeconds(delay))[0]
+                    .as<bool>();
             outcome.retry_counter->Add();
-            LOG_WARN("stripe export: {} {} attempt {} failed, retried in {}: {}", row.kind,
-                     row.identifier, row.attempts + 1, absl::FormatDuration(delay), outcome.detail);
+            if (gave_up) {
+              metrics_.refused->Add();
+              LOG_ERROR(
+                  "stripe export: {} {} not delivered within 23 h of its first attempt; failed "
+                  "(check Stripe before shared.retry_stripe_exports()): {}",
+                  row.kind, row.identifier, outcome.detail);
+            } else {
+              LOG_WARN("stripe export: {} {} attempt {} failed, retried in {}: {}", row.kind,
+                       row.identifier, row.attempts + 1, absl::FormatDuration(delay),
+                       outcome.detail);
+            }
             had_retry = true;
             // Stripe's rate limit is the account's: every sender waits.
             if (outcome.retry_counter == metrics_.retried_429) pause_all = delay;
@@ -377,9 +420,10 @@ void StripeExporter::SenderLoop(int index, bool drain) {
       double wait_seconds = 0;
       const absl::Status read = store::CatchPq([&]() -> absl::Status {
         pqxx::nontransaction tx(*conn);
-        const pqxx::row r = tx.exec1(
+        const pqxx::row r = tx.exec1(absl::StrCat(
             "SELECT count(*), coalesce(extract(epoch FROM min(next_attempt_at) - now()), 0) "
-            "FROM shared.stripe_outbox WHERE state = 'pending'");
+            "FROM shared.stripe_outbox o WHERE state = 'pending' AND NOT (",
+            kParkedSql, ")"));
         pending = r[0].as<int64_t>();
         wait_seconds = r[1].as<double>();
         return absl::OkStatus();

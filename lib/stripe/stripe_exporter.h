@@ -36,7 +36,7 @@ struct ExporterMetrics {
   Counter* retried_429;
   Counter* retried_network;  // Timeouts, resets, connection and TLS errors.
   Counter* refused;          // Rows Stripe refused (4xx): state failed, with Stripe's message.
-  Counter* auth_failures;    // 401/403: the key is wrong; rows stay pending.
+  Counter* auth_failures;    // 401 (every sender pauses, rows untouched) and 403 (retried).
   Gauge* pending;            // Rows not yet sent (outbox backlog).
   Gauge* failed_rows;        // Rows in state failed (need shared.retry_stripe_exports()).
   Gauge* oldest_pending_seconds;
@@ -48,6 +48,7 @@ struct DrainSummary {
   int64_t refused = 0;
   int64_t still_pending = 0;  // Rows left (retries due later than the deadline, or errors).
   int64_t failed_rows = 0;    // Every row in state failed, from this run or earlier.
+  bool status_known = false;  // The two counts above were read (Postgres answered).
 };
 
 // Sends shared.stripe_outbox to Stripe: `senders` threads, each with its own Postgres
@@ -74,7 +75,7 @@ class StripeExporter {
  private:
   StripeExporter(std::string conninfo, ExporterOptions options);
   void SenderLoop(int index, bool drain);
-  void RefreshStatus();
+  bool RefreshStatus();  // False when the backlog could not be read.
   // Waits until `until` or until stopped; false when stopped.
   bool WaitUntil(absl::Time until);
   bool Stopping();

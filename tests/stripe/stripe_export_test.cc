@@ -147,11 +147,13 @@ TEST_F(StripeExportTest, CloseWritesTheOutboxInItsTransaction) {
   EXPECT_EQ(Int(absl::StrCat("SELECT count(*) FROM shared.stripe_outbox WHERE org_id IN ('",
                              Org(kOrgs + 1), "', '", Org(kOrgs + 2), "')")),
             0);
-  // The identifier names org, meter, period and invoice, and fits Stripe's 100 characters.
+  // The identifier names org, meter, period (start-end) and invoice, and fits Stripe's 100
+  // characters.
   EXPECT_EQ(Int(absl::StrCat(
                 "SELECT count(*) FROM shared.stripe_outbox o JOIN shared.invoice_lines l "
                 "USING (line_id) WHERE o.identifier = 'mtr:' || o.org_id || ':' || l.meter || "
-                "':' || to_char(l.usage_period_start, 'YYYYMMDD') || ':' || o.invoice_id")),
+                "':' || to_char(l.usage_period_start, 'YYYYMMDD') || '-' || "
+                "to_char(l.usage_period_end, 'YYYYMMDD') || ':' || o.invoice_id")),
             kOrgs * 2 + kOrgs / 2);
   // A second close creates nothing, so it owes Stripe nothing more.
   auto again = billing::ClosePeriods(url_, absl::Now());
@@ -259,37 +261,63 @@ TEST_F(StripeExportTest, RefusalsAndAWrongKeyAreVisibleAndLoseNothing) {
 
 TEST_F(StripeExportTest, VoidedInvoiceCancelsItsMeterEvents) {
   Close();
-  const std::string voided = absl::StrCat(
-      Int(absl::StrCat("SELECT invoice_id FROM shared.invoices WHERE org_id = '", Org(2), "'")));
-  const std::string unsent = absl::StrCat(
-      Int(absl::StrCat("SELECT invoice_id FROM shared.invoices WHERE org_id = '", Org(4), "'")));
-  // Voided before export: its rows are never sent.
-  Exec("UPDATE shared.invoices SET status = 'void' WHERE invoice_id = " + unsent);
-  EXPECT_EQ(Int("SELECT count(*) FROM shared.stripe_outbox WHERE state = 'canceled' "
-                "AND invoice_id = " +
-                unsent),
+  const int64_t rows = kOrgs * 2 + kOrgs / 2;
+  auto invoice_of = [&](int n) {
+    return absl::StrCat(
+        Int(absl::StrCat("SELECT invoice_id FROM shared.invoices WHERE org_id = '", Org(n), "'")));
+  };
+  const std::string before_export = invoice_of(4);
+  const std::string after_export = invoice_of(2);
+  // Voided before any export: its rows may still be at Stripe (an answer lost), so they are
+  // sent as owed and then canceled, each cancellation only after its meter event.
+  Exec("UPDATE shared.invoices SET status = 'void' WHERE invoice_id = " + before_export);
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.stripe_outbox WHERE kind = 'meter_event_cancel' "
+                "AND state = 'pending' AND invoice_id = " +
+                before_export),
             3);
   auto exporter = StripeExporter::Create(url_, Options());
   ASSERT_TRUE(exporter.ok());
-  EXPECT_EQ((*exporter)->Drain(absl::Seconds(30)).sent, kOrgs * 2 + kOrgs / 2 - 3);
+  const DrainSummary first = (*exporter)->Drain(absl::Seconds(30));
+  EXPECT_EQ(first.sent, rows + 3);
+  EXPECT_EQ(first.failed_rows, 0);  // The fake refuses a cancellation it cannot match.
   // Voided after export: one cancellation per meter event it had, sent once.
-  Exec("UPDATE shared.invoices SET status = 'void' WHERE invoice_id = " + voided);
+  Exec("UPDATE shared.invoices SET status = 'void' WHERE invoice_id = " + after_export);
   EXPECT_EQ((*exporter)->Drain(absl::Seconds(30)).sent, 3);
-  std::set<std::string> canceled;
+  std::multiset<std::string> canceled;
   for (const devtools::FakeAdjustment& a : fake_->adjustments()) {
     EXPECT_EQ(a.type, "cancel");
     canceled.insert(a.cancel_identifier);
   }
-  std::set<std::string> expected;
+  std::multiset<std::string> expected;
   pqxx::connection conn(url_);
   pqxx::nontransaction tx(conn);
   for (const auto& r : tx.exec("SELECT identifier FROM shared.stripe_outbox WHERE kind = "
-                               "'meter_event' AND invoice_id = " +
-                               voided)) {
+                               "'meter_event' AND invoice_id IN (" +
+                               before_export + ", " + after_export + ")")) {
     expected.insert(r[0].as<std::string>());
   }
   EXPECT_EQ(canceled, expected);
-  EXPECT_EQ(expected.size(), 3u);
+  EXPECT_EQ(expected.size(), 6u);
+}
+
+// A row first tried 23 hours ago is not sent again automatically: Stripe's idempotency
+// window is closing, and a resend could count twice.
+TEST_F(StripeExportTest, RowsNotDeliveredWithin23HoursStopAndSaySo) {
+  Close();
+  Exec(
+      "UPDATE shared.stripe_outbox SET attempts = 3, first_attempt_at = now() - interval "
+      "'24 hours', last_error = 'read timed out' WHERE outbox_id = (SELECT min(outbox_id) FROM "
+      "shared.stripe_outbox)");
+  fake_->FailNext(1, 503);
+  ExporterOptions one = Options(1);
+  auto exporter = StripeExporter::Create(url_, one);
+  ASSERT_TRUE(exporter.ok());
+  const DrainSummary summary = (*exporter)->Drain(absl::Seconds(30));
+  EXPECT_EQ(summary.failed_rows, 1);
+  EXPECT_EQ(summary.sent, kOrgs * 2 + kOrgs / 2 - 1);
+  EXPECT_EQ(Int("SELECT count(*) FROM shared.stripe_outbox WHERE state = 'failed' AND "
+                "last_error LIKE 'not delivered within 23 h%'"),
+            1);
 }
 
 // `meterd run --stripe-secret-key-file …` exports while it consumes, and says so in /metrics.
