@@ -16,6 +16,8 @@ orgs=${BENCH_ORGS:-10000}
 # The embedded broker keeps ~5 MiB per partition: 384 partitions hold 5M events with margin.
 partitions=${BENCH_PARTITIONS:-384}
 naive_events=${BENCH_NAIVE_EVENTS:-10000}
+# Extra flags for meterd in (b) and (d), e.g. "--max-visibility-latency 1s" (a fixed interval).
+read -r -a meterd_flags <<<"${BENCH_METERD_FLAGS:-}"
 topic=usage-events
 
 "$root/deploy/install-deps.sh"
@@ -42,7 +44,7 @@ echo "== (a) raw librdkafka consumption" >&2
 echo "== (b) meterd, until Postgres totals equal what was produced" >&2
 dev_env_background "$meterd" run --pg "$pg" --brokers "$brokers" --topic "$topic" --group bench \
   --kafka-property session.timeout.ms=6000 --billing=false --summary-json "$work/meterd-summary.json" \
-  2>"$work/meterd.log"
+  "${meterd_flags[@]}" 2>"$work/meterd.log"
 meterd_pid=$last_pid
 dev_env_wait_for_totals "$work/loadgen.json" 600 \
   || { echo "meterd did not reach the expected totals" >&2; tail "$work/meterd.log" >&2; exit 1; }
@@ -68,7 +70,7 @@ dev_env_broker brokers2 latency 8
 http_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 dev_env_background "$meterd" run --pg "$pg" --brokers "$brokers2" --topic latency --group latency \
   --kafka-property session.timeout.ms=6000 --billing=false --http-listen "127.0.0.1:$http_port" \
-  2>"$work/meterd-latency.log"
+  "${meterd_flags[@]}" 2>"$work/meterd-latency.log"
 latency_pid=$last_pid
 # Ready: partitions assigned (and no failed flush).
 python3 - "$http_port" <<'PY' || { echo "meterd (latency) never became ready" >&2; exit 1; }

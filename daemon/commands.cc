@@ -39,6 +39,10 @@ ABSL_FLAG(int, shards, static_cast<int>(std::max(1u, std::thread::hardware_concu
           "Consumer shard threads (default: number of cores)");
 ABSL_FLAG(absl::Duration, flush_interval, absl::Seconds(1),
           "How often counters are written to Postgres");
+ABSL_FLAG(absl::Duration, max_visibility_latency, absl::ZeroDuration(),
+          "Adaptive flushing: while a flush takes more than half the interval, flush less "
+          "often, up to this (events become visible within it plus one flush); 0: 5 x "
+          "--flush-interval; equal to --flush-interval: a fixed interval");
 ABSL_FLAG(int64_t, max_unflushed_keys, 2'000'000,
           "Unflushed counter keys (all shards) that force an early flush and pause consumption");
 ABSL_FLAG(absl::Duration, late_window, absl::Hours(24 * 62),
@@ -199,6 +203,10 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   o.ingest.group = absl::GetFlag(FLAGS_group);
   o.ingest.shards = absl::GetFlag(FLAGS_shards);
   o.ingest.flush_interval = absl::GetFlag(FLAGS_flush_interval);
+  o.ingest.max_visibility_latency = absl::GetFlag(FLAGS_max_visibility_latency);
+  if (o.ingest.max_visibility_latency == absl::ZeroDuration()) {
+    o.ingest.max_visibility_latency = 5 * o.ingest.flush_interval;
+  }
   o.ingest.max_unflushed_keys =
       static_cast<size_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_max_unflushed_keys)));
   o.ingest.stats_interval = absl::GetFlag(FLAGS_stats_interval);
@@ -489,6 +497,7 @@ const std::vector<Subcommand>& Subcommands() {
         "group",
         "shards",
         "flush_interval",
+        "max_visibility_latency",
         "max_unflushed_keys",
         "late_window",
         "max_future_skew",

@@ -6,6 +6,7 @@
 #include "absl/strings/str_join.h"
 #include "lib/common/backoff.h"
 #include "lib/common/logging.h"
+#include "lib/ingest/flush_pacer.h"
 
 namespace meterd::ingest {
 
@@ -43,7 +44,17 @@ FlushMetrics::FlushMetrics(MetricsRegistry& r, const Clock* clock)
           "meterd_event_visible_latency_seconds",
           "Per partition and committed flush: from the Kafka timestamp of its oldest message to "
           "the commit that made it visible",
-          {0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300})) {
+          {0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300})),
+      interval_ms(r.AddGauge("meterd_flush_interval_ms",
+                             "Interval between flushes chosen by adaptive flushing (ms)")),
+      interval_longer(r.AddCounter("meterd_flush_interval_changes_total",
+                                   "Adaptive flushing's interval changes: longer when a flush took "
+                                   "more than half the interval, shorter when cheap again",
+                                   {{"direction", "longer"}})),
+      interval_shorter(r.AddCounter("meterd_flush_interval_changes_total",
+                                    "Adaptive flushing's interval changes: longer when a flush "
+                                    "took more than half the interval, shorter when cheap again",
+                                    {{"direction", "shorter"}})) {
   r.AddCallbackGauge("meterd_last_flush_age_seconds",
                      "Seconds since a flush last committed (-1: never)", {},
                      [last = last_success_unix_ms, clock]() -> int64_t {
@@ -93,6 +104,9 @@ void Flusher::Loop() {
   // time a flush takes does not stretch the period (event -> visible stays within
   // interval + one flush). While flushes fail (Postgres unavailable) the retry comes after an
   // exponential backoff instead; the shards are paused meanwhile.
+  FlushPacer pacer({.interval = options_.interval,
+                    .max_interval = std::max(options_.interval, options_.max_interval)});
+  metrics_.interval_ms->Set(absl::ToInt64Milliseconds(pacer.current()));
   absl::Time due = clock.Steady() + options_.interval;
   Backoff backoff({.initial = absl::Milliseconds(200), .max = options_.max_backoff});
   while (true) {
@@ -105,6 +119,7 @@ void Flusher::Loop() {
       wake_requested_ = false;
     }
     const absl::Time started = clock.Steady();
+    absl::Duration took;  // Seal, write and commit: what the pacer weighs.
     absl::Status status;
     {
       std::lock_guard lock(mu_);
@@ -114,6 +129,7 @@ void Flusher::Loop() {
         std::move(part.begin(), part.end(), std::back_inserter(sealed));
       }
       status = WritePendingLocked(std::move(sealed));
+      took = clock.Steady() - started;
       // After the flush, so it never delays one; skipped while flushes fail (Postgres is
       // down: the failure is already reported, and a second connection attempt would only
       // stretch the tick).
@@ -121,9 +137,21 @@ void Flusher::Loop() {
     }
     last_ok_.store(status.ok(), std::memory_order_relaxed);
     if (status.ok()) {
-      metrics_.duration->Observe(absl::ToDoubleSeconds(clock.Steady() - started));
+      metrics_.duration->Observe(absl::ToDoubleSeconds(took));
       backoff.Reset();
-      due = std::max(started + options_.interval, clock.Steady());
+      const absl::Duration before = pacer.current();
+      const absl::Duration interval = pacer.After(took);
+      if (interval != before) {
+        (interval > before ? metrics_.interval_longer : metrics_.interval_shorter)->Add();
+        metrics_.interval_ms->Set(absl::ToInt64Milliseconds(interval));
+        LOG_INFO(
+            "adaptive flushing: a flush took {}, so flushing every {} instead of {} "
+            "(between --flush-interval {} and --max-visibility-latency {})",
+            absl::FormatDuration(took), absl::FormatDuration(interval),
+            absl::FormatDuration(before), absl::FormatDuration(options_.interval),
+            absl::FormatDuration(std::max(options_.interval, options_.max_interval)));
+      }
+      due = std::max(started + interval, clock.Steady());
     } else {
       const absl::Duration delay = backoff.Next();
       due = clock.Steady() + delay;

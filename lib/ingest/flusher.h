@@ -22,6 +22,10 @@ using CommitListener = std::function<void(const std::vector<event::OrgId>&)>;
 
 struct FlusherOptions {
   absl::Duration interval = absl::Seconds(1);
+  // Adaptive flushing (FlushPacer): the interval grows up to this while flushes take more than
+  // half of it, and shrinks back to `interval` when they are cheap again. Zero or at most
+  // `interval`: a fixed interval.
+  absl::Duration max_interval = absl::ZeroDuration();
   absl::Duration max_backoff = absl::Seconds(30);
   CommitListener on_committed;
   const Clock* clock = &SystemClock::Get();  // Schedules flushes and retries; stamps them.
@@ -43,6 +47,9 @@ struct FlushMetrics {
   Gauge* last_success_unix_ms;  // 0: never.
   Histogram* duration;          // Of committed flushes: seal + write + commit.
   Histogram* visible_latency;   // Per partition and flush: commit time - oldest message's time.
+  Gauge* interval_ms;           // The interval adaptive flushing chose (FlushPacer).
+  Counter* interval_longer;     // Times it grew (flushes took more than half of it)…
+  Counter* interval_shorter;    // …and shrank back.
 };
 
 // Every interval (or when a shard hits its key cap) seals every shard's counters by message

@@ -100,11 +100,13 @@ absl::StatusOr<std::unique_ptr<Ingestor>> Ingestor::CreateWithSource(
     shard_pointers.push_back(shard.get());
     ingestor->shards_.push_back(std::move(shard));
   }
-  ingestor->flusher_ = std::make_unique<Flusher>(std::move(shard_pointers), std::move(writer),
-                                                 FlusherOptions{.interval = o.flush_interval,
-                                                                .on_committed = o.on_committed,
-                                                                .clock = clock,
-                                                                .metrics = &metrics});
+  ingestor->flusher_ =
+      std::make_unique<Flusher>(std::move(shard_pointers), std::move(writer),
+                                FlusherOptions{.interval = o.flush_interval,
+                                               .max_interval = o.max_visibility_latency,
+                                               .on_committed = o.on_committed,
+                                               .clock = clock,
+                                               .metrics = &metrics});
   return ingestor;
 }
 

@@ -23,6 +23,9 @@ struct IngestOptions {
   std::string group;
   int shards = 1;
   absl::Duration flush_interval = absl::Seconds(1);
+  // Adaptive flushing's longest interval (see FlusherOptions::max_interval); at most
+  // flush_interval: a fixed interval.
+  absl::Duration max_visibility_latency = absl::Seconds(5);
   size_t max_unflushed_keys = 2'000'000;
   absl::Duration stats_interval = absl::Seconds(10);
   absl::Duration startup_timeout = absl::Seconds(15);

@@ -22,6 +22,10 @@ absl::Status Validate(const PipelineOptions& o) {
   if (o.ingest.flush_interval <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--flush-interval must be positive");
   }
+  if (o.ingest.max_visibility_latency < o.ingest.flush_interval) {
+    return absl::InvalidArgumentError(
+        "--max-visibility-latency must be at least --flush-interval (equal: a fixed interval)");
+  }
   if (o.ingest.max_unflushed_keys < 1) {
     return absl::InvalidArgumentError("--max-unflushed-keys must be at least 1");
   }

@@ -2,6 +2,7 @@
 // asks, a failure never stops the ticks or counts as a failed flush, and a failure streak is
 // logged once.
 #include "lib/ingest/flusher.h"
+#include "lib/ingest/flush_pacer.h"
 
 #include <atomic>
 #include <sstream>
@@ -81,6 +82,29 @@ TEST(FlusherTest, RefreshFailureStreakIsLoggedOnceAndNeverStopsTheTicks) {
   EXPECT_EQ(Count(text, "meters: refresh failed"), 1) << text;
   EXPECT_EQ(Count(text, "injected: meters unreadable"), 1) << text;
   EXPECT_EQ(Count(text, "meters: refresh works again"), 1) << text;
+}
+
+// Adaptive flushing's decision, step by step: longer while a flush takes more than half the
+// interval (at least to took / 0.5, at most the cap), steady in between, shorter when cheap.
+TEST(FlushPacerTest, GrowsWhileFlushesAreExpensiveAndComesBackWhenCheap) {
+  FlushPacer pacer({.interval = absl::Milliseconds(1000), .max_interval = absl::Seconds(8)});
+  EXPECT_EQ(pacer.current(), absl::Milliseconds(1000));
+  EXPECT_EQ(pacer.After(absl::Milliseconds(400)), absl::Milliseconds(1000));   // Within budget.
+  EXPECT_EQ(pacer.After(absl::Milliseconds(600)), absl::Milliseconds(2000));   // Doubles.
+  EXPECT_EQ(pacer.After(absl::Milliseconds(2500)), absl::Milliseconds(5000));  // took / 0.5.
+  EXPECT_EQ(pacer.After(absl::Milliseconds(4000)), absl::Seconds(8));          // Capped.
+  EXPECT_EQ(pacer.After(absl::Seconds(30)), absl::Seconds(8));
+  EXPECT_EQ(pacer.After(absl::Milliseconds(1500)), absl::Seconds(8));  // Hysteresis: stays.
+  EXPECT_EQ(pacer.After(absl::Milliseconds(900)), absl::Seconds(4));   // < budget / 4: halves.
+  EXPECT_EQ(pacer.After(absl::Milliseconds(100)), absl::Seconds(2));
+  EXPECT_EQ(pacer.After(absl::Milliseconds(100)), absl::Seconds(1));
+  EXPECT_EQ(pacer.After(absl::Milliseconds(1)), absl::Seconds(1));  // Never below --flush-interval.
+}
+
+TEST(FlushPacerTest, ACapAtTheIntervalIsAFixedInterval) {
+  FlushPacer pacer({.interval = absl::Milliseconds(300), .max_interval = absl::Milliseconds(300)});
+  EXPECT_EQ(pacer.After(absl::Seconds(5)), absl::Milliseconds(300));
+  EXPECT_EQ(pacer.After(absl::ZeroDuration()), absl::Milliseconds(300));
 }
 
 }  // namespace

@@ -460,6 +460,52 @@ TEST_F(PipelineTest, AMinuteWithoutPostgresPausesWithinAMemoryBoundThenCatchesUp
 
 // /metrics, /metrics.json and --summary-json render one registry: the same numbers, per
 // partition lag and the flush histograms included.
+// Adaptive flushing end to end: a Postgres where every flush takes at least 400 ms (a
+// statement trigger sleeps) against a 200 ms interval makes meterd flush less often, within
+// --max-visibility-latency, with exact totals; once flushes are cheap again it comes back.
+TEST_F(PipelineTest, SlowFlushesLengthenTheIntervalWithinTheCapAndTotalsStayExact) {
+  Exec(url_,
+       "CREATE FUNCTION public.slow_flush() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+       "PERFORM pg_sleep(0.4); RETURN NULL; END $$; "
+       "CREATE TRIGGER slow_flush AFTER INSERT ON shared.api_usage_meters "
+       "FOR EACH STATEMENT EXECUTE FUNCTION public.slow_flush()");
+  const int port = FreeLocalPort();
+  auto meterd = StartMeterd(
+      "adaptive", "200ms",
+      {"--max-visibility-latency", "2s", "--http-listen", absl::StrCat("127.0.0.1:", port)});
+  ASSERT_EQ(WaitForHttp(port), port) << ReadFile(meterd->log_path());
+  auto loadgen = StartLoadgen(30'000, 200, 0, 10'000);
+  const auto expected = FinishLoadgen(*loadgen);
+  ExpectExact(expected);
+  auto metric = [&](const std::string& series) -> int64_t {
+    const std::string body = HttpGet(port, "/metrics").second;
+    const size_t at = body.find("\n" + series + " ");
+    return at == std::string::npos ? -1 : std::stoll(body.substr(at + series.size() + 2));
+  };
+  EXPECT_GT(metric("meterd_flush_interval_changes_total{direction=\"longer\"}"), 0);
+  // Every interval it chose stayed within the cap.
+  const std::string log = ReadFile(meterd->log_path());
+  int longer = 0;
+  for (size_t at = log.find("flushing every "); at != std::string::npos;
+       at = log.find("flushing every ", at + 1)) {
+    const size_t start = at + std::string("flushing every ").size();
+    absl::Duration chosen;
+    ASSERT_TRUE(absl::ParseDuration(log.substr(start, log.find(' ', start) - start), &chosen));
+    EXPECT_GE(chosen, absl::Milliseconds(200));
+    EXPECT_LE(chosen, absl::Seconds(2));
+    if (chosen > absl::Milliseconds(200)) ++longer;
+  }
+  EXPECT_GT(longer, 0) << log;
+  // Cheap flushes again (nothing to write, or no trigger): back to --flush-interval.
+  Exec(url_, "DROP TRIGGER slow_flush ON shared.api_usage_meters");
+  EXPECT_TRUE(
+      Eventually([&] { return metric("meterd_flush_interval_ms") == 200; }, absl::Seconds(30)))
+      << metric("meterd_flush_interval_ms");
+  EXPECT_GT(metric("meterd_flush_interval_changes_total{direction=\"shorter\"}"), 0);
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
 TEST_F(PipelineTest, HttpEndpointServesMetricsAndReadiness) {
   const int http_port = FreeLocalPort();
   const std::string summary = dir_ + "/summary.json";
