@@ -6,6 +6,7 @@
 #         dedup window, meter registry, metrics, backoff, flusher, shards on the fake source), the
 #         billing and usage-tracking suites, and the HTTP API end to end (meterd itself built
 #         with ASan: async sessions, shutdown with requests waiting for Kafka, hostile clients),
+#         the HTTP client and fake Stripe, the Stripe export (kill -9 of meterd stripe-export),
 #         then the 3-minute chaos profile (seed 1, every fault kind) with meterd itself built
 #         with ASan+UBSan: kills, rebalances, zombies, Postgres and broker outages under load.
 #         Leak detection is off for the chaos run only: an instance that never got an
@@ -13,7 +14,7 @@
 #         bug 4312); the unit tests run with it on.
 #   tsan: ThreadSanitizer over the multi-threaded ones (shards, flusher and rebalance on the
 #         fake partition source; the metrics registry; the meter registry's readers; the
-#         overage worker's thread against a real Postgres).
+#         overage worker's thread against a real Postgres; the Stripe exporter's senders).
 # Each builds its own tree (build-asan, build-tsan) and fails on the first report.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,8 +25,9 @@ kinds=("$@")
 ((${#kinds[@]})) || kinds=(asan tsan)
 asan_tests=(event_parser_test robustness_test binary_mode_test counters_test dedup_window_test meter_registry_test
             metrics_test backoff_test flusher_test consumer_fake_test billing_test usage_tracking_test
-            http_api_test)
-tsan_tests=(consumer_fake_test flusher_test metrics_test meter_registry_test billing_test)
+            http_api_test fake_stripe_test stripe_export_test)
+tsan_tests=(consumer_fake_test flusher_test metrics_test meter_registry_test billing_test
+            stripe_export_test)
 for kind in "${kinds[@]}"; do
   case "$kind" in
     asan) option=-DMETERD_ASAN=ON; tests=("${asan_tests[@]}" meterd meterd_chaos) ;;
@@ -43,6 +45,8 @@ for kind in "${kinds[@]}"; do
     filter=()
     # The billing suite under TSan: the tests that run the overage worker's thread.
     [[ "$kind" == tsan && "$t" == billing_test ]] && filter=(--gtest_filter='*OverageWorker*:*OneOrgThatCannotBeInvoiced*')
+    # The exporter's senders in this process (the meterd binary is not built under TSan).
+    [[ "$kind" == tsan && "$t" == stripe_export_test ]] && filter=(--gtest_filter='-*KillNine*:*RunExports*')
     echo "== $kind: $t" >&2
     ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
       UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
