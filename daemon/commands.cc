@@ -84,6 +84,9 @@ ABSL_FLAG(std::string, reason, "",
           "replay-rejected: the shared.rejected_events.reason code to replay (required)");
 ABSL_FLAG(std::string, since, "",
           "replay-rejected: only rows rejected at or after this RFC 3339 time (default: all)");
+ABSL_FLAG(absl::Duration, older_than, absl::Hours(24 * 90),
+          "purge-rejected: delete rows rejected longer ago than this (at least the late window "
+          "plus 7 days)");
 ABSL_FLAG(bool, billing, true,
           "Run the overage worker: keep shared.usage_charges and quota alerts current");
 ABSL_FLAG(std::string, http_listen, "",
@@ -353,6 +356,17 @@ absl::Status ReplayRejected(const std::vector<std::string>&) {
   return absl::OkStatus();
 }
 
+absl::Status PurgeRejected(const std::vector<std::string>&) {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
+  ASSIGN_OR_RETURN(int64_t purged, store::PurgeRejected(pg, absl::GetFlag(FLAGS_older_than)));
+  std::printf("{\"purged\":%lld}\n", static_cast<long long>(purged));
+  LOG_INFO("purge-rejected: {} row(s) rejected more than {} ago deleted", purged,
+           absl::FormatDuration(absl::GetFlag(FLAGS_older_than)));
+  return absl::OkStatus();
+}
+
 absl::Status OrgExport(const std::vector<std::string>&) {
   const std::string pg = absl::GetFlag(FLAGS_pg);
   RETURN_IF_ERROR(Require("pg", pg));
@@ -545,6 +559,11 @@ const std::vector<Subcommand>& Subcommands() {
        "each row at most once",
        {"pg", "reason", "since", "late_window", "max_future_skew"},
        &ReplayRejected},
+      {"purge-rejected",
+       "delete shared.rejected_events rows older than --older-than (90 days; never within the "
+       "late window plus 7 days, which replay-rejected could still bill)",
+       {"pg", "older_than"},
+       &PurgeRejected},
       {"org export",
        "print everything meterd holds about one organization as one JSON document (admin)",
        {"pg", "org", "out"},

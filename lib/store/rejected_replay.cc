@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -237,6 +238,25 @@ absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,
     }
   }
   return summary;
+}
+
+absl::StatusOr<int64_t> PurgeRejected(const std::string& conninfo, absl::Duration older_than) {
+  ASSIGN_OR_RETURN(auto conn, Connect(conninfo));
+  int64_t purged = 0;
+  absl::Status status = CatchPq([&]() -> absl::Status {
+    pqxx::work tx(*conn);
+    purged = tx.exec_params1("SELECT shared.purge_rejected_events(make_interval(secs => $1))",
+                             absl::ToDoubleSeconds(older_than))[0]
+                 .as<int64_t>();
+    tx.commit();
+    return absl::OkStatus();
+  });
+  // The function refuses a window a replay could still bill (22023): the caller's mistake.
+  if (!status.ok() && absl::StrContains(status.message(), "22023")) {
+    return absl::InvalidArgumentError(absl::StrCat("--older-than: ", status.message()));
+  }
+  RETURN_IF_ERROR(status);
+  return purged;
 }
 
 std::string ReplaySummaryJson(const ReplaySummary& summary) {

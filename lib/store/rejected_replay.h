@@ -52,6 +52,11 @@ absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,
                                              const ReplayOptions& options, absl::Time now);
 
 // One line of JSON, keys in a fixed order.
+// Deletes the rows of shared.rejected_events rejected more than `older_than` ago
+// (shared.purge_rejected_events; InvalidArgument when that is within the late window plus 7
+// days). Returns how many.
+absl::StatusOr<int64_t> PurgeRejected(const std::string& conninfo, absl::Duration older_than);
+
 std::string ReplaySummaryJson(const ReplaySummary& summary);
 
 }  // namespace meterd::store

@@ -33,7 +33,7 @@ TEST(CliTest, HelpListsCommandsAndFlags) {
   EXPECT_EQ(top.exit_code, 0);
   for (const char* command :
        {"run", "migrate", "dev-broker", "dev-stripe", "loadgen", "replay-rejected", "org export",
-        "org erase", "stripe-export", "close-period"}) {
+        "org erase", "stripe-export", "close-period", "purge-rejected"}) {
     EXPECT_NE(top.stdout_text.find(command), std::string::npos) << command;
   }
   Outcome run = RunMeterd({"run", "--help"});

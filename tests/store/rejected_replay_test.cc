@@ -272,6 +272,34 @@ TEST_F(RejectedReplayTest, ConcurrentReplaysCountEachRowOnce) {
   EXPECT_EQ(Query("SELECT count(*) FROM shared.rejected_events WHERE replayed_at IS NULL"), 0);
 }
 
+// Retention: rows older than --older-than go, younger ones stay, and nothing a replay could
+// still bill (within the late window plus 7 days) can be purged.
+TEST_F(RejectedReplayTest, PurgeDeletesOnlyRowsPastTheRetentionAndNeverInsideTheLateWindow) {
+  Ingest({"not json", "{also not json", "[1,2"});
+  Exec(
+      "UPDATE shared.rejected_events SET rejected_at = now() - interval '100 days' "
+      "WHERE kafka_offset = 0");
+  Exec(
+      "UPDATE shared.rejected_events SET rejected_at = now() - interval '80 days' "
+      "WHERE kafka_offset = 1");
+  auto too_short = PurgeRejected(url_, absl::Hours(24 * 30));
+  EXPECT_EQ(too_short.status().code(), absl::StatusCode::kInvalidArgument) << too_short.status();
+  EXPECT_NE(too_short.status().message().find("late window"), std::string::npos);
+  EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) FROM shared.rejected_events"), 3);
+  auto purged = PurgeRejected(url_, absl::Hours(24 * 90));
+  ASSERT_TRUE(purged.ok()) << purged.status();
+  EXPECT_EQ(*purged, 1);
+  EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) FROM shared.rejected_events"), 2);
+  EXPECT_EQ(testing::QueryInt(url_,
+                              "SELECT count(*) FROM shared.audit_log WHERE action = "
+                              "'rejected_events.purged'"),
+            1);
+  // A wider recorded late window (an instance runs with --late-window 90d) raises the floor.
+  Exec("UPDATE shared.billing_settings SET late_window = interval '90 days'");
+  EXPECT_EQ(PurgeRejected(url_, absl::Hours(24 * 90)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(RejectedReplayTest, UnknownReasonIsRefusedBeforeConnecting) {
   ReplayOptions options;
   options.reason = "teleported";
