@@ -267,5 +267,61 @@ TEST_F(StripeEventsTest, EventsChangeOnlyWhatIsTheirs) {
       "void");
 }
 
+// A payment intent naming only its Stripe invoice (no meterd metadata) is recorded against the
+// meterd invoice that Stripe invoice was linked to by an invoice event, in either order; a
+// payment of another org naming it is not.
+TEST_F(StripeEventsTest, PaymentsFindTheirInvoiceByStripeInvoiceIdInEitherOrder) {
+  const int64_t t = absl::ToUnixSeconds(absl::Now()) - 3600;
+  const std::string customer = Event("evt_c", "customer.created", t,
+                                     absl::StrCat(R"({"id":"cus_L","object":"customer","created":)",
+                                                  t, R"(,"metadata":{"org_id":")", kOrg, R"("}})"));
+  const std::string invoice_paid = Event("evt_i", "invoice.paid", t + 20,
+                                         R"({"id":"in_L1","object":"invoice","customer":"cus_L",)"
+                                         R"("metadata":{"meterd_invoice_id":"1"}})");
+  const std::string intent =
+      Event("evt_p", "payment_intent.succeeded", t + 10,
+            R"({"id":"pi_L1","object":"payment_intent","customer":"cus_L","amount":5500,)"
+            R"("currency":"usd","invoice":"in_L1","metadata":{}})");
+  for (const bool invoice_first : {true, false}) {
+    const std::string url = Database(invoice_first ? "stripe_link_a" : "stripe_link_b");
+    pqxx::connection conn(url);
+    EXPECT_EQ(Apply(conn, customer), "applied");
+    EXPECT_EQ(Apply(conn, invoice_first ? invoice_paid : intent), "applied");
+    EXPECT_EQ(Apply(conn, invoice_first ? intent : invoice_paid), "applied");
+    EXPECT_EQ(testing::QueryInt(url,
+                                "SELECT coalesce(invoice_id, -1) FROM shared.payments "
+                                "WHERE stripe_payment_intent_id = 'pi_L1'"),
+              1)
+        << (invoice_first ? "invoice first" : "payment first");
+    EXPECT_EQ(testing::QueryInt(url,
+                                "SELECT count(*) FROM shared.invoices WHERE invoice_id = 1 "
+                                "AND stripe_invoice_id = 'in_L1' AND status = 'paid'"),
+              1);
+  }
+  // Another org's payment naming in_L1 stays unlinked.
+  const std::string url = Database("stripe_link_other");
+  constexpr char kOther[] = "00000000-0000-4000-8000-00000000057f";
+  pqxx::connection conn(url);
+  {
+    pqxx::work tx(conn);
+    tx.exec0(absl::StrCat("INSERT INTO shared.organizations VALUES ('", kOther, "', 'B', 'hs')"));
+    tx.commit();
+  }
+  EXPECT_EQ(Apply(conn, customer), "applied");
+  EXPECT_EQ(Apply(conn, invoice_paid), "applied");
+  EXPECT_EQ(Apply(conn, Event("evt_o", "customer.created", t,
+                              absl::StrCat(R"({"id":"cus_O","object":"customer","created":)", t,
+                                           R"(,"metadata":{"org_id":")", kOther, R"("}})"))),
+            "applied");
+  EXPECT_EQ(Apply(conn, Event("evt_po", "payment_intent.succeeded", t + 30,
+                              R"({"id":"pi_O1","object":"payment_intent","customer":"cus_O",)"
+                              R"("amount":100,"currency":"usd","invoice":"in_L1"})")),
+            "applied");
+  EXPECT_EQ(testing::QueryInt(url,
+                              "SELECT coalesce(invoice_id, -1) FROM shared.payments WHERE "
+                              "stripe_payment_intent_id = 'pi_O1'"),
+            -1);
+}
+
 }  // namespace
 }  // namespace meterd::api
