@@ -36,38 +36,15 @@ constexpr absl::Duration kMaxFuture = absl::Minutes(5);
 constexpr absl::Duration kWebhookTimeout = absl::Seconds(10);
 
 absl::string_view Absl(std::string_view s) { return absl::string_view(s.data(), s.size()); }
-
-int HexValue(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  c = absl::ascii_tolower(c);
-  return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-}
-
-// Form and query decoding: %XX and '+' for a space; a malformed escape stays as it is.
-std::string FormDecode(absl::string_view text) {
-  std::string out;
-  out.reserve(text.size());
-  for (size_t i = 0; i < text.size(); ++i) {
-    if (text[i] == '+') {
-      out += ' ';
-    } else if (text[i] == '%' && i + 2 < text.size() && HexValue(text[i + 1]) >= 0 &&
-               HexValue(text[i + 2]) >= 0) {
-      out += static_cast<char>(HexValue(text[i + 1]) * 16 + HexValue(text[i + 2]));
-      i += 2;
-    } else {
-      out += text[i];
-    }
-  }
-  return out;
-}
+std::string_view Std(absl::string_view s) { return std::string_view(s.data(), s.size()); }
 
 // application/x-www-form-urlencoded body → field → value (a repeated field: the last one).
 std::map<std::string, std::string> ParseForm(std::string_view body) {
   std::map<std::string, std::string> form;
   for (absl::string_view pair : absl::StrSplit(Absl(body), '&', absl::SkipEmpty())) {
     const size_t eq = pair.find('=');
-    form[FormDecode(pair.substr(0, eq))] =
-        eq == absl::string_view::npos ? "" : FormDecode(pair.substr(eq + 1));
+    form[http::PercentDecode(Std(pair.substr(0, eq)))] =
+        eq == absl::string_view::npos ? "" : http::PercentDecode(Std(pair.substr(eq + 1)));
   }
   return form;
 }

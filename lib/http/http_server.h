@@ -66,6 +66,10 @@ struct Limits {
   absl::Duration write_timeout = absl::Seconds(10);
 };
 
+// Query strings and form bodies: %XX and '+' (a space) decoded; a malformed escape stays as it
+// is.
+std::string PercentDecode(std::string_view text);
+
 // PEM files for HTTPS; both empty: plain HTTP.
 struct TlsFiles {
   std::string cert;  // The certificate chain, leaf first.
