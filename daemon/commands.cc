@@ -41,7 +41,7 @@ ABSL_FLAG(absl::Duration, flush_interval, absl::Seconds(1),
           "How often counters are written to Postgres");
 ABSL_FLAG(absl::Duration, max_visibility_latency, absl::ZeroDuration(),
           "Adaptive flushing: while a flush takes more than half the interval, flush less "
-          "often, up to this (events become visible within it plus one flush); 0: 5 x "
+          "often, up to this (events become visible within about it plus one flush); 0: 5 x "
           "--flush-interval; equal to --flush-interval: a fixed interval");
 ABSL_FLAG(int64_t, max_unflushed_keys, 2'000'000,
           "Unflushed counter keys (all shards) that force an early flush and pause consumption");

@@ -119,17 +119,18 @@ void Flusher::Loop() {
       wake_requested_ = false;
     }
     const absl::Time started = clock.Steady();
-    absl::Duration took;  // Seal, write and commit: what the pacer weighs.
+    absl::Duration took;  // Seal, write and commit: what the pacer weighs (not a lock wait).
     absl::Status status;
     {
       std::lock_guard lock(mu_);
+      const absl::Time locked = clock.Steady();
       std::vector<SealedPartition> sealed;
       for (Shard* shard : shards_) {
         auto part = shard->SealAll();
         std::move(part.begin(), part.end(), std::back_inserter(sealed));
       }
       status = WritePendingLocked(std::move(sealed));
-      took = clock.Steady() - started;
+      took = clock.Steady() - locked;
       // After the flush, so it never delays one; skipped while flushes fail (Postgres is
       // down: the failure is already reported, and a second connection attempt would only
       // stretch the tick).

@@ -24,8 +24,8 @@ struct IngestOptions {
   int shards = 1;
   absl::Duration flush_interval = absl::Seconds(1);
   // Adaptive flushing's longest interval (see FlusherOptions::max_interval); at most
-  // flush_interval: a fixed interval.
-  absl::Duration max_visibility_latency = absl::Seconds(5);
+  // flush_interval (the default here; `meterd run` gives 5 x flush_interval): a fixed one.
+  absl::Duration max_visibility_latency = absl::ZeroDuration();
   size_t max_unflushed_keys = 2'000'000;
   absl::Duration stats_interval = absl::Seconds(10);
   absl::Duration startup_timeout = absl::Seconds(15);

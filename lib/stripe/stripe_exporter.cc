@@ -39,17 +39,36 @@ struct Outcome {
   Counter* retry_counter = nullptr;
 };
 
-// Rows due now; `event_time` brought into Stripe's window (at most 35 days back) from the
-// row's creation, so every resend of a row carries the same timestamp (a different body
-// under the same Idempotency-Key would be refused).
+// Reserves the rows due now, in a short transaction of its own: each row's first attempt is
+// recorded durably before anything is sent (a send whose batch is never committed still
+// counts toward the 23 hours), and a row first attempted more than 23 hours ago is failed
+// instead of sent (Stripe keeps idempotency keys 24 h: a resend could count twice).
+constexpr char kReserveSql[] =
+    "WITH due AS (SELECT o.outbox_id FROM shared.stripe_outbox o "
+    "WHERE o.state = 'pending' AND o.next_attempt_at <= now() AND "
+    "(o.kind <> 'meter_event_cancel' OR EXISTS (SELECT 1 FROM shared.stripe_outbox t "
+    "WHERE t.identifier = o.cancel_identifier AND t.state = 'sent')) "
+    "ORDER BY o.next_attempt_at, o.outbox_id LIMIT $1 FOR UPDATE OF o SKIP LOCKED) "
+    "UPDATE shared.stripe_outbox r SET first_attempt_at = coalesce(r.first_attempt_at, now()), "
+    "state = CASE WHEN r.first_attempt_at < now() - interval '23 hours' THEN 'failed' "
+    "ELSE r.state END, "
+    "last_error = CASE WHEN r.first_attempt_at < now() - interval '23 hours' THEN "
+    "'not delivered within 23 h of the first attempt (Stripe keeps idempotency keys 24 h): "
+    "check Stripe for this identifier before retrying; last: ' || coalesce(r.last_error, '-') "
+    "ELSE r.last_error END "
+    "FROM due WHERE r.outbox_id = due.outbox_id "
+    "RETURNING r.outbox_id, r.state = 'failed', r.kind, r.identifier";
+
+// The reserved rows, locked for the batch (one another sender took meanwhile is skipped). The
+// timestamp is brought into Stripe's window (at most 35 days back) from the row's creation,
+// so every resend of a row carries the same body (a different body under the same
+// Idempotency-Key would be refused).
 constexpr char kClaimSql[] =
     "SELECT o.outbox_id, kind, identifier, event_name, coalesce(stripe_customer_id, ''), "
     "coalesce(value, 0), coalesce(extract(epoch FROM greatest(least(event_time, created_at), "
     "created_at - interval '34 days'))::bigint, 0), coalesce(cancel_identifier, ''), attempts "
-    "FROM shared.stripe_outbox o WHERE state = 'pending' AND next_attempt_at <= now() AND "
-    "(kind <> 'meter_event_cancel' OR EXISTS (SELECT 1 FROM shared.stripe_outbox t "
-    "WHERE t.identifier = o.cancel_identifier AND t.state = 'sent')) "
-    "ORDER BY next_attempt_at, outbox_id LIMIT $1 FOR UPDATE OF o SKIP LOCKED";
+    "FROM shared.stripe_outbox o WHERE o.outbox_id = ANY($1::bigint[]) AND state = 'pending' "
+    "ORDER BY o.outbox_id FOR UPDATE OF o SKIP LOCKED";
 
 // A cancellation waits for its meter event to be sent (Stripe refuses to cancel what it does
 // not hold); one whose meter event failed is parked with it.
@@ -287,15 +306,41 @@ void StripeExporter::SenderLoop(int index, bool drain) {
     int claimed = 0;
     bool had_retry = false;
     absl::Duration pause_all = absl::ZeroDuration();
+    std::string reserved;  // A Postgres array of the reserved ids.
+    const absl::Status reserve = store::CatchPq([&]() -> absl::Status {
+      pqxx::work tx(*conn);
+      for (const auto& r : tx.exec_params(kReserveSql, options_.batch)) {
+        ++claimed;
+        if (r[1].as<bool>()) {
+          metrics_.refused->Add();
+          if (drain) drained_refused_.fetch_add(1);
+          LOG_ERROR(
+              "stripe export: {} {} not delivered within 23 h of its first attempt; failed "
+              "(check Stripe before shared.retry_stripe_exports())",
+              r[2].as<std::string>(), r[3].as<std::string>());
+          continue;
+        }
+        absl::StrAppend(&reserved, reserved.empty() ? "{" : ",", r[0].as<int64_t>());
+      }
+      tx.commit();
+      return absl::OkStatus();
+    });
+    if (!reserve.ok()) {
+      LOG_WARN("stripe export: sender {}: outbox not read: {}", index, reserve.message());
+      conn.reset();
+      if (!WaitUntil(absl::Now() + sender_backoff.Next())) break;
+      continue;
+    }
+    if (!reserved.empty()) reserved += "}";
     const absl::Status done = store::CatchPq([&]() -> absl::Status {
+      if (reserved.empty()) return absl::OkStatus();
       pqxx::work tx(*conn);
       std::vector<Row> rows;
-      for (const auto& r : tx.exec_params(kClaimSql, options_.batch)) {
+      for (const auto& r : tx.exec_params(kClaimSql, reserved)) {
         rows.push_back({r[0].as<int64_t>(), r[1].as<std::string>(), r[2].as<std::string>(),
                         r[3].as<std::string>(), r[4].as<std::string>(), r[5].as<int64_t>(),
                         r[6].as<int64_t>(), r[7].as<std::string>(), r[8].as<int>()});
       }
-      claimed = static_cast<int>(rows.size());
       for (const Row& row : rows) {
         if (Stopping()) break;
         const Outcome outcome = [&]() -> Outcome {

@@ -458,8 +458,6 @@ TEST_F(PipelineTest, AMinuteWithoutPostgresPausesWithinAMemoryBoundThenCatchesUp
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
 }
 
-// /metrics, /metrics.json and --summary-json render one registry: the same numbers, per
-// partition lag and the flush histograms included.
 // Adaptive flushing end to end: a Postgres where every flush takes at least 400 ms (a
 // statement trigger sleeps) against a 200 ms interval makes meterd flush less often, within
 // --max-visibility-latency, with exact totals; once flushes are cheap again it comes back.
@@ -506,6 +504,8 @@ TEST_F(PipelineTest, SlowFlushesLengthenTheIntervalWithinTheCapAndTotalsStayExac
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
 }
 
+// /metrics, /metrics.json and --summary-json render one registry: the same numbers, per
+// partition lag and the flush histograms included.
 TEST_F(PipelineTest, HttpEndpointServesMetricsAndReadiness) {
   const int http_port = FreeLocalPort();
   const std::string summary = dir_ + "/summary.json";

@@ -16,6 +16,7 @@
 #include "lib/billing/close_period.h"
 #include "lib/common/files.h"
 #include "lib/devtools/fake_stripe.h"
+#include "lib/store/data_protection.h"
 #include "lib/stripe/stripe_exporter.h"
 #include "tests/support/harness.h"
 
@@ -300,6 +301,26 @@ TEST_F(StripeExportTest, VoidedInvoiceCancelsItsMeterEvents) {
   EXPECT_EQ(expected.size(), 6u);
 }
 
+// Erasing an org whose voided invoice still owes Stripe its cancellations: they are still
+// sent (naming the meter events Stripe holds), and the rows move to the pseudonymous org and
+// forget the Stripe customer.
+TEST_F(StripeExportTest, EraseKeepsPendingCancellationsSendable) {
+  Close();
+  auto exporter = StripeExporter::Create(url_, Options());
+  ASSERT_TRUE(exporter.ok());
+  EXPECT_EQ((*exporter)->Drain(absl::Seconds(30)).sent, kOrgs * 2 + kOrgs / 2);
+  Exec(absl::StrCat("UPDATE shared.invoices SET status = 'void' WHERE org_id = '", Org(2), "';",
+                    "UPDATE shared.subscriptions SET status = 'ended' WHERE org_id = '", Org(2),
+                    "'"));
+  auto erased = store::EraseOrg(url_, Org(2));
+  ASSERT_TRUE(erased.ok()) << erased.status();
+  EXPECT_EQ((*exporter)->Drain(absl::Seconds(30)).sent, 3);
+  EXPECT_EQ(fake_->adjustments().size(), 3u);
+  EXPECT_EQ(Int(absl::StrCat("SELECT count(*) FROM shared.stripe_outbox WHERE org_id = '", Org(2),
+                             "' OR stripe_customer_id = 'cus_test2'")),
+            0);
+}
+
 // A row first tried 23 hours ago is not sent again automatically: Stripe's idempotency
 // window is closing, and a resend could count twice.
 TEST_F(StripeExportTest, RowsNotDeliveredWithin23HoursStopAndSaySo) {
@@ -318,6 +339,16 @@ TEST_F(StripeExportTest, RowsNotDeliveredWithin23HoursStopAndSaySo) {
   EXPECT_EQ(Int("SELECT count(*) FROM shared.stripe_outbox WHERE state = 'failed' AND "
                 "last_error LIKE 'not delivered within 23 h%'"),
             1);
+  // Failed before it was sent again: Stripe never saw it from this run.
+  const std::string stale = [&] {
+    pqxx::connection conn(url_);
+    pqxx::nontransaction tx(conn);
+    return tx.exec1("SELECT identifier FROM shared.stripe_outbox WHERE state = 'failed'")[0]
+        .as<std::string>();
+  }();
+  for (const devtools::FakeMeterEvent& e : fake_->meter_events()) {
+    EXPECT_NE(e.identifier, stale);
+  }
 }
 
 // `meterd run --stripe-secret-key-file …` exports while it consumes, and says so in /metrics.

@@ -5,6 +5,7 @@
 // processes and compare what Postgres holds with what loadgen produced.
 #include <signal.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -82,6 +83,12 @@ class MeterdFixture : public ::testing::Test {
         args.push_back("--kafka-property");
         args.push_back(property);
       }
+    }
+    // A fixed interval unless a test asks for adaptive flushing: tests that wait a few flush
+    // intervals for something (a meter reload) must not see the interval grow on a busy box.
+    if (std::find(extra.begin(), extra.end(), "--max-visibility-latency") == extra.end()) {
+      args.push_back("--max-visibility-latency");
+      args.push_back(flush_interval);
     }
     args.insert(args.end(), extra.begin(), extra.end());
     return std::make_unique<ChildProcess>(args, absl::StrCat(dir_, "/meterd-", label, ".log"));
