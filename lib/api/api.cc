@@ -13,14 +13,13 @@
 #include "absl/strings/strip.h"
 #include "lib/common/json.h"
 #include "lib/common/logging.h"
+#include "lib/common/string_views.h"
 #include "lib/event/binary_mode.h"
 
 namespace meterd::api {
 namespace {
 
 constexpr char kJson[] = "application/json";
-
-absl::string_view Absl(std::string_view text) { return {text.data(), text.size()}; }
 
 // An id as the event's JSON carried it (escapes kept): valid inside a JSON string as is, but
 // for control bytes, which are escaped.
@@ -43,12 +42,12 @@ constexpr size_t kMaxEventBytes = 256 * 1024;
 
 // The token of "Authorization: Bearer <token>" or "X-Api-Key: <token>"; empty if neither.
 std::string TokenOf(const http::Request& request) {
-  absl::string_view auth = Absl(request.Header("authorization"));
+  absl::string_view auth = AbslView(request.Header("authorization"));
   if (absl::StartsWithIgnoreCase(auth, "bearer ")) {
     auth.remove_prefix(7);
     return std::string(absl::StripAsciiWhitespace(auth));
   }
-  return std::string(absl::StripAsciiWhitespace(Absl(request.Header("x-api-key"))));
+  return std::string(absl::StripAsciiWhitespace(AbslView(request.Header("x-api-key"))));
 }
 
 // The request's events, one JSON text each (views into the request's body), or an error
@@ -62,7 +61,7 @@ struct Elements {
 Elements SplitEvents(http::Request& request, int64_t max_events) {
   Elements out;
   const std::string_view header = request.Header("content-type");
-  const std::string type(absl::StripAsciiWhitespace(Absl(header.substr(0, header.find(';')))));
+  const std::string type(absl::StripAsciiWhitespace(AbslView(header.substr(0, header.find(';')))));
   if (!request.Header("ce-specversion").empty()) {
     // HTTP binary mode: ce-* headers carry the attributes, the body is `data`. Converted to
     // structured mode as the Kafka binding's binary mode is, by the same function.
@@ -129,7 +128,7 @@ Elements SplitEvents(http::Request& request, int64_t max_events) {
         return out;
       }
       // The same bytes in the request's body (the padded copy goes when this returns).
-      const absl::string_view trimmed = absl::StripAsciiWhitespace(Absl(raw));
+      const absl::string_view trimmed = absl::StripAsciiWhitespace(AbslView(raw));
       out.texts.push_back(
           std::string_view(request.body).substr(trimmed.data() - padded.data(), trimmed.size()));
       last_end = raw.data() + raw.size();
@@ -160,7 +159,7 @@ Elements SplitEvents(http::Request& request, int64_t max_events) {
 
 http::Response ErrorResponse(int status, std::string_view code, std::string_view message,
                              std::string_view field) {
-  std::string body = absl::StrCat("{\"error\":{\"code\":\"", Absl(code), "\",\"message\":");
+  std::string body = absl::StrCat("{\"error\":{\"code\":\"", AbslView(code), "\",\"message\":");
   AppendJsonString(&body, message);
   if (!field.empty()) {
     body += ",\"field\":";
@@ -528,7 +527,7 @@ void Api::Ingest(const ApiKey& key, http::Request request, http::Responder respo
                     std::string_view detail) {
     absl::StrAppend(&rejected, rejected.empty() ? "" : ",", "{\"index\":", index);
     if (!id.empty()) absl::StrAppend(&rejected, ",\"id\":\"", RawJsonString(id), "\"");
-    absl::StrAppend(&rejected, ",\"reason\":\"", Absl(reason), "\",\"detail\":");
+    absl::StrAppend(&rejected, ",\"reason\":\"", AbslView(reason), "\",\"detail\":");
     AppendJsonString(&rejected, detail);
     rejected += "}";
     ++rejected_count;

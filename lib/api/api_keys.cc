@@ -16,6 +16,7 @@
 #include "lib/common/json.h"
 #include "lib/common/logging.h"
 #include "lib/common/status_macros.h"
+#include "lib/common/string_views.h"
 
 namespace meterd::api {
 namespace {
@@ -154,9 +155,8 @@ constexpr char kListKeys[] = R"sql(
 // The scopes of a comma-separated list as stored; unknown names (a newer schema) are ignored.
 uint8_t ScopesFromNames(std::string_view names) {
   uint8_t scopes = 0;
-  for (absl::string_view name :
-       absl::StrSplit(absl::string_view(names.data(), names.size()), ',', absl::SkipEmpty())) {
-    auto scope = ParseScope(std::string_view(name.data(), name.size()));
+  for (absl::string_view name : absl::StrSplit(AbslView(names), ',', absl::SkipEmpty())) {
+    auto scope = ParseScope(StdView(name));
     if (scope.ok()) scopes |= *scope;
   }
   return scopes;
@@ -168,9 +168,8 @@ absl::StatusOr<uint8_t> ParseScope(std::string_view name) {
   for (const auto& [scope, scope_name] : kScopeNames) {
     if (name == scope_name) return scope;
   }
-  return absl::InvalidArgumentError(absl::StrCat("unknown scope '",
-                                                 absl::string_view(name.data(), name.size()),
-                                                 "'; one of: ingest, read, admin"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown scope '", AbslView(name), "'; one of: ingest, read, admin"));
 }
 
 std::string ScopeNames(uint8_t scopes) {
@@ -296,7 +295,7 @@ std::string KeyListJson(const std::vector<KeyInfo>& keys) {
     for (absl::string_view scope : absl::StrSplit(key.scopes, ',', absl::SkipEmpty())) {
       if (!first) out += ", ";
       first = false;
-      AppendJsonString(&out, std::string_view(scope.data(), scope.size()));
+      AppendJsonString(&out, StdView(scope));
     }
     out += "], \"label\": ";
     AppendJsonString(&out, key.label);

@@ -10,14 +10,14 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "lib/api/api.h"
+#include "lib/common/string_views.h"
 
 namespace meterd::api {
 namespace {
 
 // HMAC-SHA256(secret, "<t>.<body>") as lowercase hex.
 std::string Signature(std::string_view secret, std::string_view t, std::string_view body) {
-  const std::string signed_text = absl::StrCat(absl::string_view(t.data(), t.size()), ".",
-                                               absl::string_view(body.data(), body.size()));
+  const std::string signed_text = absl::StrCat(AbslView(t), ".", AbslView(body));
   unsigned char mac[EVP_MAX_MD_SIZE];
   unsigned int size = 0;
   HMAC(EVP_sha256(), secret.data(), static_cast<int>(secret.size()),
@@ -30,8 +30,7 @@ std::string Signature(std::string_view secret, std::string_view t, std::string_v
 
 absl::Status StripeSignatureLooksFresh(std::string_view header, absl::Time now,
                                        absl::Duration tolerance) {
-  for (absl::string_view part :
-       absl::StrSplit(absl::string_view(header.data(), header.size()), ',')) {
+  for (absl::string_view part : absl::StrSplit(AbslView(header), ',')) {
     int64_t seconds = 0;
     if (absl::ConsumePrefix(&part, "t=") && absl::SimpleAtoi(part, &seconds)) {
       if (absl::AbsDuration(now - absl::FromUnixSeconds(seconds)) > tolerance) break;
@@ -47,17 +46,16 @@ absl::Status VerifyStripeSignature(std::string_view header, std::string_view bod
   if (header.empty()) return absl::InvalidArgumentError("no Stripe-Signature header");
   std::string_view t;
   std::vector<std::string_view> signatures;
-  for (absl::string_view part :
-       absl::StrSplit(absl::string_view(header.data(), header.size()), ',')) {
+  for (absl::string_view part : absl::StrSplit(AbslView(header), ',')) {
     const size_t eq = part.find('=');
     if (eq == absl::string_view::npos) continue;
     const absl::string_view name = part.substr(0, eq);
     const absl::string_view value = part.substr(eq + 1);
-    if (name == "t") t = std::string_view(value.data(), value.size());
+    if (name == "t") t = StdView(value);
     if (name == "v1") signatures.emplace_back(value.data(), value.size());
   }
   int64_t seconds = 0;
-  if (t.empty() || !absl::SimpleAtoi(absl::string_view(t.data(), t.size()), &seconds)) {
+  if (t.empty() || !absl::SimpleAtoi(AbslView(t), &seconds)) {
     return absl::InvalidArgumentError("Stripe-Signature has no timestamp (t=)");
   }
   if (signatures.empty()) return absl::InvalidArgumentError("Stripe-Signature has no v1 signature");

@@ -20,6 +20,7 @@
 #include "absl/strings/strip.h"
 #include "lib/common/json.h"
 #include "lib/common/status_macros.h"
+#include "lib/common/string_views.h"
 #include "lib/http/http_client.h"
 
 namespace meterd::devtools {
@@ -35,16 +36,13 @@ constexpr absl::Duration kMaxPast = absl::Hours(35 * 24);
 constexpr absl::Duration kMaxFuture = absl::Minutes(5);
 constexpr absl::Duration kWebhookTimeout = absl::Seconds(10);
 
-absl::string_view Absl(std::string_view s) { return absl::string_view(s.data(), s.size()); }
-std::string_view Std(absl::string_view s) { return std::string_view(s.data(), s.size()); }
-
 // application/x-www-form-urlencoded body → field → value (a repeated field: the last one).
 std::map<std::string, std::string> ParseForm(std::string_view body) {
   std::map<std::string, std::string> form;
-  for (absl::string_view pair : absl::StrSplit(Absl(body), '&', absl::SkipEmpty())) {
+  for (absl::string_view pair : absl::StrSplit(AbslView(body), '&', absl::SkipEmpty())) {
     const size_t eq = pair.find('=');
-    form[http::PercentDecode(Std(pair.substr(0, eq)))] =
-        eq == absl::string_view::npos ? "" : http::PercentDecode(Std(pair.substr(eq + 1)));
+    form[http::PercentDecode(StdView(pair.substr(0, eq)))] =
+        eq == absl::string_view::npos ? "" : http::PercentDecode(StdView(pair.substr(eq + 1)));
   }
   return form;
 }
@@ -59,7 +57,7 @@ http::Response StripeError(int status, std::string_view type, std::string_view c
     AppendJsonString(&body, code);
     body += ",\"doc_url\":";
     AppendJsonString(&body, absl::StrCat("https://stripe.com/docs/error-codes/",
-                                         absl::StrReplaceAll(Absl(code), {{"_", "-"}})));
+                                         absl::StrReplaceAll(AbslView(code), {{"_", "-"}})));
     body += ',';
   }
   body += "\"message\":";
@@ -126,12 +124,12 @@ std::string RedactKey(std::string_view key) {
   const std::string_view head = prefix != std::string_view::npos && prefix < 8
                                     ? key.substr(0, prefix + 1)
                                     : std::string_view();
-  return absl::StrCat(Absl(head), "****", Absl(key.substr(key.size() - 4)));
+  return absl::StrCat(AbslView(head), "****", AbslView(key.substr(key.size() - 4)));
 }
 
 // The key from "Bearer <key>", or from "Basic base64(<key>:)" as curl -u sends it.
 std::string ApiKey(std::string_view authorization) {
-  absl::string_view value = Absl(authorization);
+  absl::string_view value = AbslView(authorization);
   if (absl::ConsumePrefix(&value, "Bearer ")) return std::string(absl::StripAsciiWhitespace(value));
   std::string decoded;
   if (absl::ConsumePrefix(&value, "Basic ") && absl::Base64Unescape(value, &decoded)) {

@@ -27,6 +27,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "lib/common/status_macros.h"
+#include "lib/common/string_views.h"
 
 namespace meterd::http {
 namespace {
@@ -36,8 +37,6 @@ namespace bhttp = boost::beast::http;
 namespace ssl = boost::asio::ssl;
 using tcp = boost::asio::ip::tcp;
 using SteadyTime = std::chrono::steady_clock::time_point;
-
-absl::string_view Absl(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
 bool IsIpAddress(const std::string& host) {
   beast::error_code error;
@@ -222,7 +221,7 @@ struct HttpClient::Io {
 
 std::string_view ClientResponse::Header(std::string_view name) const {
   for (const auto& [key, value] : headers) {
-    if (absl::EqualsIgnoreCase(key, Absl(name))) return value;
+    if (absl::EqualsIgnoreCase(key, AbslView(name))) return value;
   }
   return {};
 }

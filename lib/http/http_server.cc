@@ -21,6 +21,7 @@
 #include "lib/common/json.h"
 #include "lib/common/logging.h"
 #include "lib/common/status_macros.h"
+#include "lib/common/string_views.h"
 
 namespace meterd::http {
 namespace {
@@ -249,7 +250,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
 
 std::string_view Request::Header(std::string_view name) const {
   for (const auto& [key, value] : headers) {
-    if (absl::EqualsIgnoreCase(key, absl::string_view(name.data(), name.size()))) return value;
+    if (absl::EqualsIgnoreCase(key, AbslView(name))) return value;
   }
   return {};
 }
