@@ -22,6 +22,11 @@ std::vector<event::OrgId> TouchedOrgs(const std::vector<SealedPartition>& batch)
   return {orgs.begin(), orgs.end()};
 }
 
+constexpr char kIntervalChanges[] = "meterd_flush_interval_changes_total";
+constexpr char kIntervalChangesHelp[] =
+    "Adaptive flushing's interval changes: longer when a flush took more than half the "
+    "interval, shorter when cheap again";
+
 }  // namespace
 
 FlushMetrics::FlushMetrics(MetricsRegistry& r, const Clock* clock)
@@ -47,14 +52,10 @@ FlushMetrics::FlushMetrics(MetricsRegistry& r, const Clock* clock)
           {0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300})),
       interval_ms(r.AddGauge("meterd_flush_interval_ms",
                              "Interval between flushes chosen by adaptive flushing (ms)")),
-      interval_longer(r.AddCounter("meterd_flush_interval_changes_total",
-                                   "Adaptive flushing's interval changes: longer when a flush took "
-                                   "more than half the interval, shorter when cheap again",
-                                   {{"direction", "longer"}})),
-      interval_shorter(r.AddCounter("meterd_flush_interval_changes_total",
-                                    "Adaptive flushing's interval changes: longer when a flush "
-                                    "took more than half the interval, shorter when cheap again",
-                                    {{"direction", "shorter"}})) {
+      interval_longer(
+          r.AddCounter(kIntervalChanges, kIntervalChangesHelp, {{"direction", "longer"}})),
+      interval_shorter(
+          r.AddCounter(kIntervalChanges, kIntervalChangesHelp, {{"direction", "shorter"}})) {
   r.AddCallbackGauge("meterd_last_flush_age_seconds",
                      "Seconds since a flush last committed (-1: never)", {},
                      [last = last_success_unix_ms, clock]() -> int64_t {

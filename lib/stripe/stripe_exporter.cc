@@ -12,6 +12,7 @@
 #include "lib/common/backoff.h"
 #include "lib/common/logging.h"
 #include "lib/common/status_macros.h"
+#include "lib/common/string_views.h"
 #include "lib/http/http_client.h"
 #include "lib/store/pg_connection.h"
 
@@ -39,25 +40,34 @@ struct Outcome {
   Counter* retry_counter = nullptr;
 };
 
+// A cancellation waits for its meter event to be sent (Stripe refuses to cancel what it does
+// not hold); one whose meter event failed is parked with it.
+constexpr char kParkedSql[] =
+    "kind = 'meter_event_cancel' AND NOT EXISTS (SELECT 1 FROM shared.stripe_outbox t "
+    "WHERE t.identifier = o.cancel_identifier AND t.state = 'sent')";
+
 // Reserves the rows due now, in a short transaction of its own: each row's first attempt is
 // recorded durably before anything is sent (a send whose batch is never committed still
 // counts toward the 23 hours), and a row first attempted more than 23 hours ago is failed
 // instead of sent (Stripe keeps idempotency keys 24 h: a resend could count twice).
-constexpr char kReserveSql[] =
-    "WITH due AS (SELECT o.outbox_id FROM shared.stripe_outbox o "
-    "WHERE o.state = 'pending' AND o.next_attempt_at <= now() AND "
-    "(o.kind <> 'meter_event_cancel' OR EXISTS (SELECT 1 FROM shared.stripe_outbox t "
-    "WHERE t.identifier = o.cancel_identifier AND t.state = 'sent')) "
-    "ORDER BY o.next_attempt_at, o.outbox_id LIMIT $1 FOR UPDATE OF o SKIP LOCKED) "
-    "UPDATE shared.stripe_outbox r SET first_attempt_at = coalesce(r.first_attempt_at, now()), "
-    "state = CASE WHEN r.first_attempt_at < now() - interval '23 hours' THEN 'failed' "
-    "ELSE r.state END, "
-    "last_error = CASE WHEN r.first_attempt_at < now() - interval '23 hours' THEN "
-    "'not delivered within 23 h of the first attempt (Stripe keeps idempotency keys 24 h): "
-    "check Stripe for this identifier before retrying; last: ' || coalesce(r.last_error, '-') "
-    "ELSE r.last_error END "
-    "FROM due WHERE r.outbox_id = due.outbox_id "
-    "RETURNING r.outbox_id, r.state = 'failed', r.kind, r.identifier";
+// The only place the 23-hour rule is applied: every send follows a reservation.
+const std::string& ReserveSql() {
+  static const std::string sql = absl::StrCat(
+      "WITH due AS (SELECT o.outbox_id FROM shared.stripe_outbox o "
+      "WHERE o.state = 'pending' AND o.next_attempt_at <= now() AND NOT (",
+      kParkedSql,
+      ") ORDER BY o.next_attempt_at, o.outbox_id LIMIT $1 FOR UPDATE OF o SKIP LOCKED) "
+      "UPDATE shared.stripe_outbox r SET first_attempt_at = coalesce(r.first_attempt_at, now()), "
+      "state = CASE WHEN r.first_attempt_at < now() - interval '23 hours' THEN 'failed' "
+      "ELSE r.state END, "
+      "last_error = CASE WHEN r.first_attempt_at < now() - interval '23 hours' THEN "
+      "'not delivered within 23 h of the first attempt (Stripe keeps idempotency keys 24 h): "
+      "check Stripe for this identifier before retrying; last: ' || coalesce(r.last_error, '-') "
+      "ELSE r.last_error END "
+      "FROM due WHERE r.outbox_id = due.outbox_id "
+      "RETURNING r.outbox_id, r.state = 'failed', r.kind, r.identifier");
+  return sql;
+}
 
 // The reserved rows, locked for the batch (one another sender took meanwhile is skipped). The
 // timestamp is brought into Stripe's window (at most 35 days back) from the row's creation,
@@ -69,12 +79,6 @@ constexpr char kClaimSql[] =
     "created_at - interval '34 days'))::bigint, 0), coalesce(cancel_identifier, ''), attempts "
     "FROM shared.stripe_outbox o WHERE o.outbox_id = ANY($1::bigint[]) AND state = 'pending' "
     "ORDER BY o.outbox_id FOR UPDATE OF o SKIP LOCKED";
-
-// A cancellation waits for its meter event to be sent (Stripe refuses to cancel what it does
-// not hold); one whose meter event failed is parked with it.
-constexpr char kParkedSql[] =
-    "kind = 'meter_event_cancel' AND NOT EXISTS (SELECT 1 FROM shared.stripe_outbox t "
-    "WHERE t.identifier = o.cancel_identifier AND t.state = 'sent')";
 
 http::ClientRequest RequestFor(const Row& row, const std::string& key) {
   http::ClientRequest request;
@@ -128,24 +132,22 @@ std::string ErrorText(const http::ClientResponse& response, std::string* code) {
 absl::Duration RetryAfter(const http::ClientResponse& response) {
   int64_t seconds = 0;
   const std::string_view header = response.Header("Retry-After");
-  const std::string value(
-      absl::StripAsciiWhitespace(absl::string_view(header.data(), header.size())));
+  const std::string value(absl::StripAsciiWhitespace(AbslView(header)));
   if (absl::SimpleAtoi(value, &seconds) && seconds >= 0) return absl::Seconds(seconds);
   return absl::ZeroDuration();
 }
 
 }  // namespace
 
+constexpr char kRetries[] = "meterd_stripe_export_retries_total";
+constexpr char kRetriesHelp[] = "Stripe requests to try again later, by cause";
+
 ExporterMetrics::ExporterMetrics(MetricsRegistry& r)
     : sent(r.AddCounter("meterd_stripe_export_sent_total",
                         "Outbox rows Stripe accepted (meter events and cancellations)")),
-      retried_5xx(r.AddCounter("meterd_stripe_export_retries_total",
-                               "Stripe requests to try again later, by cause", {{"cause", "5xx"}})),
-      retried_429(r.AddCounter("meterd_stripe_export_retries_total",
-                               "Stripe requests to try again later, by cause", {{"cause", "429"}})),
-      retried_network(r.AddCounter("meterd_stripe_export_retries_total",
-                                   "Stripe requests to try again later, by cause",
-                                   {{"cause", "network"}})),
+      retried_5xx(r.AddCounter(kRetries, kRetriesHelp, {{"cause", "5xx"}})),
+      retried_429(r.AddCounter(kRetries, kRetriesHelp, {{"cause", "429"}})),
+      retried_network(r.AddCounter(kRetries, kRetriesHelp, {{"cause", "network"}})),
       refused(r.AddCounter("meterd_stripe_export_refused_total",
                            "Outbox rows Stripe refused (4xx): state failed, with its message")),
       auth_failures(r.AddCounter("meterd_stripe_export_auth_failures_total",
@@ -171,9 +173,10 @@ absl::StatusOr<std::unique_ptr<StripeExporter>> StripeExporter::Create(std::stri
         "--stripe-secret-key: not a Stripe secret or restricted key (sk_… or rk_…)");
   }
   options.secret_key = key;
-  if (options.senders < 1 || options.batch < 1) {
-    return absl::InvalidArgumentError("--stripe-export-senders must be at least 1");
+  if (options.senders < 1 || options.senders > 64) {
+    return absl::InvalidArgumentError("--stripe-export-senders must be 1..64");
   }
+  if (options.batch < 1) return absl::InvalidArgumentError("batch must be at least 1");
   // The key must not travel in clear text: plain HTTP only to this host (the fake Stripe).
   if (absl::StartsWith(options.api_base, "http://") &&
       !absl::StartsWith(options.api_base, "http://127.0.0.1") &&
@@ -309,7 +312,7 @@ void StripeExporter::SenderLoop(int index, bool drain) {
     std::string reserved;  // A Postgres array of the reserved ids.
     const absl::Status reserve = store::CatchPq([&]() -> absl::Status {
       pqxx::work tx(*conn);
-      for (const auto& r : tx.exec_params(kReserveSql, options_.batch)) {
+      for (const auto& r : tx.exec_params(ReserveSql(), options_.batch)) {
         ++claimed;
         if (r[1].as<bool>()) {
           metrics_.refused->Add();
@@ -375,8 +378,7 @@ void StripeExporter::SenderLoop(int index, bool drain) {
           case Outcome::kSent:
             tx.exec_params0(
                 "UPDATE shared.stripe_outbox SET state = 'sent', sent_at = now(), "
-                "attempts = attempts + 1, last_error = nullif($2, ''), "
-                "first_attempt_at = coalesce(first_attempt_at, now()) WHERE outbox_id = $1",
+                "attempts = attempts + 1, last_error = nullif($2, '') WHERE outbox_id = $1",
                 row.id, outcome.detail);
             metrics_.sent->Add();
             if (drain) drained_sent_.fetch_add(1);
@@ -385,8 +387,7 @@ void StripeExporter::SenderLoop(int index, bool drain) {
           case Outcome::kRefused:
             tx.exec_params0(
                 "UPDATE shared.stripe_outbox SET state = 'failed', attempts = attempts + 1, "
-                "last_error = $2, first_attempt_at = coalesce(first_attempt_at, now()) "
-                "WHERE outbox_id = $1",
+                "last_error = $2 WHERE outbox_id = $1",
                 row.id, outcome.detail);
             metrics_.refused->Add();
             if (drain) drained_refused_.fetch_add(1);
@@ -397,33 +398,15 @@ void StripeExporter::SenderLoop(int index, bool drain) {
             const absl::Duration delay = outcome.retry_after > absl::ZeroDuration()
                                              ? std::min(outcome.retry_after, options_.max_backoff)
                                              : row_delay(row.attempts);
-            // Past Stripe's idempotency window a resend could count twice: stop and say so.
-            const bool gave_up =
-                tx.exec_params1(
-                      "UPDATE shared.stripe_outbox SET attempts = attempts + 1, "
-                      "first_attempt_at = coalesce(first_attempt_at, now()), "
-                      "next_attempt_at = now() + make_interval(secs => $3), "
-                      "state = CASE WHEN first_attempt_at < now() - interval '23 hours' "
-                      "THEN 'failed' ELSE state END, "
-                      "last_error = CASE WHEN first_attempt_at < now() - interval '23 hours' "
-                      "THEN 'not delivered within 23 h of the first attempt (Stripe keeps "
-                      "idempotency keys 24 h): check Stripe for this identifier before "
-                      "retrying; last: ' || $2 ELSE $2 END "
-                      "WHERE outbox_id = $1 RETURNING state = 'failed'",
-                      row.id, outcome.detail, absl::ToDoubleSeconds(delay))[0]
-                    .as<bool>();
+            // A row whose 23 hours run out meanwhile is failed by its next reservation,
+            // before it could be sent again.
+            tx.exec_params0(
+                "UPDATE shared.stripe_outbox SET attempts = attempts + 1, last_error = $2, "
+                "next_attempt_at = now() + make_interval(secs => $3) WHERE outbox_id = $1",
+                row.id, outcome.detail, absl::ToDoubleSeconds(delay));
             outcome.retry_counter->Add();
-            if (gave_up) {
-              metrics_.refused->Add();
-              LOG_ERROR(
-                  "stripe export: {} {} not delivered within 23 h of its first attempt; failed "
-                  "(check Stripe before shared.retry_stripe_exports()): {}",
-                  row.kind, row.identifier, outcome.detail);
-            } else {
-              LOG_WARN("stripe export: {} {} attempt {} failed, retried in {}: {}", row.kind,
-                       row.identifier, row.attempts + 1, absl::FormatDuration(delay),
-                       outcome.detail);
-            }
+            LOG_WARN("stripe export: {} {} attempt {} failed, retried in {}: {}", row.kind,
+                     row.identifier, row.attempts + 1, absl::FormatDuration(delay), outcome.detail);
             had_retry = true;
             // Stripe's rate limit is the account's: every sender waits.
             if (outcome.retry_counter == metrics_.retried_429) pause_all = delay;
