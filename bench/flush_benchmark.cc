@@ -1,16 +1,19 @@
 // Postgres flush: rows/s for the ways one flush can write its distinct keys, against a private
-// PostgreSQL started in this run. Baselines: one statement per row in one transaction, and one
-// autocommitted statement per event (the seed's increment-per-event approach).
+// PostgreSQL started in this run, and the compactor's fold of the delta log. Baselines: the
+// former COPY + upsert path, one statement per row in one transaction, and one autocommitted
+// statement per event (the seed's increment-per-event approach).
 #include <string>
 #include <vector>
 
 #include <benchmark/benchmark.h>
 #include <pqxx/pqxx>
+#include <pqxx/tablewriter>
 
 #include "absl/strings/str_cat.h"
 #include "bench/ratio_reporter.h"
 #include "lib/devtools/loadgen.h"
 #include "lib/store/pg_flush_writer.h"
+#include "lib/store/usage_compactor.h"
 #include "tests/support/harness.h"
 
 namespace meterd::bench {
@@ -47,7 +50,7 @@ SealedPartition Batch(int rows, int64_t expected, int64_t next) {
   return s;
 }
 
-// meterd's writer: offset CAS + COPY of pre-formatted rows + one INSERT … SELECT … ON CONFLICT.
+// meterd's writer: offset CAS + COPY of pre-formatted rows into the delta log.
 void BM_FlushWriter(benchmark::State& state) {
   static int run = 0;  // Google Benchmark calls this more than once: a fresh partition each time.
   auto writer =
@@ -64,11 +67,81 @@ void BM_FlushWriter(benchmark::State& state) {
     auto outcome = (*writer)->Write(batch);
     if (!outcome.ok() || !outcome->fenced.empty()) return state.SkipWithError("write failed");
     offset = next;
-    rows += static_cast<int64_t>(outcome->rows_upserted);
+    rows += static_cast<int64_t>(outcome->rows_written);
   }
   state.SetItemsProcessed(rows);
 }
 BENCHMARK(BM_FlushWriter)->Arg(30'000)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// The former write path (before the delta log): COPY of the same pre-formatted rows into a
+// session temp table, then one INSERT … SELECT … ON CONFLICT DO UPDATE per key, in the flush's
+// transaction. Same keys every iteration: every row after the first is an update.
+void BM_FlushUpsert(benchmark::State& state) {
+  pqxx::connection conn(Url());
+  const auto rows_in = aggregate::DistinctRows({Batch(static_cast<int>(state.range(0)), 0, 0)});
+  std::string text;
+  for (const auto& [key, quantity] : rows_in) {
+    absl::StrAppend(&text, text.empty() ? "" : "\n", event::OrgIdToString(key.org), "\t",
+                    std::string(Meters().Name(key.meter)), "\t",
+                    std::string(event::IndustryCode(key.industry)), "\t", key.day, "\t", quantity);
+  }
+  pqxx::nontransaction(conn).exec0(
+      "CREATE TEMP TABLE upsert_rows (org_id uuid, meter text, industry text, day integer, "
+      "quantity bigint) ON COMMIT DELETE ROWS");
+  int64_t rows = 0;
+  for (auto _ : state) {
+    pqxx::work tx(conn);
+    {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+      pqxx::tablewriter copy(tx, "upsert_rows");
+#pragma GCC diagnostic pop
+      copy.write_raw_line(text);
+      copy.complete();
+    }
+    tx.exec0(
+        "INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, "
+        "quantity) SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity "
+        "FROM upsert_rows ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
+        "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()");
+    tx.commit();
+    rows += static_cast<int64_t>(rows_in.size());
+  }
+  state.SetItemsProcessed(rows);
+}
+BENCHMARK(BM_FlushUpsert)->Arg(30'000)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// The compactor's fold, off the flush's path: state.range(1) flushes of the same
+// state.range(0) keys are written (not timed), then one fold sums them into the table.
+// Items: delta rows folded.
+void BM_FoldDeltas(benchmark::State& state) {
+  static int run = 0;
+  auto writer =
+      store::PgFlushWriter::Create(Url(), {"bench", absl::StrCat("fold", run++)}, &Meters());
+  auto compactor = store::UsageCompactor::Create(Url(), {});
+  if (!writer.ok() || !compactor.ok()) return state.SkipWithError("cannot connect");
+  int64_t offset = SealedPartition::kNoStoredOffset;
+  int64_t rows = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    for (int64_t f = 0; f < state.range(1); ++f) {
+      const int64_t next = offset < 0 ? 1000 : offset + 1000;
+      auto outcome = (*writer)->Write({Batch(static_cast<int>(state.range(0)), offset, next)});
+      if (!outcome.ok() || !outcome->fenced.empty()) return state.SkipWithError("write failed");
+      offset = next;
+    }
+    state.ResumeTiming();
+    auto folded = (*compactor)->FoldOnce();
+    if (!folded.ok()) return state.SkipWithError(std::string(folded.status().message()).c_str());
+    rows += folded->delta_rows;
+  }
+  state.SetItemsProcessed(rows);
+}
+BENCHMARK(BM_FoldDeltas)
+    ->Args({30'000, 1})
+    ->Args({30'000, 4})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 // Alternative: the rows as Postgres array literals through one INSERT … SELECT FROM unnest(…).
 void BM_FlushUnnest(benchmark::State& state) {
@@ -181,7 +254,9 @@ BENCHMARK(BM_PerEventAutocommit)->Arg(1'000)->Unit(benchmark::kMillisecond)->Use
 int main(int argc, char** argv) {
   return meterd::bench::RunWithRatios(
       argc, argv,
-      {{"BM_FlushWriter/30000/real_time", "BM_FlushPerRowOneTransaction/3000/real_time"},
+      {{"BM_FlushWriter/30000/real_time", "BM_FlushUpsert/30000/real_time"},
+       {"BM_FoldDeltas/30000/4/real_time", "BM_FlushUpsert/30000/real_time"},
+       {"BM_FlushWriter/30000/real_time", "BM_FlushPerRowOneTransaction/3000/real_time"},
        {"BM_FlushWriter/30000/real_time", "BM_PerEventAutocommit/1000/real_time"},
        {"BM_FlushWriter/30000/real_time", "BM_FlushUnnest/30000/real_time"},
        {"BM_FlushWriter/30000/real_time", "BM_FlushCopy/30000/real_time"}});

@@ -43,6 +43,10 @@ ABSL_FLAG(absl::Duration, max_visibility_latency, absl::ZeroDuration(),
           "Adaptive flushing: while a flush takes more than half the interval, flush less "
           "often, up to this (events become visible within about it plus one flush); 0: 5 x "
           "--flush-interval; equal to --flush-interval: a fixed interval");
+ABSL_FLAG(absl::Duration, compact_interval, absl::Seconds(2),
+          "How often the usage delta log every flush appends to is folded into "
+          "shared.api_usage_meters (readers see unfolded deltas too); 0: never, e.g. when "
+          "another meterd of the group folds");
 ABSL_FLAG(int64_t, max_unflushed_keys, 2'000'000,
           "Unflushed counter keys (all shards) that force an early flush and pause consumption");
 ABSL_FLAG(absl::Duration, late_window, absl::Hours(24 * 62),
@@ -220,6 +224,7 @@ absl::Status Run(const std::vector<std::string>& raw_properties) {
   o.ingest.dedup.window = absl::GetFlag(FLAGS_dedup_window);
   ASSIGN_OR_RETURN(o.ingest.kafka_properties, ParseProperties(raw_properties));
   o.billing = absl::GetFlag(FLAGS_billing);
+  o.compact_interval = absl::GetFlag(FLAGS_compact_interval);
   o.http_listen = absl::GetFlag(FLAGS_http_listen);
   o.http_tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key)};
   o.http_limits.threads = absl::GetFlag(FLAGS_http_threads);
@@ -509,6 +514,7 @@ const std::vector<Subcommand>& Subcommands() {
         "shards",
         "flush_interval",
         "max_visibility_latency",
+        "compact_interval",
         "max_unflushed_keys",
         "late_window",
         "max_future_skew",

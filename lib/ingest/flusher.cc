@@ -33,7 +33,7 @@ FlushMetrics::FlushMetrics(MetricsRegistry& r, const Clock* clock)
     : flushes(r.AddCounter("meterd_flushes_total", "Committed flush transactions")),
       failures(r.AddCounter("meterd_flush_failures_total", "Flush attempts that failed (retried)")),
       fenced(r.AddCounter("meterd_fenced_partitions_total", "Partitions whose offset CAS failed")),
-      rows(r.AddCounter("meterd_flushed_rows_total", "Counter rows upserted")),
+      rows(r.AddCounter("meterd_flushed_rows_total", "Counter rows written (delta rows appended to the usage log)")),
       events(r.AddCounter("meterd_flushed_events_total", "Events covered by committed flushes")),
       last_rows(r.AddGauge("meterd_last_flush_rows", "Rows in the latest committed flush")),
       last_events(r.AddGauge("meterd_last_flush_events", "Events in the latest committed flush")),
@@ -193,7 +193,7 @@ absl::Status Flusher::WritePendingLocked(std::vector<SealedPartition> fresh) {
       return outcome.status();
     }
     if (outcome->fenced.empty()) {
-      const auto rows = static_cast<int64_t>(outcome->rows_upserted);
+      const auto rows = static_cast<int64_t>(outcome->rows_written);
       const absl::Time committed = options_.clock->Now();
       metrics_.flushes->Add();
       metrics_.rows->Add(rows);

@@ -26,6 +26,9 @@ absl::Status Validate(const PipelineOptions& o) {
     return absl::InvalidArgumentError(
         "--max-visibility-latency must be at least --flush-interval (equal: a fixed interval)");
   }
+  if (o.compact_interval < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--compact-interval must be at least 0 (0: no folding)");
+  }
   if (o.ingest.max_unflushed_keys < 1) {
     return absl::InvalidArgumentError("--max-unflushed-keys must be at least 1");
   }
@@ -101,6 +104,14 @@ absl::StatusOr<std::unique_ptr<Pipeline>> Pipeline::Start(PipelineOptions option
     };
     p->overage_->Start();
   }
+  if (o.compact_interval > absl::ZeroDuration()) {
+    ASSIGN_OR_RETURN(p->compactor_,
+                     store::UsageCompactor::Create(o.pg, {.interval = o.compact_interval,
+                                                          .timeouts = o.pg_timeouts,
+                                                          .clock = clock,
+                                                          .metrics = &p->metrics_}));
+    p->compactor_->Start();
+  }
   if (o.stripe_export.has_value()) {
     stripe::ExporterOptions exporter = *o.stripe_export;
     exporter.metrics = &p->metrics_;
@@ -131,6 +142,12 @@ absl::Status Pipeline::Run(const std::function<bool()>& stop) {
     exporter_->Stop();  // Rows of an unfinished batch are sent again by the next run.
     const stripe::ExporterMetrics& m = exporter_->metrics();
     LOG_INFO("stripe export: {} sent, {} refused by Stripe", m.sent->value(), m.refused->value());
+  }
+  if (compactor_) {
+    compactor_->Stop();  // Unfolded deltas stay visible; the next fold takes them.
+    const store::CompactorMetrics& m = compactor_->metrics();
+    LOG_INFO("usage compactor: {} folds, {} delta rows into {} keys, {} failures", m.folds->value(),
+             m.delta_rows->value(), m.keys->value(), m.failures->value());
   }
   if (overage_) {
     overage_->Stop();

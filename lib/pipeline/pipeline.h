@@ -16,6 +16,7 @@
 #include "lib/ingest/ingestor.h"
 #include "lib/kafka/acked_producer.h"
 #include "lib/store/pg_connection.h"
+#include "lib/store/usage_compactor.h"
 #include "lib/stripe/stripe_exporter.h"
 
 namespace meterd::pipeline {
@@ -27,6 +28,9 @@ struct PipelineOptions {
   // `metrics` and `on_committed` are set by the pipeline.
   ingest::IngestOptions ingest;
   bool billing = true;  // Run the overage worker (charges and quota alerts as usage lands).
+  // How often the usage delta log is folded into shared.api_usage_meters; zero: never (another
+  // meterd, or an operator's shared.fold_usage_deltas(), must).
+  absl::Duration compact_interval = absl::Seconds(2);
   // host:port for /metrics, /metrics.json, /healthz, /readyz and the /v1 API; "": none.
   std::string http_listen;
   http::TlsFiles http_tls;  // Both set: HTTPS.
@@ -81,6 +85,7 @@ class Pipeline {
   const PipelineOptions options_;
   MetricsRegistry metrics_;
   event::MeterRegistry meters_;
+  std::unique_ptr<store::UsageCompactor> compactor_;
   std::unique_ptr<billing::OverageWorker> overage_;
   std::unique_ptr<stripe::StripeExporter> exporter_;
   std::unique_ptr<ingest::Ingestor> ingestor_;

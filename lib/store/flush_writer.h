@@ -18,7 +18,7 @@ struct FencedPartition {
 struct FlushOutcome {
   // Non-empty means the transaction was rolled back: these partitions failed the offset CAS.
   std::vector<FencedPartition> fenced;
-  size_t rows_upserted = 0;
+  size_t rows_written = 0;  // Delta rows appended to shared.api_usage_deltas.
 };
 
 // The seam between the flusher and Postgres; tests substitute it to inject faults.
@@ -27,8 +27,8 @@ class FlushWriter {
  public:
   virtual ~FlushWriter() = default;
 
-  // Writes a batch in ONE transaction: CAS-advance every partition's next offset, upsert the
-  // distinct counter rows, insert rejected events. If any CAS misses, nothing is written and
+  // Writes a batch in ONE transaction: CAS-advance every partition's next offset, append the
+  // distinct counter rows to the usage delta log, insert rejected events. If any CAS misses, nothing is written and
   // the fenced partitions are returned. Unavailable means retry later (nothing is known
   // committed only if the error came before COMMIT; an ambiguous commit is resolved by the CAS
   // on the retry).

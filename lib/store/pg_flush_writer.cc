@@ -1,5 +1,6 @@
 #include "lib/store/pg_flush_writer.h"
 
+#include <cstdio>
 #include <limits>
 
 #include "absl/container/flat_hash_set.h"
@@ -16,28 +17,47 @@ namespace {
 using aggregate::SealedPartition;
 
 constexpr char kClaimOffsets[] = "meterd_claim_offsets";
-constexpr char kUpsertCounters[] = "meterd_upsert_counters";
 constexpr char kLoadOffsets[] = "meterd_load_offsets";
-constexpr char kFlushRows[] = "meterd_flush_rows";
 constexpr char kLoadMeters[] = "meterd_load_meters";
 
 constexpr char kSelectMeters[] =
     "SELECT meter_id, name, max_event_quantity FROM shared.meters ORDER BY meter_id";
 
-// COPY text format, many rows per write. Every value is a UUID, an identifier-safe meter name
-// (CHECK in shared.meters), an industry code or an integer: none needs escaping.
-// pqxx::stream_to escapes and allocates per field (measured ~2x slower here); tablewriter
-// sends pre-formatted lines, and is only deprecated in favour of stream_to.
-void CopyRows(pqxx::work& tx, const std::vector<std::pair<aggregate::CounterKey, int64_t>>& rows,
-              const event::MeterRegistry& meters) {
+// Appends day (days since 1970-01-01) as YYYY-MM-DD (civil-from-days, proleptic Gregorian).
+void AppendIsoDate(std::string* out, int64_t day) {
+  const int64_t z = day + 719468;
+  const int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+  const int64_t doe = z - era * 146097;
+  const int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+  const int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+  const int64_t mp = (5 * doy + 2) / 153;
+  const int64_t d = doy - (153 * mp + 2) / 5 + 1;
+  const int64_t m = mp < 10 ? mp + 3 : mp - 9;
+  const int64_t y = yoe + era * 400 + (m <= 2 ? 1 : 0);
+  char text[16];
+  const int n = std::snprintf(text, sizeof(text), "%04lld-%02lld-%02lld", static_cast<long long>(y),
+                              static_cast<long long>(m), static_cast<long long>(d));
+  out->append(text, static_cast<size_t>(n));
+}
+
+// COPY text format into the delta log, many rows per write. Every value is a UUID, an
+// identifier-safe meter name (CHECK in shared.meters), an industry code, a date or an integer:
+// none needs escaping. pqxx::stream_to escapes and allocates per field (measured ~2x slower
+// here); tablewriter sends pre-formatted lines, and is only deprecated in favour of stream_to.
+void CopyDeltas(pqxx::work& tx, const std::vector<std::pair<aggregate::CounterKey, int64_t>>& rows,
+                const event::MeterRegistry& meters) {
+  static const std::vector<std::string> kColumns = {"org_id", "meter", "industry", "usage_date",
+                                                    "quantity"};
   constexpr size_t kChunkBytes = 256 * 1024;
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-  pqxx::tablewriter copy(tx, kFlushRows);
+  pqxx::tablewriter copy(tx, "shared.api_usage_deltas", kColumns.begin(), kColumns.end());
 #pragma GCC diagnostic pop
   std::string chunk;
   chunk.reserve(kChunkBytes + 256);
   char org[36];
+  int64_t dated_day = std::numeric_limits<int64_t>::min();
+  std::string date;
   for (const auto& [key, quantity] : rows) {
     if (!chunk.empty()) chunk += '\n';
     event::FormatOrgId(key.org, org);
@@ -47,7 +67,13 @@ void CopyRows(pqxx::work& tx, const std::vector<std::pair<aggregate::CounterKey,
     chunk += '\t';
     chunk += event::IndustryCode(key.industry);
     chunk += '\t';
-    absl::StrAppend(&chunk, key.day, "\t", quantity);
+    if (key.day != dated_day) {  // Sorted by key (org, day, …): a date repeats in runs.
+      dated_day = key.day;
+      date.clear();
+      AppendIsoDate(&date, key.day);
+    }
+    chunk += date;
+    absl::StrAppend(&chunk, "\t", quantity);
     if (chunk.size() >= kChunkBytes) {
       copy.write_raw_line(chunk);
       chunk.clear();
@@ -189,12 +215,6 @@ absl::Status PgFlushWriter::EnsureConnected() {
   conn_.reset();
   ASSIGN_OR_RETURN(auto conn, Connect(conninfo_, timeouts_));
   RETURN_IF_ERROR(CatchPq([&]() -> absl::Status {
-    // Rows arrive by COPY into this per-session table, emptied at every commit or rollback.
-    pqxx::nontransaction setup(*conn);
-    setup.exec0(std::string("CREATE TEMP TABLE IF NOT EXISTS ") + kFlushRows +
-                " (org_id uuid, meter text, industry text, day integer, quantity bigint) "
-                "ON COMMIT DELETE ROWS");
-    setup.commit();
     // Every partition's compare-and-set in one round trip: advance rows still at the expected
     // offset, create rows expected to be absent; the partitions returned are the ones claimed.
     conn->prepare(kClaimOffsets,
@@ -208,14 +228,6 @@ absl::Status PgFlushWriter::EnsureConnected() {
                   "  partition, next_offset) SELECT $1, $2, i.partition, i.next FROM input i "
                   "  WHERE i.expected < 0 ON CONFLICT DO NOTHING RETURNING partition) "
                   "SELECT partition FROM advanced UNION ALL SELECT partition FROM created");
-    conn->prepare(kUpsertCounters,
-                  std::string("INSERT INTO shared.api_usage_meters AS m "
-                              "(org_id, meter, industry, usage_date, quantity) "
-                              "SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity "
-                              "FROM ") +
-                      kFlushRows +
-                      " ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
-                      "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()");
     conn->prepare(kLoadMeters, kSelectMeters);
     conn->prepare(kLoadOffsets,
                   "SELECT partition, next_offset FROM shared.ingest_offsets "
@@ -255,12 +267,10 @@ absl::StatusOr<FlushOutcome> PgFlushWriter::Write(const std::vector<SealedPartit
       return absl::OkStatus();
     }
 
+    // The deltas go to the log (migration 0025): no per-key upsert in this transaction.
     const auto rows = aggregate::DistinctRows(batch);
-    if (!rows.empty()) {
-      CopyRows(tx, rows, *meters_);
-      tx.exec_prepared0(kUpsertCounters);
-    }
-    outcome.rows_upserted = rows.size();
+    if (!rows.empty()) CopyDeltas(tx, rows, *meters_);
+    outcome.rows_written = rows.size();
 
     CopyRejected(tx, identity_.topic, batch);
     tx.commit();

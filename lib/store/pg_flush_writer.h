@@ -18,10 +18,11 @@ struct WriterIdentity {
 };
 
 // FlushWriter on one libpq connection, reconnecting after a failure on the next call.
-// Rows go in by COPY into a session temp table (ON COMMIT DELETE ROWS), then one prepared
-// INSERT … SELECT … ON CONFLICT: measured 1.25x the rows/s of an unnest(arrays) upsert here
-// (169k vs 135k rows/s, bench/flush_benchmark). `meters` (not owned) names the rows and is the
-// registry RefreshMeters grows: the writer is its one writing thread.
+// A flush's distinct keys go by one COPY into the delta log shared.api_usage_deltas (no
+// index, no upsert: migration 0025), in the transaction that advances the offsets; the
+// UsageCompactor folds them into shared.api_usage_meters later. bench/flush_benchmark compares
+// it with the former COPY + INSERT … ON CONFLICT per key. `meters` (not owned) names the rows and
+// is the registry RefreshMeters grows: the writer is its one writing thread.
 class PgFlushWriter final : public FlushWriter {
  public:
   // `timeouts.statement` also bounds each Write and LoadOffsets on the client (the watchdog):

@@ -66,7 +66,7 @@ class MemoryWriter final : public store::FlushWriter {
       for (const auto& [key, quantity] : p.deltas.counters) {
         totals_[event::OrgIdToString(key.org)] += quantity;
       }
-      outcome.rows_upserted += p.deltas.counters.size();
+      outcome.rows_written += p.deltas.counters.size();
     }
     ++commits_;
     changed_.notify_all();

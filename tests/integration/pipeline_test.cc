@@ -43,6 +43,41 @@ TEST_F(PipelineTest, TotalsAreExactOverManyOrgsAndPartitions) {
   EXPECT_EQ(QueryInt(url_, "SELECT sum(next_offset) FROM shared.ingest_offsets"), 200'000);
 }
 
+// Flushes append to the delta log; `meterd run` folds it into one row per key while running
+// (its metrics say so), and with --compact-interval 0 the deltas stay, still counted.
+TEST_F(PipelineTest, TheCompactorFoldsTheDeltaLogIntoOneRowPerKey) {
+  auto loadgen = StartLoadgen(60'000, 300, 0.0, 0);
+  const auto expected = FinishLoadgen(*loadgen);
+  const int http_port = FreeLocalPort();
+  auto meterd = StartMeterd(
+      "a", "300ms",
+      {"--compact-interval", "0", "--http-listen", absl::StrCat("127.0.0.1:", http_port)});
+  ExpectExact(expected);
+  EXPECT_GT(QueryInt(url_, "SELECT count(*) FROM ONLY shared.api_usage_deltas"), 0);
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM ONLY shared.api_usage_meters"), 0);
+  const auto [status, metrics] = HttpGet(http_port, "/metrics");
+  EXPECT_EQ(status, 200);
+  EXPECT_EQ(metrics.find("meterd_usage_folds_total"), std::string::npos) << "compactor is off";
+  meterd->Signal(SIGTERM);
+  ASSERT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+
+  meterd = StartMeterd(
+      "b", "300ms",
+      {"--compact-interval", "200ms", "--http-listen", absl::StrCat("127.0.0.1:", http_port)});
+  ASSERT_TRUE(Eventually(
+      [&] { return QueryInt(url_, "SELECT count(*) FROM ONLY shared.api_usage_deltas") == 0; },
+      absl::Seconds(60)))
+      << ReadFile(meterd->log_path());
+  EXPECT_EQ(QueryInt(url_, "SELECT count(*) FROM ONLY shared.api_usage_meters"),
+            static_cast<int64_t>(expected.size()));
+  ExpectExact(expected);
+  const auto [status_b, metrics_b] = HttpGet(http_port, "/metrics");
+  EXPECT_EQ(status_b, 200);
+  EXPECT_NE(metrics_b.find("meterd_usage_folds_total 1"), std::string::npos) << metrics_b;
+  meterd->Signal(SIGTERM);
+  EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
+}
+
 TEST_F(PipelineTest, MalformedEventsAreRejectedWithTheirReason) {
   auto meterd = StartMeterd("a");
   auto loadgen = StartLoadgen(60'000, 500, 0.05, 0);
@@ -459,13 +494,14 @@ TEST_F(PipelineTest, AMinuteWithoutPostgresPausesWithinAMemoryBoundThenCatchesUp
 }
 
 // Adaptive flushing end to end: a Postgres where every flush takes at least 400 ms (a
-// statement trigger sleeps) against a 200 ms interval makes meterd flush less often, within
+// statement trigger on the delta log sleeps) against a 200 ms interval makes meterd flush less
+// often, within
 // --max-visibility-latency, with exact totals; once flushes are cheap again it comes back.
 TEST_F(PipelineTest, SlowFlushesLengthenTheIntervalWithinTheCapAndTotalsStayExact) {
   Exec(url_,
        "CREATE FUNCTION public.slow_flush() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
        "PERFORM pg_sleep(0.4); RETURN NULL; END $$; "
-       "CREATE TRIGGER slow_flush AFTER INSERT ON shared.api_usage_meters "
+       "CREATE TRIGGER slow_flush AFTER INSERT ON shared.api_usage_deltas "
        "FOR EACH STATEMENT EXECUTE FUNCTION public.slow_flush()");
   const int port = FreeLocalPort();
   auto meterd = StartMeterd(
@@ -495,7 +531,7 @@ TEST_F(PipelineTest, SlowFlushesLengthenTheIntervalWithinTheCapAndTotalsStayExac
   }
   EXPECT_GT(longer, 0) << log;
   // Cheap flushes again (nothing to write, or no trigger): back to --flush-interval.
-  Exec(url_, "DROP TRIGGER slow_flush ON shared.api_usage_meters");
+  Exec(url_, "DROP TRIGGER slow_flush ON shared.api_usage_deltas");
   EXPECT_TRUE(
       Eventually([&] { return metric("meterd_flush_interval_ms") == 200; }, absl::Seconds(30)))
       << metric("meterd_flush_interval_ms");

@@ -4,6 +4,7 @@
 #include <pqxx/pqxx>
 
 #include "lib/store/migrations.h"
+#include "lib/store/usage_compactor.h"
 #include "tests/support/harness.h"
 
 namespace meterd::store {
@@ -60,15 +61,24 @@ TEST_F(FlushWriterTest, WritesCountersAndAdvancesOffsets) {
   auto outcome = writer->Write({Sealed(0, SealedPartition::kNoStoredOffset, 100, 7)});
   ASSERT_TRUE(outcome.ok()) << outcome.status();
   EXPECT_TRUE(outcome->fenced.empty());
-  EXPECT_EQ(outcome->rows_upserted, 1u);
+  EXPECT_EQ(outcome->rows_written, 1u);
   outcome = writer->Write({Sealed(0, 100, 150, 5)});
   ASSERT_TRUE(outcome.ok()) << outcome.status();
   EXPECT_EQ(Total(), 12);
   EXPECT_EQ(Offset(0), 150);
-  EXPECT_EQ(testing::QueryInt(url_,
-                              "SELECT count(*) FROM shared.api_usage_meters WHERE "
-                              "industry = 'ret' AND usage_date = '2026-11-26'"),
-            1);
+  // Each flush appended one delta row for the key; a fold sums them into one row.
+  const std::string rows_of_key =
+      "FROM shared.api_usage_meters WHERE industry = 'ret' AND usage_date = '2026-11-26'";
+  EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) FROM ONLY shared.api_usage_deltas"), 2);
+  auto compactor = UsageCompactor::Create(url_, {});
+  ASSERT_TRUE(compactor.ok()) << compactor.status();
+  auto folded = (*compactor)->FoldOnce();
+  ASSERT_TRUE(folded.ok()) << folded.status();
+  EXPECT_EQ(folded->delta_rows, 2);
+  EXPECT_EQ(folded->keys, 1);
+  EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) " + rows_of_key), 1);
+  EXPECT_EQ(testing::QueryInt(url_, "SELECT quantity " + rows_of_key), 12);
+  EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) FROM ONLY shared.api_usage_deltas"), 0);
 }
 
 TEST_F(FlushWriterTest, StaleWriterIsFencedAndWritesNothing) {

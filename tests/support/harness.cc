@@ -235,8 +235,10 @@ devtools::ExpectedTotals StoredTotals(const std::string& url) {
   pqxx::connection conn(url);
   pqxx::read_transaction tx(conn);
   devtools::ExpectedTotals totals;
-  for (const auto& row : tx.exec("SELECT org_id::text, meter, industry, usage_date::text, "
-                                 "quantity FROM shared.api_usage_meters")) {
+  // Summed per key: a key's unfolded deltas are rows of their own (migration 0025).
+  for (const auto& row :
+       tx.exec("SELECT org_id::text, meter, industry, usage_date::text, "
+               "sum(quantity) FROM shared.api_usage_meters GROUP BY 1, 2, 3, 4")) {
     totals[{row[0].as<std::string>(), row[1].as<std::string>(), row[2].as<std::string>(),
             row[3].as<std::string>()}] = row[4].as<int64_t>();
   }
