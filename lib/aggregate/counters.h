@@ -38,7 +38,27 @@ struct CounterKey {
 };
 static_assert(sizeof(CounterKey) == 24);
 
-using CounterMap = absl::flat_hash_map<CounterKey, int64_t>;
+// A key with its hash already computed: PrefetchingAdder hashes each event's key once, for
+// both the prefetch and the add.
+struct PrehashedCounterKey {
+  const CounterKey* key;
+  size_t hash;
+};
+
+// CounterMap's hash and equality, transparent so the map accepts a PrehashedCounterKey.
+struct CounterKeyHash {
+  using is_transparent = void;
+  size_t operator()(const CounterKey& key) const { return absl::Hash<CounterKey>{}(key); }
+  size_t operator()(const PrehashedCounterKey& key) const { return key.hash; }
+};
+struct CounterKeyEq {
+  using is_transparent = void;
+  bool operator()(const CounterKey& a, const CounterKey& b) const { return a == b; }
+  bool operator()(const CounterKey& a, const PrehashedCounterKey& b) const { return a == *b.key; }
+  bool operator()(const PrehashedCounterKey& a, const CounterKey& b) const { return *a.key == b; }
+};
+
+using CounterMap = absl::flat_hash_map<CounterKey, int64_t, CounterKeyHash, CounterKeyEq>;
 
 // A refused event kept for shared.rejected_events. Raw bytes are capped at kMaxRawBytes.
 struct RejectedEvent {
@@ -84,12 +104,23 @@ struct PartitionCounters {
 class PrefetchingAdder {
  public:
   void Stage(PartitionCounters* target, const event::UsageEvent& e) {
-    const CounterKey key = CounterKey::Of(e);
-    target->counters.prefetch(key);
-    staged_.push_back({target, key, e.quantity});
+    Staged& s = staged_.emplace_back();
+    s.target = target;
+    s.key = CounterKey::Of(e);
+    s.hash = CounterKeyHash{}(s.key);
+    s.quantity = e.quantity;
+    target->counters.prefetch(PrehashedCounterKey{&s.key, s.hash});
   }
   void Apply() {
-    for (const Staged& s : staged_) s.target->Add(s.key, s.quantity);
+    for (const Staged& s : staged_) {
+      CounterMap& counters = s.target->counters;
+      if (auto it = counters.find(PrehashedCounterKey{&s.key, s.hash}); it != counters.end()) {
+        it->second += s.quantity;
+        ++s.target->events;
+      } else {
+        s.target->Add(s.key, s.quantity);  // A new key: hashed again, once per key and seal.
+      }
+    }
     staged_.clear();
   }
 
@@ -97,6 +128,7 @@ class PrefetchingAdder {
   struct Staged {
     PartitionCounters* target;
     CounterKey key;
+    size_t hash;
     int64_t quantity;
   };
   std::vector<Staged> staged_;

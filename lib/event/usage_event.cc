@@ -9,19 +9,6 @@
 namespace meterd::event {
 namespace {
 
-// Hex digit value by byte; 0xff for anything else. A table keeps ParseOrgId branch-free.
-constexpr std::array<uint8_t, 256> kHexValue = [] {
-  std::array<uint8_t, 256> table{};
-  table.fill(0xff);
-  for (int c = '0'; c <= '9'; ++c) table[c] = static_cast<uint8_t>(c - '0');
-  for (int c = 'a'; c <= 'f'; ++c) table[c] = static_cast<uint8_t>(c - 'a' + 10);
-  for (int c = 'A'; c <= 'F'; ++c) table[c] = static_cast<uint8_t>(c - 'A' + 10);
-  return table;
-}();
-
-// Where each of the 16 bytes' two hex digits start in the 8-4-4-4-12 form.
-constexpr int kHexPairAt[16] = {0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34};
-
 constexpr std::string_view kIndustryCodes[kIndustryCount] = {"hs",  "rest", "auto",
                                                              "ret", "edu",  "payroll"};
 
@@ -39,15 +26,27 @@ std::optional<OrgId> ParseOrgId(std::string_view text) {
       text[23] != '-') {
     return std::nullopt;
   }
-  OrgId id;
+  // The 32 digits without dashes, converted by arithmetic the compiler vectorizes: a table
+  // lookup per digit (the former form) was ~9% of parse+aggregate. SWAR on words loaded
+  // straight from the text, avoiding this copy's store-forwarding stall, measured slower.
+  uint8_t digits[32];
+  std::memcpy(digits, text.data(), 8);
+  std::memcpy(digits + 8, text.data() + 9, 4);
+  std::memcpy(digits + 12, text.data() + 14, 4);
+  std::memcpy(digits + 16, text.data() + 19, 4);
+  std::memcpy(digits + 20, text.data() + 24, 12);
   uint8_t invalid = 0;
-  for (int i = 0; i < 16; ++i) {
-    const uint8_t hi = kHexValue[static_cast<uint8_t>(text[kHexPairAt[i]])];
-    const uint8_t lo = kHexValue[static_cast<uint8_t>(text[kHexPairAt[i] + 1])];
-    invalid |= hi | lo;
-    id.bytes[i] = static_cast<uint8_t>(hi << 4 | lo);
+  for (uint8_t& c : digits) {
+    const uint8_t decimal = static_cast<uint8_t>(c - '0');
+    const uint8_t letter = static_cast<uint8_t>((c | 0x20) - 'a');  // 'A'-'F' and 'a'-'f'.
+    invalid |= static_cast<uint8_t>(decimal > 9 && letter > 5);
+    c = decimal <= 9 ? decimal : static_cast<uint8_t>(letter + 10);
   }
-  if (invalid & 0xf0) return std::nullopt;
+  if (invalid != 0) return std::nullopt;
+  OrgId id;
+  for (int i = 0; i < 16; ++i) {
+    id.bytes[i] = static_cast<uint8_t>(digits[2 * i] << 4 | digits[2 * i + 1]);
+  }
   return id;
 }
 

@@ -1,11 +1,14 @@
 #include "lib/event/event_parser.h"
 
+#include <cctype>
 #include <filesystem>
 #include <string>
 
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/civil_time.h"
 #include "absl/time/time.h"
 #include "tests/support/harness.h"
 
@@ -228,6 +231,26 @@ TEST(OrgIdTest, RoundTripsAndRefusesMalformed) {
   EXPECT_FALSE(ParseOrgId("0011223g-4455-6677-8899-aabbccddeeff").has_value());
 }
 
+TEST(OrgIdTest, AcceptsExactlyTheHexDigitsOfEitherCase) {
+  const std::string lower = "0123abcd-ef45-6789-abcd-ef0123456789";
+  std::string upper = lower;
+  for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  ASSERT_EQ(ParseOrgId(upper), ParseOrgId(lower));
+  EXPECT_EQ(OrgIdToString(*ParseOrgId(upper)), lower);
+  for (int c = 0; c < 256; ++c) {
+    const bool hex = std::isxdigit(c) != 0;
+    for (size_t at : {0, 1, 7, 9, 12, 14, 17, 19, 22, 24, 27, 28, 35}) {
+      std::string text = lower;
+      text[at] = static_cast<char>(c);
+      const auto id = ParseOrgId(text);
+      ASSERT_EQ(id.has_value(), hex) << c << " at " << at;
+      if (!hex) continue;
+      text[at] = static_cast<char>(std::tolower(c));
+      EXPECT_EQ(OrgIdToString(*id), text);
+    }
+  }
+}
+
 TEST(Rfc3339Test, ParsesZonesAndFractions) {
   EXPECT_EQ(ParseRfc3339Micros("1970-01-01T00:00:00Z"), 0);
   EXPECT_EQ(ParseRfc3339Micros("1970-01-01T01:00:00+01:00"), 0);
@@ -239,6 +262,30 @@ TEST(Rfc3339Test, ParsesZonesAndFractions) {
   EXPECT_FALSE(ParseRfc3339Micros("2026-11-26T08:00:00").has_value());
   EXPECT_FALSE(ParseRfc3339Micros("2026-11-26T08:00:00Zjunk").has_value());
   EXPECT_EQ(DayToIsoDate(static_cast<int32_t>(DaysFromCivil(2026, 11, 26))), "2026-11-26");
+}
+
+// ParseRfc3339Micros checks and counts dates by hand; absl::CivilDay is the reference.
+TEST(Rfc3339Test, AgreesWithCivilDayOnEveryDateAndRefusesImpossibleOnes) {
+  std::vector<int> years = {0, 1, 2, 3, 4, 100, 400, 9996, 9997, 9998, 9999};
+  for (int year = 1600; year <= 2500; ++year) years.push_back(year);
+  int valid = 0;
+  for (int year : years) {
+    for (int month = 0; month <= 13; ++month) {
+      for (int day = 0; day <= 32; ++day) {
+        const std::string text =
+            absl::StrFormat("%04d-%02d-%02dT23:59:60.5+01:00", year, month, day);
+        const absl::CivilDay civil(year, month, day);
+        const bool exists = civil.year() == year && civil.month() == month && civil.day() == day;
+        const auto micros = ParseRfc3339Micros(text);
+        ASSERT_EQ(micros.has_value(), exists) << text;
+        if (!exists) continue;
+        ++valid;
+        const int64_t seconds = (civil - absl::CivilDay(1970, 1, 1)) * 86400 + 22 * 3600 + 3599;
+        ASSERT_EQ(*micros, seconds * 1'000'000 + 500'000) << text;
+      }
+    }
+  }
+  EXPECT_EQ(valid, 365 * static_cast<int>(years.size()) + 223);  // 223 leap years among them.
 }
 
 }  // namespace
