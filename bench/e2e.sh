@@ -5,7 +5,8 @@
 #   (a) raw:    a plain librdkafka consumer reading and discarding the same topic
 #   (b) meterd: the full pipeline until Postgres totals equal what was produced (checked exactly)
 #   (c) naive:  the seed's approach, one increment_api_usage call per event, on BENCH_NAIVE_EVENTS
-#   (d) latency: meterd under 20,000 events/s, probe events -> visible in Postgres
+#   (d) latency: meterd under BENCH_LATENCY_RATE (20,000) events/s over the same orgs, probe
+#       events -> visible in Postgres
 # and prints events/s, ratios b/a and b/c, rows vs events per flush, peak RSS, bytes per key.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,6 +17,8 @@ orgs=${BENCH_ORGS:-10000}
 # The embedded broker keeps ~5 MiB per partition: 384 partitions hold 5M events with margin.
 partitions=${BENCH_PARTITIONS:-384}
 naive_events=${BENCH_NAIVE_EVENTS:-10000}
+# (d)'s background rate (events/s); its events spread over BENCH_ORGS orgs.
+latency_rate=${BENCH_LATENCY_RATE:-20000}
 # Extra flags for meterd in (b) and (d), e.g. "--max-visibility-latency 1s" (a fixed interval).
 read -r -a meterd_flags <<<"${BENCH_METERD_FLAGS:-}"
 topic=usage-events
@@ -53,7 +56,7 @@ import csv, subprocess, sys
 want = {}
 for r in csv.DictReader(open(sys.argv[1])):
     want[(r["org_id"], r["meter"], r["industry"], r["usage_date"])] = int(r["quantity"])
-out = subprocess.run(["psql", sys.argv[2], "-qAtF", "\t", "-c", "SELECT org_id, meter, industry, usage_date, quantity FROM shared.api_usage_meters"], capture_output=True, text=True, check=True).stdout
+out = subprocess.run(["psql", sys.argv[2], "-qAtF", "\t", "-c", "SELECT org_id, meter, industry, usage_date, sum(quantity) FROM shared.api_usage_meters GROUP BY 1, 2, 3, 4"], capture_output=True, text=True, check=True).stdout
 got = {tuple(l.split("\t")[:4]): int(l.split("\t")[4]) for l in out.splitlines()}
 print("true" if got == want else "false")
 PY
@@ -65,7 +68,7 @@ kill -TERM "$meterd_pid"; wait "$meterd_pid"
 # fetch, and spread over many partitions a steady stream becomes tiny message sets that it
 # serves slowly: at 20,000 events/s over 64 or 128 partitions, consumption fell to 7-9k/s
 # with no process CPU-bound (old and new meterd alike), which measures the mock, not meterd.
-echo "== (d) event -> visible latency: 20,000 events/s plus probes, fresh 8-partition broker" >&2
+echo "== (d) event -> visible latency: $latency_rate events/s over $orgs orgs plus probes, fresh 8-partition broker" >&2
 dev_env_broker brokers2 latency 8
 http_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 dev_env_background "$meterd" run --pg "$pg" --brokers "$brokers2" --topic latency --group latency \
@@ -85,7 +88,8 @@ for _ in range(300):
 sys.exit(1)
 PY
 sleep 2  # Let the new instance settle after its assignment.
-"$e2e" latency --brokers "$brokers2" --topic latency --pg "$pg" --seconds 10 --rate 20000 >"$work/latency.json"
+"$e2e" latency --brokers "$brokers2" --topic latency --pg "$pg" --seconds 10 --rate "$latency_rate" \
+  --orgs "$orgs" >"$work/latency.json"
 kill -TERM "$latency_pid"; wait "$latency_pid"
 
 echo "== (c) the seed's approach: one increment_api_usage per event, $naive_events events" >&2

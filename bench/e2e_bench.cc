@@ -4,7 +4,8 @@
 //                                                             increment_api_usage call per event
 //   e2e_bench latency --brokers B --topic T --pg U --seconds S --rate R
 //                     produce at R events/s for S s with probe events; report when each probe
-//                     became visible in Postgres (event -> visible latency, p50/p99)
+//                     became visible in Postgres (event -> visible latency, p50/p99); the
+//                     background events spread over --orgs orgs (10,000)
 // Each prints one JSON line on stdout.
 #include <algorithm>
 #include <cstdio>
@@ -31,6 +32,7 @@ ABSL_FLAG(std::string, pg, "", "Postgres URL");
 ABSL_FLAG(int64_t, events, 1'000'000, "Events to consume");
 ABSL_FLAG(int, seconds, 10, "Latency phase length");
 ABSL_FLAG(int, rate, 20'000, "Latency phase background rate, events/s");
+ABSL_FLAG(int, orgs, 10'000, "Latency phase: orgs the background events spread over");
 
 namespace {
 
@@ -172,7 +174,9 @@ class LatencyLoad {
             {{"bootstrap.servers", absl::GetFlag(FLAGS_brokers)}, {"linger.ms", "1"}}))),
         topic_(absl::GetFlag(FLAGS_topic)),
         rate_(absl::GetFlag(FLAGS_rate)) {
-    for (int i = 0; i < 10'000; ++i) {
+    const int orgs = std::max(1, absl::GetFlag(FLAGS_orgs));
+    orgs_.reserve(orgs);
+    for (int i = 0; i < orgs; ++i) {
       orgs_.push_back(meterd::event::OrgIdToString(meterd::devtools::LoadgenOrgId(1, i)));
     }
   }

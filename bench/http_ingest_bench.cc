@@ -836,8 +836,10 @@ Exactness CompareTotals(pqxx::connection& conn, const Ledger& ledger, const Even
   }
   pqxx::read_transaction tx(conn);
   Exactness e;
-  for (const auto& row : tx.exec("SELECT org_id::text, meter, industry, usage_date::text, "
-                                 "quantity FROM shared.api_usage_meters")) {
+  // Summed per key: unfolded deltas are rows of their own (migration 0025).
+  for (const auto& row :
+       tx.exec("SELECT org_id::text, meter, industry, usage_date::text, "
+               "sum(quantity) FROM shared.api_usage_meters GROUP BY 1, 2, 3, 4")) {
     const int64_t quantity = row[4].as<int64_t>();
     got[{row[0].as<std::string>(), row[1].as<std::string>(), row[2].as<std::string>(),
          row[3].as<std::string>()}] = quantity;

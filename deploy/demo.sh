@@ -114,7 +114,7 @@ expected_rows = {}
 with open(f"{work}/expected.csv") as f:
     for row in csv.DictReader(f):
         expected_rows[(row["org_id"], row["meter"], row["industry"], row["usage_date"])] = int(row["quantity"])
-stored_rows = {tuple(r[:4]): int(r[4]) for r in q("SELECT org_id::text, meter, industry, usage_date::text, quantity FROM shared.api_usage_meters")}
+stored_rows = {tuple(r[:4]): int(r[4]) for r in q("SELECT org_id::text, meter, industry, usage_date::text, sum(quantity) FROM shared.api_usage_meters GROUP BY 1, 2, 3, 4")}
 # meterd's own numbers: its metrics registry, written as JSON when it stopped (--summary-json).
 metrics = json.load(open(f"{work}/meterd-summary.json"))
 # Ingest time runs from the first partition assignment (the group join is not meterd's speed).

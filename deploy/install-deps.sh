@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs meterd's build and test dependencies from Debian 12 packages.
 # Idempotent: skips apt entirely when every package is already present.
+# Extra Debian packages a caller needs may follow as arguments (bench/curve.sh: gnuplot-nox).
 set -euo pipefail
 
 packages=(
@@ -14,6 +15,7 @@ packages=(
   python3
   python3-jsonschema python3-fastjsonschema python3-confluent-kafka nodejs node-ajv
   clang libclang-rt-14-dev
+  "$@"
 )
 
 missing=()
