@@ -55,11 +55,15 @@ void BM_FlushWriter(benchmark::State& state) {
   static int run = 0;  // Google Benchmark calls this more than once: a fresh partition each time.
   auto writer =
       store::PgFlushWriter::Create(Url(), {"bench", absl::StrCat("writer", run++)}, &Meters());
-  if (!writer.ok()) return state.SkipWithError(std::string(writer.status().message()).c_str());
+  auto compactor = store::UsageCompactor::Create(Url(), {});
+  if (!writer.ok() || !compactor.ok()) return state.SkipWithError("cannot connect");
   int64_t offset = SealedPartition::kNoStoredOffset;
   int64_t rows = 0;
   for (auto _ : state) {
     state.PauseTiming();
+    // As under `meterd run`, where the compactor keeps the log to a few flushes: fold (untimed)
+    // what the previous iteration appended.
+    if (!(*compactor)->FoldOnce().ok()) return state.SkipWithError("fold failed");
     const int64_t next = offset < 0 ? 1000 : offset + 1000;
     std::vector<SealedPartition> batch;
     batch.push_back(Batch(static_cast<int>(state.range(0)), offset, next));
@@ -71,7 +75,7 @@ void BM_FlushWriter(benchmark::State& state) {
   }
   state.SetItemsProcessed(rows);
 }
-BENCHMARK(BM_FlushWriter)->Arg(30'000)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_FlushWriter)->Arg(30'000)->Arg(100'000)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // The former write path (before the delta log): COPY of the same pre-formatted rows into a
 // session temp table, then one INSERT … SELECT … ON CONFLICT DO UPDATE per key, in the flush's
@@ -109,7 +113,7 @@ void BM_FlushUpsert(benchmark::State& state) {
   }
   state.SetItemsProcessed(rows);
 }
-BENCHMARK(BM_FlushUpsert)->Arg(30'000)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_FlushUpsert)->Arg(30'000)->Arg(100'000)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // The compactor's fold, off the flush's path: state.range(1) flushes of the same
 // state.range(0) keys are written (not timed), then one fold sums them into the table.
@@ -255,6 +259,7 @@ int main(int argc, char** argv) {
   return meterd::bench::RunWithRatios(
       argc, argv,
       {{"BM_FlushWriter/30000/real_time", "BM_FlushUpsert/30000/real_time"},
+       {"BM_FlushWriter/100000/real_time", "BM_FlushUpsert/100000/real_time"},
        {"BM_FoldDeltas/30000/4/real_time", "BM_FlushUpsert/30000/real_time"},
        {"BM_FlushWriter/30000/real_time", "BM_FlushPerRowOneTransaction/3000/real_time"},
        {"BM_FlushWriter/30000/real_time", "BM_PerEventAutocommit/1000/real_time"},

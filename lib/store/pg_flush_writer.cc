@@ -1,6 +1,5 @@
 #include "lib/store/pg_flush_writer.h"
 
-#include <cstdio>
 #include <limits>
 
 #include "absl/container/flat_hash_set.h"
@@ -19,26 +18,10 @@ using aggregate::SealedPartition;
 constexpr char kClaimOffsets[] = "meterd_claim_offsets";
 constexpr char kLoadOffsets[] = "meterd_load_offsets";
 constexpr char kLoadMeters[] = "meterd_load_meters";
+constexpr char kLockMeters[] = "meterd_lock_meters";
 
 constexpr char kSelectMeters[] =
     "SELECT meter_id, name, max_event_quantity FROM shared.meters ORDER BY meter_id";
-
-// Appends day (days since 1970-01-01) as YYYY-MM-DD (civil-from-days, proleptic Gregorian).
-void AppendIsoDate(std::string* out, int64_t day) {
-  const int64_t z = day + 719468;
-  const int64_t era = (z >= 0 ? z : z - 146096) / 146097;
-  const int64_t doe = z - era * 146097;
-  const int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-  const int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-  const int64_t mp = (5 * doy + 2) / 153;
-  const int64_t d = doy - (153 * mp + 2) / 5 + 1;
-  const int64_t m = mp < 10 ? mp + 3 : mp - 9;
-  const int64_t y = yoe + era * 400 + (m <= 2 ? 1 : 0);
-  char text[16];
-  const int n = std::snprintf(text, sizeof(text), "%04lld-%02lld-%02lld", static_cast<long long>(y),
-                              static_cast<long long>(m), static_cast<long long>(d));
-  out->append(text, static_cast<size_t>(n));
-}
 
 // COPY text format into the delta log, many rows per write. Every value is a UUID, an
 // identifier-safe meter name (CHECK in shared.meters), an industry code, a date or an integer:
@@ -56,7 +39,7 @@ void CopyDeltas(pqxx::work& tx, const std::vector<std::pair<aggregate::CounterKe
   std::string chunk;
   chunk.reserve(kChunkBytes + 256);
   char org[36];
-  int64_t dated_day = std::numeric_limits<int64_t>::min();
+  int32_t dated_day = std::numeric_limits<int32_t>::min();
   std::string date;
   for (const auto& [key, quantity] : rows) {
     if (!chunk.empty()) chunk += '\n';
@@ -69,8 +52,7 @@ void CopyDeltas(pqxx::work& tx, const std::vector<std::pair<aggregate::CounterKe
     chunk += '\t';
     if (key.day != dated_day) {  // Sorted by key (org, day, …): a date repeats in runs.
       dated_day = key.day;
-      date.clear();
-      AppendIsoDate(&date, key.day);
+      date = event::DayToIsoDate(key.day);
     }
     chunk += date;
     absl::StrAppend(&chunk, "\t", quantity);
@@ -81,6 +63,29 @@ void CopyDeltas(pqxx::work& tx, const std::vector<std::pair<aggregate::CounterKe
   }
   if (!chunk.empty()) copy.write_raw_line(chunk);
   copy.complete();
+}
+
+// The log has no foreign key on meter (a lookup per row): the flush takes what it would have
+// taken, a KEY SHARE lock on each meter its rows name, so a rename or delete of one waits for
+// this commit (and then meets the deltas: the trigger of migration 0025 refuses it). A meter
+// already gone (renamed while this meterd runs, which keeps the name it loaded) fails the
+// flush, retried and never dropped, as the foreign key made it fail before.
+absl::Status LockMeters(pqxx::work& tx,
+                        const std::vector<std::pair<aggregate::CounterKey, int64_t>>& rows,
+                        const event::MeterRegistry& meters) {
+  absl::flat_hash_set<event::MeterId> ids;
+  for (const auto& [key, quantity] : rows) ids.insert(key.meter);
+  std::string names = "{";
+  for (event::MeterId id : ids) {
+    if (names.size() > 1) names += ',';
+    names += meters.Name(id);
+  }
+  names += '}';
+  if (tx.exec_prepared(kLockMeters, names).size() == ids.size()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "a meter of this flush (", names,
+      ") is no longer in shared.meters (renamed or deleted while meterd runs); restart meterd "
+      "to load the meters again, nothing is dropped meanwhile"));
 }
 
 // Applies shared.meters rows to `registry` (its one writer). New meters and changed maxima
@@ -229,6 +234,8 @@ absl::Status PgFlushWriter::EnsureConnected() {
                   "  WHERE i.expected < 0 ON CONFLICT DO NOTHING RETURNING partition) "
                   "SELECT partition FROM advanced UNION ALL SELECT partition FROM created");
     conn->prepare(kLoadMeters, kSelectMeters);
+    conn->prepare(kLockMeters,
+                  "SELECT name FROM shared.meters WHERE name = ANY($1::text[]) FOR KEY SHARE");
     conn->prepare(kLoadOffsets,
                   "SELECT partition, next_offset FROM shared.ingest_offsets "
                   "WHERE consumer_group = $1 AND topic = $2");
@@ -269,7 +276,10 @@ absl::StatusOr<FlushOutcome> PgFlushWriter::Write(const std::vector<SealedPartit
 
     // The deltas go to the log (migration 0025): no per-key upsert in this transaction.
     const auto rows = aggregate::DistinctRows(batch);
-    if (!rows.empty()) CopyDeltas(tx, rows, *meters_);
+    if (!rows.empty()) {
+      RETURN_IF_ERROR(LockMeters(tx, rows, *meters_));
+      CopyDeltas(tx, rows, *meters_);
+    }
     outcome.rows_written = rows.size();
 
     CopyRejected(tx, identity_.topic, batch);

@@ -33,7 +33,7 @@ constexpr char kLockChunk[] = R"sql(
   LIMIT $4
   FOR UPDATE)sql";
 
-// The flush writer's arithmetic: one row per distinct key, added to what is stored; and one
+// One row per distinct key, added to what is stored (as the usage fold adds); and one
 // audit row per org with what the replay counted for it, by meter ($6: the reason replayed).
 constexpr char kUpsertCounters[] = R"sql(
   WITH t AS (
@@ -42,6 +42,7 @@ constexpr char kUpsertCounters[] = R"sql(
   ), upserted AS (
     INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, quantity)
     SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity FROM t
+    ORDER BY org_id, meter, industry, day
     ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE
     SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()
   )
@@ -175,8 +176,8 @@ absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,
       if (chunk_summary.rows_replayed > 0) {
         ArrayLiteral org_ids, meter_names, industries, days, quantities;
         char org[36];
-        // Sorted as the flush writer sorts, so this and a concurrent flush lock rows in the
-        // same order.
+        // One row per key (the upsert above locks them in the fold's order, so this and a
+        // concurrent fold of the usage delta log cannot deadlock).
         std::vector<aggregate::SealedPartition> batch;
         batch.push_back(std::move(counted));
         for (const auto& [key, quantity] : aggregate::DistinctRows(batch)) {

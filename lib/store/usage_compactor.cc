@@ -16,7 +16,12 @@ CompactorMetrics::CompactorMetrics(MetricsRegistry& r)
       failures(r.AddCounter("meterd_usage_fold_failures_total",
                             "Folds that failed (retried with backoff; nothing is lost)")),
       last_fold_ms(r.AddGauge("meterd_usage_last_fold_ms",
-                              "Duration of the last fold that moved rows (ms)")) {}
+                              "Duration of the last fold that moved rows (ms)")),
+      log_rows(r.AddGauge("meterd_usage_log_rows",
+                          "Rows in shared.api_usage_deltas (Postgres's estimate)")),
+      unfoldable_rows(r.AddGauge("meterd_usage_unfoldable_rows",
+                                 "Delta rows whose meter is not in shared.meters (never folded, "
+                                 "still counted)")) {}
 
 UsageCompactor::UsageCompactor(std::string conninfo, UsageCompactorOptions options)
     : conninfo_(std::move(conninfo)),
@@ -91,6 +96,27 @@ absl::StatusOr<FoldResult> UsageCompactor::FoldOnce() {
   return result;
 }
 
+void UsageCompactor::ReadStatus() {
+  if (!EnsureConnected().ok()) return;
+  absl::Status status = CatchPq([&]() -> absl::Status {
+    pqxx::nontransaction tx(*conn_);
+    const pqxx::row row =
+        tx.exec1("SELECT estimated_rows, unfoldable_rows FROM shared.usage_delta_log_status()");
+    metrics_.log_rows->Set(row[0].as<int64_t>());
+    const auto unfoldable = row[1].as<int64_t>();
+    metrics_.unfoldable_rows->Set(unfoldable);
+    if (unfoldable != unfoldable_logged_ && unfoldable > 0) {
+      LOG_WARN(
+          "usage compactor: {} delta rows name a meter that is not in shared.meters; they stay "
+          "in shared.api_usage_deltas (counted, never folded) until the meter exists again",
+          unfoldable);
+    }
+    unfoldable_logged_ = unfoldable;
+    return absl::OkStatus();
+  });
+  if (absl::IsUnavailable(status)) conn_.reset();
+}
+
 void UsageCompactor::Start() {
   thread_ = std::thread([this] { Loop(); });
 }
@@ -108,7 +134,12 @@ void UsageCompactor::Loop() {
   const Clock& clock = *options_.clock;
   Backoff backoff({.initial = absl::Milliseconds(200), .max = options_.max_backoff});
   absl::Duration wait = options_.interval;
+  absl::Time status_due = clock.Steady();
   while (true) {
+    if (clock.Steady() >= status_due) {
+      ReadStatus();
+      status_due = clock.Steady() + kStatusEvery;
+    }
     {
       std::unique_lock lock(mu_);
       const absl::Time until = clock.Steady() + wait;

@@ -21,7 +21,9 @@ struct UsageCompactorOptions {
   // Pause between folds while the log is drained; a fold that moved a full batch is followed
   // by the next at once.
   absl::Duration interval = absl::Seconds(2);
-  int max_rows_per_fold = 1'000'000;  // Delta rows per fold transaction.
+  // Delta rows per fold transaction: bounds how long a fold holds its keys' row locks (a tracked
+  // write to the same key waits for it, as it waited for a flush's upsert before).
+  int max_rows_per_fold = 500'000;
   absl::Duration max_backoff = absl::Seconds(30);
   PgTimeouts timeouts = {};
   const Clock* clock = &SystemClock::Get();
@@ -35,6 +37,10 @@ struct CompactorMetrics {
   Counter* keys;        // Rows of api_usage_meters those were summed into (upserts).
   Counter* failures;    // Folds that failed (retried with backoff; nothing is lost).
   Gauge* last_fold_ms;  // Duration of the last fold that moved rows.
+  // Read every kStatusEvery (shared.usage_delta_log_status()): rows in the log (an estimate),
+  // and rows no fold can move because their meter is not in shared.meters.
+  Gauge* log_rows;
+  Gauge* unfoldable_rows;
 };
 
 struct FoldResult {
@@ -64,6 +70,8 @@ class UsageCompactor {
   UsageCompactor(std::string conninfo, UsageCompactorOptions options);
   absl::Status EnsureConnected();
   void Loop();
+  static constexpr absl::Duration kStatusEvery = absl::Seconds(30);
+  void ReadStatus();
 
   const std::string conninfo_;
   const UsageCompactorOptions options_;
@@ -73,6 +81,7 @@ class UsageCompactor {
   // VACUUM needs the table's owner: when meterd's role is not, autovacuum does it (its
   // thresholds on the log are low), and this is logged once.
   bool can_vacuum_ = false;
+  int64_t unfoldable_logged_ = 0;  // The compactor's thread only.
 
   std::mutex mu_;
   std::condition_variable wake_;

@@ -73,7 +73,7 @@ TEST_F(PipelineTest, TheCompactorFoldsTheDeltaLogIntoOneRowPerKey) {
   ExpectExact(expected);
   const auto [status_b, metrics_b] = HttpGet(http_port, "/metrics");
   EXPECT_EQ(status_b, 200);
-  EXPECT_NE(metrics_b.find("meterd_usage_folds_total 1"), std::string::npos) << metrics_b;
+  EXPECT_NE(metrics_b.find("\nmeterd_usage_folds_total 1\n"), std::string::npos) << metrics_b;
   meterd->Signal(SIGTERM);
   EXPECT_EQ(meterd->Wait(absl::Seconds(60)), 0) << ReadFile(meterd->log_path());
 }

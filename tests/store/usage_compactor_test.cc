@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <pqxx/pqxx>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "lib/store/data_protection.h"
 #include "lib/store/pg_flush_writer.h"
@@ -140,35 +141,47 @@ TEST_F(UsageCompactorTest, AFoldMovesAtMostItsBatchAndLeavesTheRestVisible) {
   EXPECT_EQ(Query("SELECT count(*) FROM shared.api_usage_meters"), kOrgs * kDays * 3);
 }
 
-// Flushes and folds run at the same time; a reader checks every sum it sees lies between what
-// was committed before it read and what had been started: a delta counted twice (in the log
-// and in its key's row) or in neither would fall outside.
+// Flushes and folds run at the same time; a reader checks, in one statement, the sum it sees
+// against the offset committed with it: round r commits offset r + 1, so the sum must be
+// exactly that of rounds 0..offset-1. A delta counted twice (in the log and in its key's row)
+// or in neither would differ.
 TEST_F(UsageCompactorTest, ConcurrentFlushesFoldsAndReadsNeverDoubleCountOrLose) {
-  std::atomic<int64_t> started{0}, committed{0};
+  constexpr int kRounds = 60;
+  std::vector<int64_t> committed_sum = {0};  // Sum of rounds 0..i-1.
+  for (int r = 0; r < kRounds; ++r) {
+    int64_t sum = 0;
+    Round(r, &sum);
+    committed_sum.push_back(committed_sum.back() + sum);
+  }
   std::atomic<bool> done{false};
   auto compactor = Compactor({.interval = absl::Milliseconds(1), .max_rows_per_fold = 500});
   compactor->Start();
   std::thread flusher([&] {
-    for (int r = 0; r < 60; ++r) {
+    for (int r = 0; r < kRounds; ++r) {
       int64_t sum = 0;
-      SealedPartition batch = Round(r, &sum);
-      started += sum;
-      auto outcome = writer_->Write({batch});
-      ASSERT_TRUE(outcome.ok() && outcome->fenced.empty()) << outcome.status();
-      committed += sum;
+      auto outcome = writer_->Write({Round(r, &sum)});
+      if (!outcome.ok() || !outcome->fenced.empty()) {
+        ADD_FAILURE() << "flush " << r << ": " << outcome.status();
+        break;
+      }
     }
     done = true;
   });
   pqxx::connection reader(url_);
-  int reads = 0;
+  int reads = 0, mismatches = 0;
   while (!done) {
-    const int64_t low = committed.load();
     pqxx::nontransaction tx(reader);
-    const int64_t seen =
-        tx.exec1("SELECT coalesce(sum(quantity), 0) FROM shared.api_usage_meters")[0].as<int64_t>();
-    const int64_t high = started.load();
-    ASSERT_GE(seen, low) << "a committed delta was not visible";
-    ASSERT_LE(seen, high) << "a delta was counted twice";
+    const pqxx::row row = tx.exec1(
+        "SELECT coalesce(sum(quantity), 0), (SELECT coalesce(max(next_offset), 0) FROM "
+        "shared.ingest_offsets) FROM shared.api_usage_meters");
+    const int64_t seen = row[0].as<int64_t>();
+    const auto offset = row[1].as<size_t>();
+    ASSERT_LT(offset, committed_sum.size());
+    if (seen != committed_sum[offset]) {
+      ADD_FAILURE() << "read " << reads << ": sum " << seen << " with " << offset
+                    << " flushes committed, which carry " << committed_sum[offset];
+      if (++mismatches > 5) break;
+    }
     ++reads;
   }
   flusher.join();
@@ -178,8 +191,77 @@ TEST_F(UsageCompactorTest, ConcurrentFlushesFoldsAndReadsNeverDoubleCountOrLose)
   auto rest = Compactor()->FoldOnce();
   ASSERT_TRUE(rest.ok()) << rest.status();
   EXPECT_EQ(Pending(), 0);
-  EXPECT_EQ(Total(), committed.load());
+  EXPECT_EQ(Total(), committed_sum.back());
   EXPECT_EQ(Query("SELECT count(*) FROM shared.api_usage_meters"), kOrgs * kDays * 3);
+}
+
+// The log has no foreign key: a flush locks the meters its rows name instead. A rename that
+// got in first makes the flush (which still knows the old name) fail, nothing written, to be
+// retried; it is never counted under a name shared.meters no longer has.
+TEST_F(UsageCompactorTest, AFlushNamingAMeterRenamedMeanwhileFailsAndWritesNothing) {
+  Exec("INSERT INTO shared.meters (meter_id, name, unit) VALUES (4, 'gpu_seconds', 'second')");
+  ASSERT_TRUE(writer_->RefreshMeters().ok());
+  auto gpu = [](int64_t expected, int64_t next) {
+    SealedPartition s;
+    s.expected_offset = expected;
+    s.next_offset = next;
+    event::UsageEvent e;
+    e.org = Org(1);
+    e.meter = 4;
+    e.industry = event::Industry::kEducation;
+    e.quantity = 3;
+    e.time_micros = event::DaysFromCivil(2026, 11, 24) * 86'400'000'000LL;
+    s.deltas.Add(e);
+    return s;
+  };
+  pqxx::connection renamer(url_);
+  pqxx::work rename(renamer);
+  rename.exec0("UPDATE shared.meters SET name = 'gpu_time' WHERE name = 'gpu_seconds'");
+  absl::StatusOr<FlushOutcome> outcome;
+  std::thread flush([&] { outcome = writer_->Write({gpu(SealedPartition::kNoStoredOffset, 1)}); });
+  absl::SleepFor(absl::Milliseconds(300));  // The flush now waits for the meter's row.
+  rename.commit();
+  flush.join();
+  ASSERT_FALSE(outcome.ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition(outcome.status())) << outcome.status();
+  EXPECT_NE(outcome.status().message().find("no longer in shared.meters"), std::string::npos)
+      << outcome.status();
+  EXPECT_EQ(Pending(), 0);
+  EXPECT_EQ(Query("SELECT count(*) FROM shared.ingest_offsets"), 0);
+  // Renamed back, the retried flush commits; a rename now meets its deltas: refused.
+  Exec("UPDATE shared.meters SET name = 'gpu_seconds' WHERE name = 'gpu_time'");
+  outcome = writer_->Write({gpu(SealedPartition::kNoStoredOffset, 1)});
+  ASSERT_TRUE(outcome.ok() && outcome->fenced.empty()) << outcome.status();
+  EXPECT_EQ(Pending(), 1);
+  EXPECT_THROW(Exec("UPDATE shared.meters SET name = 'gpu_time' WHERE name = 'gpu_seconds'"),
+               std::exception);
+}
+
+// What reads one key or one day's total sums its rows, folded or not.
+TEST_F(UsageCompactorTest, DayTotalsAndPeaksCountUnfoldedDeltas) {
+  Flush(0, 2);
+  const std::string org = event::OrgIdToString(Org(5));
+  // Org 5, rounds 0 and 1: 6 + 7 on every day, in two delta rows per day.
+  EXPECT_EQ(Query("SELECT peak_day_quantity FROM shared.api_usage_analytics WHERE org_id = '" +
+                  org + "' AND meter = 'api_calls'"),
+            13);
+  // increment_api_usage returns the day's new total, deltas included.
+  int64_t sum = 0;
+  SealedPartition today = Round(2, &sum);
+  today.deltas.counters.clear();
+  event::UsageEvent e;
+  e.org = Org(5);
+  e.meter = 1;
+  e.industry = event::Industry::kEducation;
+  e.quantity = 40;
+  e.time_micros = absl::ToUnixMicros(absl::Now());
+  today.deltas.Add(e);
+  ASSERT_TRUE(writer_->Write({today}).ok());
+  pqxx::connection conn(url_);
+  pqxx::work tx(conn);
+  EXPECT_EQ(tx.exec1("SELECT shared.increment_api_usage('" + org + "', 'api_calls', 2, 'edu')")[0]
+                .as<int64_t>(),
+            42);
 }
 
 TEST_F(UsageCompactorTest, ADeltaOfAnUnknownMeterStaysVisibleAndDoesNotStopTheFold) {
