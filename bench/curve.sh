@@ -94,21 +94,6 @@ pg_cpu_ticks() {
   echo "$total"
 }
 
-# wait_ready PORT: until meterd's /readyz answers 200 (partitions assigned), at most 30 s.
-wait_ready() {
-  python3 - "$1" <<'PY'
-import sys, time, urllib.request
-for _ in range(300):
-    try:
-        if urllib.request.urlopen("http://127.0.0.1:%s/readyz" % sys.argv[1], timeout=1).status == 200:
-            sys.exit(0)
-    except Exception:
-        pass
-    time.sleep(0.1)
-sys.exit(1)
-PY
-}
-
 # sample_progress PORT EVENTS FILE: appends "unix_time counted flushed" from meterd's
 # /metrics.json every 20 ms until it has flushed EVENTS (or is gone for 5 s).
 sample_progress() {
@@ -210,18 +195,12 @@ for partitions in "${partitions_list[@]}"; do
       broker_ticks=$(($(cpu_ticks "$broker_pid") - broker_before))
       stop "$sampler_pid"
       stop "$meterd_pid"
+      # The latency phase below shares this database: fold what the stopped meterd left in the
+      # usage delta log first, so it measures steady state, not the fold of that backlog
+      # (which on 2 shared vCPUs starves the broker and delays probes by seconds).
+      psql "$pg" -qAt -c "SELECT * FROM shared.fold_usage_deltas()" >/dev/null
       if [[ "$reached" == true ]]; then
-        exact=$(python3 - "$dir/expected.csv" "$pg" <<'PY'
-import csv, subprocess, sys
-want = {}
-for r in csv.DictReader(open(sys.argv[1])):
-    want[(r["org_id"], r["meter"], r["industry"], r["usage_date"])] = int(r["quantity"])
-# Summed per key: a key may have several rows (flushed deltas not yet folded into one).
-out = subprocess.run(["psql", sys.argv[2], "-qAtF", "\t", "-c", "SELECT org_id, meter, industry, usage_date, sum(quantity) FROM shared.api_usage_meters GROUP BY 1, 2, 3, 4"], capture_output=True, text=True, check=True).stdout
-got = {tuple(l.split("\t")[:4]): int(l.split("\t")[4]) for l in out.splitlines()}
-print("yes" if got == want else "no")
-PY
-)
+        exact=$([[ $(dev_env_totals_exact "$dir/expected.csv" "$pg") == true ]] && echo yes || echo no)
       else
         echo "   meterd did not reach the expected totals within ${point_timeout}s; see" \
           "$dir/meterd.log" >&2
@@ -243,7 +222,7 @@ PY
           --kafka-property session.timeout.ms=6000 --billing=false \
           --http-listen "127.0.0.1:$http_port" "${meterd_flags[@]}" 2>"$dir/meterd-latency.log"
         latency_pid=$last_pid
-        if wait_ready "$http_port"; then
+        if dev_env_wait_ready "$http_port"; then
           sleep 2  # Let the new instance settle after its assignment.
           "$e2e" latency --brokers "$brokers" --topic "latency-$point" --pg "$pg" \
             --seconds "$latency_seconds" --rate "$latency_rate" --orgs "$orgs" \

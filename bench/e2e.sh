@@ -51,16 +51,7 @@ dev_env_background "$meterd" run --pg "$pg" --brokers "$brokers" --topic "$topic
 meterd_pid=$last_pid
 dev_env_wait_for_totals "$work/loadgen.json" 600 \
   || { echo "meterd did not reach the expected totals" >&2; tail "$work/meterd.log" >&2; exit 1; }
-keys_exact=$(python3 - "$work/expected.csv" "$pg" <<'PY'
-import csv, subprocess, sys
-want = {}
-for r in csv.DictReader(open(sys.argv[1])):
-    want[(r["org_id"], r["meter"], r["industry"], r["usage_date"])] = int(r["quantity"])
-out = subprocess.run(["psql", sys.argv[2], "-qAtF", "\t", "-c", "SELECT org_id, meter, industry, usage_date, sum(quantity) FROM shared.api_usage_meters GROUP BY 1, 2, 3, 4"], capture_output=True, text=True, check=True).stdout
-got = {tuple(l.split("\t")[:4]): int(l.split("\t")[4]) for l in out.splitlines()}
-print("true" if got == want else "false")
-PY
-)
+keys_exact=$(dev_env_totals_exact "$work/expected.csv" "$pg")
 
 kill -TERM "$meterd_pid"; wait "$meterd_pid"
 
@@ -76,17 +67,7 @@ dev_env_background "$meterd" run --pg "$pg" --brokers "$brokers2" --topic latenc
   "${meterd_flags[@]}" 2>"$work/meterd-latency.log"
 latency_pid=$last_pid
 # Ready: partitions assigned (and no failed flush).
-python3 - "$http_port" <<'PY' || { echo "meterd (latency) never became ready" >&2; exit 1; }
-import sys, time, urllib.request
-for _ in range(300):
-    try:
-        if urllib.request.urlopen("http://127.0.0.1:%s/readyz" % sys.argv[1], timeout=1).status == 200:
-            sys.exit(0)
-    except Exception:
-        pass
-    time.sleep(0.1)
-sys.exit(1)
-PY
+dev_env_wait_ready "$http_port" || { echo "meterd (latency) never became ready" >&2; exit 1; }
 sleep 2  # Let the new instance settle after its assignment.
 "$e2e" latency --brokers "$brokers2" --topic latency --pg "$pg" --seconds 10 --rate "$latency_rate" \
   --orgs "$orgs" >"$work/latency.json"

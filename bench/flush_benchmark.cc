@@ -77,6 +77,15 @@ void BM_FlushWriter(benchmark::State& state) {
 }
 BENCHMARK(BM_FlushWriter)->Arg(30'000)->Arg(100'000)->Unit(benchmark::kMillisecond)->UseRealTime();
 
+// The former flush's upsert of a temp table's rows (org_id, meter, industry, day, quantity).
+std::string UpsertFrom(const std::string& table) {
+  return "INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, "
+         "quantity) SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity FROM " +
+         table +
+         " ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
+         "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()";
+}
+
 // The former write path (before the delta log): COPY of the same pre-formatted rows into a
 // session temp table, then one INSERT … SELECT … ON CONFLICT DO UPDATE per key, in the flush's
 // transaction. Same keys every iteration: every row after the first is an update.
@@ -103,11 +112,7 @@ void BM_FlushUpsert(benchmark::State& state) {
       copy.write_raw_line(text);
       copy.complete();
     }
-    tx.exec0(
-        "INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, "
-        "quantity) SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity "
-        "FROM upsert_rows ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
-        "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()");
+    tx.exec0(UpsertFrom("upsert_rows"));
     tx.commit();
     rows += static_cast<int64_t>(rows_in.size());
   }
@@ -197,11 +202,7 @@ void BM_FlushCopy(benchmark::State& state) {
       }
       stream.complete();
     }
-    tx.exec0(
-        "INSERT INTO shared.api_usage_meters AS m (org_id, meter, industry, usage_date, "
-        "quantity) SELECT org_id, meter, industry, DATE '1970-01-01' + day, quantity "
-        "FROM flush_rows ON CONFLICT (org_id, meter, industry, usage_date) DO UPDATE "
-        "SET quantity = m.quantity + EXCLUDED.quantity, updated_at = now()");
+    tx.exec0(UpsertFrom("flush_rows"));
     tx.commit();
     rows += static_cast<int64_t>(rows_in.size());
   }

@@ -80,17 +80,7 @@ start_meterd() {
     --api-rate 1000000 --api-burst 1000000 --summary-json "$work/$3-summary.json" \
     ${linger_ms:+--kafka-property "linger.ms=$linger_ms"} ${http_threads:+--http-threads "$http_threads"} \
     2>"$work/$3.log"
-  python3 - "$port" <<'PY' || { echo "meterd ($3) never became ready:" >&2; tail "$work/$3.log" >&2; exit 1; }
-import sys, time, urllib.request
-for _ in range(300):
-    try:
-        if urllib.request.urlopen("http://127.0.0.1:%s/readyz" % sys.argv[1], timeout=1).status == 200:
-            sys.exit(0)
-    except Exception:
-        pass
-    time.sleep(0.1)
-sys.exit(1)
-PY
+  dev_env_wait_ready "$port" || { echo "meterd ($3) never became ready:" >&2; tail "$work/$3.log" >&2; exit 1; }
 }
 start_meterd "$brokers" "$topic" http-bench
 meterd_pid=$last_pid http_port=$port

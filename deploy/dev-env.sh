@@ -53,3 +53,34 @@ dev_env_wait_for_totals() {
   done_at=$(date +%s.%N)
   return 1
 }
+
+# dev_env_totals_exact EXPECTED_CSV PG_URL: prints true when every (org, meter, industry, day)
+# total in Postgres equals loadgen's --expected-out CSV, false otherwise. Rows are summed per
+# key: until the compactor folds them, a key's flushed deltas are rows of their own.
+dev_env_totals_exact() {
+  python3 - "$1" "$2" <<'PY'
+import csv, subprocess, sys
+want = {}
+for r in csv.DictReader(open(sys.argv[1])):
+    want[(r["org_id"], r["meter"], r["industry"], r["usage_date"])] = int(r["quantity"])
+out = subprocess.run(["psql", sys.argv[2], "-qAtF", "\t", "-c", "SELECT org_id, meter, industry, usage_date, sum(quantity) FROM shared.api_usage_meters GROUP BY 1, 2, 3, 4"], capture_output=True, text=True, check=True).stdout
+got = {tuple(l.split("\t")[:4]): int(l.split("\t")[4]) for l in out.splitlines()}
+print("true" if got == want else "false")
+PY
+}
+
+# dev_env_wait_ready PORT: returns 0 once meterd's /readyz on 127.0.0.1:PORT answers 200
+# (partitions assigned, no failed flush), 1 after 30 s.
+dev_env_wait_ready() {
+  python3 - "$1" <<'PY'
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        if urllib.request.urlopen("http://127.0.0.1:%s/readyz" % sys.argv[1], timeout=1).status == 200:
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.1)
+sys.exit(1)
+PY
+}
