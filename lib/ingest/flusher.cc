@@ -33,7 +33,8 @@ FlushMetrics::FlushMetrics(MetricsRegistry& r, const Clock* clock)
     : flushes(r.AddCounter("meterd_flushes_total", "Committed flush transactions")),
       failures(r.AddCounter("meterd_flush_failures_total", "Flush attempts that failed (retried)")),
       fenced(r.AddCounter("meterd_fenced_partitions_total", "Partitions whose offset CAS failed")),
-      rows(r.AddCounter("meterd_flushed_rows_total", "Counter rows written (delta rows appended to the usage log)")),
+      rows(r.AddCounter("meterd_flushed_rows_total",
+                        "Counter rows written (delta rows appended to the usage log)")),
       events(r.AddCounter("meterd_flushed_events_total", "Events covered by committed flushes")),
       last_rows(r.AddGauge("meterd_last_flush_rows", "Rows in the latest committed flush")),
       last_events(r.AddGauge("meterd_last_flush_events", "Events in the latest committed flush")),
@@ -105,8 +106,8 @@ void Flusher::Loop() {
   // time a flush takes does not stretch the period (event -> visible stays within
   // interval + one flush). While flushes fail (Postgres unavailable) the retry comes after an
   // exponential backoff instead; the shards are paused meanwhile.
-  FlushPacer pacer({.interval = options_.interval,
-                    .max_interval = std::max(options_.interval, options_.max_interval)});
+  const absl::Duration longest = std::max(options_.interval, options_.max_interval);
+  FlushPacer pacer({.interval = options_.interval, .max_interval = longest});
   metrics_.interval_ms->Set(absl::ToInt64Milliseconds(pacer.current()));
   absl::Time due = clock.Steady() + options_.interval;
   Backoff backoff({.initial = absl::Milliseconds(200), .max = options_.max_backoff});
@@ -151,7 +152,7 @@ void Flusher::Loop() {
             "(between --flush-interval {} and --max-visibility-latency {})",
             absl::FormatDuration(took), absl::FormatDuration(interval),
             absl::FormatDuration(before), absl::FormatDuration(options_.interval),
-            absl::FormatDuration(std::max(options_.interval, options_.max_interval)));
+            absl::FormatDuration(longest));
       }
       due = std::max(started + interval, clock.Steady());
     } else {

@@ -28,10 +28,10 @@ class FlushWriter {
   virtual ~FlushWriter() = default;
 
   // Writes a batch in ONE transaction: CAS-advance every partition's next offset, append the
-  // distinct counter rows to the usage delta log, insert rejected events. If any CAS misses, nothing is written and
-  // the fenced partitions are returned. Unavailable means retry later (nothing is known
-  // committed only if the error came before COMMIT; an ambiguous commit is resolved by the CAS
-  // on the retry).
+  // distinct counter rows to the usage delta log, insert rejected events. If any CAS misses,
+  // nothing is written and the fenced partitions are returned. Unavailable means retry later
+  // (nothing is known committed only if the error came before COMMIT; an ambiguous commit is
+  // resolved by the CAS on the retry).
   virtual absl::StatusOr<FlushOutcome> Write(
       const std::vector<aggregate::SealedPartition>& batch) = 0;
 

@@ -19,10 +19,10 @@ struct WriterIdentity {
 
 // FlushWriter on one libpq connection, reconnecting after a failure on the next call.
 // A flush's distinct keys go by one COPY into the delta log shared.api_usage_deltas (no
-// upsert, no foreign key, one index: migrations 0025, 0026), in the transaction that advances the offsets; the
-// UsageCompactor folds them into shared.api_usage_meters later. bench/flush_benchmark compares
-// it with the former COPY + INSERT … ON CONFLICT per key. `meters` (not owned) names the rows and
-// is the registry RefreshMeters grows: the writer is its one writing thread.
+// upsert, no foreign key, one index: migrations 0025, 0026), in the transaction that advances the
+// offsets; the UsageCompactor folds them into shared.api_usage_meters later. bench/flush_benchmark
+// compares it with the former COPY + INSERT … ON CONFLICT per key. `meters` (not owned) names the
+// rows and is the registry RefreshMeters grows: the writer is its one writing thread.
 class PgFlushWriter final : public FlushWriter {
  public:
   // `timeouts.statement` also bounds each Write and LoadOffsets on the client (the watchdog):

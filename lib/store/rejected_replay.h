@@ -42,10 +42,10 @@ struct ReplaySummary {
 // Each chunk is ONE transaction: the rows are locked (FOR UPDATE, re-checking replayed_at IS
 // NULL, so concurrent replays and re-runs never count a row twice), their events are added to
 // shared.api_usage_meters (one upsert row per distinct key, in the fold's key order: directly,
-// not through the usage delta log), and exactly the counted rows get replayed_at = now(). A row's raw bytes are parsed
-// as they were when refused: a whole message for not_json / empty_batch (the only reasons a
-// whole batch is refused with), one event otherwise (a single message or one batch element);
-// a row counts only if every event in it parses. `now` is the clock the time window is
+// not through the usage delta log), and exactly the counted rows get replayed_at = now(). A row's
+// raw bytes are parsed as they were when refused: a whole message for not_json / empty_batch (the
+// only reasons a whole batch is refused with), one event otherwise (a single message or one batch
+// element); a row counts only if every event in it parses. `now` is the clock the time window is
 // measured against. An unknown reason is refused before connecting, a database missing a
 // migration before reading. Connects on its own; safe to run while `meterd run` is running.
 absl::StatusOr<ReplaySummary> ReplayRejected(const std::string& conninfo,

@@ -74,12 +74,6 @@ absl::StatusOr<FoldResult> UsageCompactor::FoldOnce() {
     result.delta_rows = row[0].as<int64_t>();
     result.keys = row[1].as<int64_t>();
     tx.commit();
-    if (result.delta_rows > 0 && can_vacuum_) {
-      // The folded rows' space, for the next flushes' COPY to reuse. No truncation: it would
-      // wait for an AccessExclusive lock the flushes' appends keep taking away.
-      pqxx::nontransaction vacuum(*conn_);
-      vacuum.exec0("VACUUM (TRUNCATE false, SKIP_LOCKED) shared.api_usage_deltas");
-    }
     return absl::OkStatus();
   });
   if (absl::IsUnavailable(status)) conn_.reset();
@@ -92,8 +86,24 @@ absl::StatusOr<FoldResult> UsageCompactor::FoldOnce() {
     metrics_.delta_rows->Add(result.delta_rows);
     metrics_.keys->Add(result.keys);
     metrics_.last_fold_ms->Set(absl::ToInt64Milliseconds(options_.clock->Steady() - start));
+    if (can_vacuum_) Vacuum();
   }
   return result;
+}
+
+void UsageCompactor::Vacuum() {
+  // The folded rows' space, for the next flushes' COPY to reuse. No truncation: it would wait
+  // for an AccessExclusive lock the flushes' appends keep taking away. The fold is committed
+  // whatever happens here: a failure is logged, and autovacuum or the next fold's VACUUM does
+  // the work.
+  absl::Status status = CatchPq([&]() -> absl::Status {
+    pqxx::nontransaction vacuum(*conn_);
+    vacuum.exec0("VACUUM (TRUNCATE false, SKIP_LOCKED) shared.api_usage_deltas");
+    return absl::OkStatus();
+  });
+  if (absl::IsUnavailable(status)) conn_.reset();
+  if (!status.ok())
+    LOG_WARN("usage compactor: VACUUM of the delta log failed: {}", status.message());
 }
 
 void UsageCompactor::ReadStatus() {

@@ -70,6 +70,8 @@ class UsageCompactor {
   UsageCompactor(std::string conninfo, UsageCompactorOptions options);
   absl::Status EnsureConnected();
   void Loop();
+  // After a fold that moved rows, when this role owns the log.
+  void Vacuum();
   static constexpr absl::Duration kStatusEvery = absl::Seconds(30);
   void ReadStatus();
 
