@@ -99,6 +99,18 @@ TEST(CliTest, BadFlagsFailWithOneClearLine) {
   EXPECT_EQ(bad_listen.exit_code, 1);
   EXPECT_NE(bad_listen.stderr_text.find("--http-listen expects host:port"), std::string::npos)
       << bad_listen.stderr_text;
+  // Adaptive flushing's cap and the compactor's interval are checked before anything connects.
+  for (const auto& [flags, message] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"--flush-interval", "2s", "--max-visibility-latency", "1s"},
+            "--max-visibility-latency must be at least --flush-interval"},
+           {{"--compact-interval", "-1s"}, "--compact-interval must be at least 0"}}) {
+    std::vector<std::string> args = {"run", "--pg", "postgresql://postgres@127.0.0.1:1/x",
+                                     "--brokers", "127.0.0.1:1"};
+    args.insert(args.end(), flags.begin(), flags.end());
+    Outcome bad = RunMeterd(args);
+    EXPECT_EQ(bad.exit_code, 1) << flags[0];
+    EXPECT_NE(bad.stderr_text.find(message), std::string::npos) << bad.stderr_text;
+  }
   Outcome bad_duration = RunMeterd({"run", "--flush-interval", "soon"});
   EXPECT_NE(bad_duration.exit_code, 0);
   EXPECT_NE(bad_duration.stderr_text.find("flush_interval"), std::string::npos)
