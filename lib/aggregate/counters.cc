@@ -39,14 +39,61 @@ void PartitionCounters::RejectMessage(int64_t offset,
   refused += static_cast<int64_t>(rejections.size()) - 1;
 }
 
+namespace {
+
+bool KeyLess(const CounterRow& a, const CounterRow& b) { return a.first < b.first; }
+
+// Sorts `rows` by key and sums the rows of a repeated key into one.
+void SortAndSum(std::vector<CounterRow>& rows) {
+  std::sort(rows.begin(), rows.end(), KeyLess);
+  size_t out = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (out > 0 && rows[out - 1].first == rows[i].first) {
+      rows[out - 1].second += rows[i].second;
+    } else {
+      rows[out++] = rows[i];
+    }
+  }
+  rows.resize(out);
+}
+
+// Two sorted, distinct row sets as one.
+std::vector<CounterRow> MergeRows(const std::vector<CounterRow>& a,
+                                  const std::vector<CounterRow>& b) {
+  std::vector<CounterRow> merged;
+  merged.reserve(a.size() + b.size());
+  size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    if (a[i].first < b[j].first) {
+      merged.push_back(a[i++]);
+    } else if (b[j].first < a[i].first) {
+      merged.push_back(b[j++]);
+    } else {
+      merged.emplace_back(a[i].first, a[i].second + b[j].second);
+      ++i, ++j;
+    }
+  }
+  merged.insert(merged.end(), a.begin() + static_cast<ptrdiff_t>(i), a.end());
+  merged.insert(merged.end(), b.begin() + static_cast<ptrdiff_t>(j), b.end());
+  merged.shrink_to_fit();
+  return merged;
+}
+
+}  // namespace
+
+void Compact(SealedPartition& p) {
+  if (p.deltas.counters.empty()) return;
+  std::vector<CounterRow> fresh(p.deltas.counters.begin(), p.deltas.counters.end());
+  CounterMap().swap(p.deltas.counters);  // Frees the map's slots now, not at the flush's end.
+  std::sort(fresh.begin(), fresh.end(), KeyLess);  // Keys of a map are distinct.
+  p.rows = p.rows.empty() ? std::move(fresh) : MergeRows(p.rows, fresh);
+}
+
 void MergeInto(SealedPartition& earlier, SealedPartition&& later) {
   earlier.next_offset = later.next_offset;
-  if (earlier.deltas.counters.empty()) {
-    earlier.deltas.counters = std::move(later.deltas.counters);
-  } else {
-    for (const auto& [key, quantity] : later.deltas.counters)
-      earlier.deltas.counters[key] += quantity;
-  }
+  Compact(earlier);
+  Compact(later);
+  earlier.rows = earlier.rows.empty() ? std::move(later.rows) : MergeRows(earlier.rows, later.rows);
   for (auto& r : later.deltas.rejected) earlier.deltas.rejected.push_back(std::move(r));
   earlier.deltas.rejected_bytes += later.deltas.rejected_bytes;
   earlier.deltas.events += later.deltas.events;
@@ -57,27 +104,17 @@ void MergeInto(SealedPartition& earlier, SealedPartition&& later) {
   }
 }
 
-std::vector<std::pair<CounterKey, int64_t>> DistinctRows(
-    const std::vector<SealedPartition>& batch) {
-  std::vector<std::pair<CounterKey, int64_t>> rows;
+std::vector<CounterRow> DistinctRows(const std::vector<SealedPartition>& batch) {
+  std::vector<CounterRow> rows;
   size_t total = 0;
-  for (const auto& p : batch) total += p.deltas.counters.size();
+  for (const auto& p : batch) total += p.keys();
   rows.reserve(total);
   for (const auto& p : batch) {
-    rows.insert(rows.end(), p.deltas.counters.begin(), p.deltas.counters.end());
+    p.ForEachDelta(
+        [&](const CounterKey& key, int64_t quantity) { rows.emplace_back(key, quantity); });
   }
-  std::sort(rows.begin(), rows.end(),
-            [](const auto& a, const auto& b) { return a.first < b.first; });
-  // Keys of one org normally live on one partition; merge the rare duplicates across partitions.
-  size_t out = 0;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    if (out > 0 && rows[out - 1].first == rows[i].first) {
-      rows[out - 1].second += rows[i].second;
-    } else {
-      rows[out++] = rows[i];
-    }
-  }
-  rows.resize(out);
+  // Keys of one org normally live on one partition; the rare duplicates across partitions sum.
+  SortAndSum(rows);
   return rows;
 }
 

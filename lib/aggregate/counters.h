@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -134,6 +135,9 @@ class PrefetchingAdder {
   std::vector<Staged> staged_;
 };
 
+// One key's delta as a compacted sealed partition holds it: 32 bytes.
+using CounterRow = std::pair<CounterKey, int64_t>;
+
 // Sealed deltas of one partition, handed from a shard to the flusher. The flusher commits them
 // only if Postgres still says the partition's next offset is `expected_offset` (the CAS fence).
 struct SealedPartition {
@@ -144,14 +148,32 @@ struct SealedPartition {
   int64_t next_offset = 0;
   int64_t oldest_timestamp_ms = -1;  // Kafka timestamp of the oldest message counted (-1: none).
   PartitionCounters deltas;
+  // The counters once Compact() has moved them out of `deltas.counters`: sorted by key, one
+  // row per key, exactly 32 bytes per key where the map holds 38-75 (its load factor).
+  std::vector<CounterRow> rows = {};
+
+  size_t keys() const { return rows.size() + deltas.counters.size(); }
+  // Calls f(key, quantity) for every delta, compacted or not; a key is visited once per form
+  // that holds it.
+  template <typename F>
+  void ForEachDelta(F&& f) const {
+    for (const auto& [key, quantity] : rows) f(key, quantity);
+    for (const auto& [key, quantity] : deltas.counters) f(key, quantity);
+  }
 };
 
-// Folds `later` (sealed after `earlier`, same partition) into `earlier`: the deltas add up,
-// the fence stays at the earlier expected offset and the end moves to the later next offset.
+// Moves p's counter map into p.rows (merged with rows already there) and frees the map: what
+// the flusher does to every sealed partition, so deltas waiting for Postgres (a long flush, an
+// outage) cost 32 bytes per key while the shards fill the next interval's maps.
+void Compact(SealedPartition& p);
+
+// Folds `later` (sealed after `earlier`, same partition) into `earlier`: the deltas add up
+// (compacted), the fence stays at the earlier expected offset and the end moves to the later
+// next offset.
 void MergeInto(SealedPartition& earlier, SealedPartition&& later);
 
-// Sums deltas per key over every partition in `batch`: the distinct rows one flush writes.
-// Sorted by key so concurrent writers lock rows in the same order.
-std::vector<std::pair<CounterKey, int64_t>> DistinctRows(const std::vector<SealedPartition>& batch);
+// Sums deltas per key over every partition in `batch`, compacted or not: distinct rows sorted by
+// key, so writers that upsert them lock rows in the same order (the replay of rejected events).
+std::vector<CounterRow> DistinctRows(const std::vector<SealedPartition>& batch);
 
 }  // namespace meterd::aggregate

@@ -62,21 +62,54 @@ TEST(CountersTest, MergeKeepsEarlierFenceAndLaterEnd) {
   MergeInto(earlier, std::move(later));
   EXPECT_EQ(earlier.expected_offset, 10);
   EXPECT_EQ(earlier.next_offset, 35);
-  EXPECT_EQ(earlier.deltas.counters[CounterKey::Of(Event(1, 0))], 6);
-  EXPECT_EQ(earlier.deltas.counters.size(), 2u);
+  // Merged compacted: one sorted row per key, the map gone.
+  EXPECT_TRUE(earlier.deltas.counters.empty());
+  ASSERT_EQ(earlier.rows.size(), 2u);
+  EXPECT_EQ(earlier.rows[0], CounterRow(CounterKey::Of(Event(1, 0)), 6));
+  EXPECT_EQ(earlier.rows[1], CounterRow(CounterKey::Of(Event(9, 0)), 1));
+  EXPECT_EQ(earlier.keys(), 2u);
   EXPECT_EQ(earlier.deltas.events, 3);
 }
 
+TEST(CountersTest, CompactSortsFreesTheMapAndMergesWithEarlierRows) {
+  SealedPartition p;
+  for (int org : {7, 3, 5}) p.deltas.Add(Event(static_cast<uint8_t>(org), org));
+  Compact(p);
+  EXPECT_TRUE(p.deltas.counters.empty());
+  EXPECT_EQ(p.deltas.counters.capacity(), 0u);  // Freed, not only cleared.
+  ASSERT_EQ(p.rows.size(), 3u);
+  EXPECT_EQ(p.rows[0].first.org.bytes[0], 3);
+  EXPECT_EQ(p.rows[1].first.org.bytes[0], 5);
+  EXPECT_EQ(p.rows[2].first.org.bytes[0], 7);
+  EXPECT_EQ(p.deltas.events, 3);  // Compacting counts nothing again.
+
+  // Counted again after a compaction (a later seal merged in): summed with the rows.
+  p.deltas.Add(Event(5, 10));
+  p.deltas.Add(Event(1, 1));
+  int64_t visited = 0;
+  p.ForEachDelta([&](const CounterKey&, int64_t quantity) { visited += quantity; });
+  EXPECT_EQ(visited, 3 + 5 + 7 + 10 + 1);
+  Compact(p);
+  ASSERT_EQ(p.rows.size(), 4u);
+  EXPECT_EQ(p.rows[0], CounterRow(CounterKey::Of(Event(1, 0)), 1));
+  EXPECT_EQ(p.rows[2], CounterRow(CounterKey::Of(Event(5, 0)), 15));
+  EXPECT_EQ(p.keys(), 4u);
+}
+
 TEST(CountersTest, DistinctRowsMergesAcrossPartitionsAndSorts) {
-  std::vector<SealedPartition> batch(2);
+  std::vector<SealedPartition> batch(3);
   batch[0].deltas.Add(Event(5, 1));
   batch[0].deltas.Add(Event(1, 1));
   batch[1].deltas.Add(Event(5, 2));
+  batch[2].deltas.Add(Event(5, 4));
+  batch[2].deltas.Add(Event(0, 8));
+  Compact(batch[2]);  // Compacted or not, every delta counts.
   const auto rows = DistinctRows(batch);
-  ASSERT_EQ(rows.size(), 2u);
-  EXPECT_EQ(rows[0].first.org.bytes[0], 1);
-  EXPECT_EQ(rows[1].first.org.bytes[0], 5);
-  EXPECT_EQ(rows[1].second, 3);
+  ASSERT_EQ(rows.size(), 3u);
+  EXPECT_EQ(rows[0].first.org.bytes[0], 0);
+  EXPECT_EQ(rows[1].first.org.bytes[0], 1);
+  EXPECT_EQ(rows[2].first.org.bytes[0], 5);
+  EXPECT_EQ(rows[2].second, 7);
 }
 
 }  // namespace

@@ -63,10 +63,10 @@ class MemoryWriter final : public store::FlushWriter {
     if (!outcome.fenced.empty()) return outcome;
     for (const SealedPartition& p : batch) {
       offsets_[p.partition] = p.next_offset;
-      for (const auto& [key, quantity] : p.deltas.counters) {
+      p.ForEachDelta([&](const aggregate::CounterKey& key, int64_t quantity) {
         totals_[event::OrgIdToString(key.org)] += quantity;
-      }
-      outcome.rows_written += p.deltas.counters.size();
+      });
+      outcome.rows_written += p.keys();
     }
     ++commits_;
     changed_.notify_all();
