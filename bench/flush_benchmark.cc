@@ -9,6 +9,7 @@
 #include <pqxx/pqxx>
 #include <pqxx/tablewriter>
 
+#include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "bench/ratio_reporter.h"
 #include "lib/devtools/loadgen.h"
@@ -50,7 +51,26 @@ SealedPartition Batch(int rows, int64_t expected, int64_t next) {
   return s;
 }
 
-// meterd's writer: offset CAS + COPY of pre-formatted rows into the delta log.
+// The same `rows` keys as the flusher hands them to the writer: spread over `partitions`
+// partitions by org, each compacted into sorted rows.
+std::vector<SealedPartition> Partitioned(int rows, int partitions, int64_t expected, int64_t next) {
+  std::vector<SealedPartition> batch(static_cast<size_t>(partitions));
+  for (int p = 0; p < partitions; ++p) {
+    batch[p].partition = p;
+    batch[p].expected_offset = expected;
+    batch[p].next_offset = next;
+  }
+  SealedPartition all = Batch(rows, expected, next);
+  for (const auto& [key, quantity] : all.deltas.counters) {
+    batch[absl::Hash<event::OrgId>{}(key.org) % static_cast<size_t>(partitions)].deltas.Add(
+        key, quantity);
+  }
+  for (SealedPartition& p : batch) aggregate::Compact(p);
+  return batch;
+}
+
+// meterd's writer: offset CAS + COPY of pre-formatted rows into the delta log, the batch
+// compacted and spread over state.range(1) partitions as the flusher gives it.
 void BM_FlushWriter(benchmark::State& state) {
   static int run = 0;  // Google Benchmark calls this more than once: a fresh partition each time.
   auto writer =
@@ -65,8 +85,8 @@ void BM_FlushWriter(benchmark::State& state) {
     // what the previous iteration appended.
     if (!(*compactor)->FoldOnce().ok()) return state.SkipWithError("fold failed");
     const int64_t next = offset < 0 ? 1000 : offset + 1000;
-    std::vector<SealedPartition> batch;
-    batch.push_back(Batch(static_cast<int>(state.range(0)), offset, next));
+    std::vector<SealedPartition> batch = Partitioned(
+        static_cast<int>(state.range(0)), static_cast<int>(state.range(1)), offset, next);
     state.ResumeTiming();
     auto outcome = (*writer)->Write(batch);
     if (!outcome.ok() || !outcome->fenced.empty()) return state.SkipWithError("write failed");
@@ -75,7 +95,12 @@ void BM_FlushWriter(benchmark::State& state) {
   }
   state.SetItemsProcessed(rows);
 }
-BENCHMARK(BM_FlushWriter)->Arg(30'000)->Arg(100'000)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_FlushWriter)
+    ->Args({30'000, 1})
+    ->Args({100'000, 1})
+    ->Args({100'000, 64})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 // The former flush's upsert of a temp table's rows (org_id, meter, industry, day, quantity).
 std::string UpsertFrom(const std::string& table) {
@@ -259,11 +284,12 @@ BENCHMARK(BM_PerEventAutocommit)->Arg(1'000)->Unit(benchmark::kMillisecond)->Use
 int main(int argc, char** argv) {
   return meterd::bench::RunWithRatios(
       argc, argv,
-      {{"BM_FlushWriter/30000/real_time", "BM_FlushUpsert/30000/real_time"},
-       {"BM_FlushWriter/100000/real_time", "BM_FlushUpsert/100000/real_time"},
+      {{"BM_FlushWriter/30000/1/real_time", "BM_FlushUpsert/30000/real_time"},
+       {"BM_FlushWriter/100000/1/real_time", "BM_FlushUpsert/100000/real_time"},
+       {"BM_FlushWriter/100000/64/real_time", "BM_FlushUpsert/100000/real_time"},
        {"BM_FoldDeltas/30000/4/real_time", "BM_FlushUpsert/30000/real_time"},
-       {"BM_FlushWriter/30000/real_time", "BM_FlushPerRowOneTransaction/3000/real_time"},
-       {"BM_FlushWriter/30000/real_time", "BM_PerEventAutocommit/1000/real_time"},
-       {"BM_FlushWriter/30000/real_time", "BM_FlushUnnest/30000/real_time"},
-       {"BM_FlushWriter/30000/real_time", "BM_FlushCopy/30000/real_time"}});
+       {"BM_FlushWriter/30000/1/real_time", "BM_FlushPerRowOneTransaction/3000/real_time"},
+       {"BM_FlushWriter/30000/1/real_time", "BM_PerEventAutocommit/1000/real_time"},
+       {"BM_FlushWriter/30000/1/real_time", "BM_FlushUnnest/30000/real_time"},
+       {"BM_FlushWriter/30000/1/real_time", "BM_FlushCopy/30000/real_time"}});
 }

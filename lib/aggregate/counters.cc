@@ -104,6 +104,32 @@ void MergeInto(SealedPartition& earlier, SealedPartition&& later) {
   }
 }
 
+void ForEachDeltaInKeyOrder(const std::vector<SealedPartition>& batch,
+                            absl::FunctionRef<void(const CounterKey&, int64_t)> f) {
+  using Cursor = std::pair<const CounterRow*, const CounterRow*>;  // Next row, end.
+  const auto later = [](const Cursor& a, const Cursor& b) {
+    return b.first->first < a.first->first;
+  };
+  std::vector<Cursor> heap;
+  for (const SealedPartition& p : batch) {
+    if (!p.rows.empty()) heap.emplace_back(p.rows.data(), p.rows.data() + p.rows.size());
+  }
+  std::make_heap(heap.begin(), heap.end(), later);
+  while (!heap.empty()) {
+    std::pop_heap(heap.begin(), heap.end(), later);
+    Cursor& c = heap.back();
+    f(c.first->first, c.first->second);
+    if (++c.first == c.second) {
+      heap.pop_back();
+    } else {
+      std::push_heap(heap.begin(), heap.end(), later);
+    }
+  }
+  for (const SealedPartition& p : batch) {
+    for (const auto& [key, quantity] : p.deltas.counters) f(key, quantity);
+  }
+}
+
 std::vector<CounterRow> DistinctRows(const std::vector<SealedPartition>& batch) {
   std::vector<CounterRow> rows;
   size_t total = 0;

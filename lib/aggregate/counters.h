@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/function_ref.h"
 #include "absl/hash/hash.h"
 #include "lib/event/event_parser.h"
 #include "lib/event/usage_event.h"
@@ -171,6 +172,12 @@ void Compact(SealedPartition& p);
 // (compacted), the fence stays at the earlier expected offset and the end moves to the later
 // next offset.
 void MergeInto(SealedPartition& earlier, SealedPartition&& later);
+
+// Calls f(key, quantity) for every delta of `batch`: the compacted partitions' rows merged
+// into one key order (a heap over the partitions' sorted rows, no copy), then any counters not
+// compacted, in map order. A key held by two partitions is visited twice, consecutively.
+void ForEachDeltaInKeyOrder(const std::vector<SealedPartition>& batch,
+                            absl::FunctionRef<void(const CounterKey&, int64_t)> f);
 
 // Sums deltas per key over every partition in `batch`, compacted or not: distinct rows sorted by
 // key, so writers that upsert them lock rows in the same order (the replay of rejected events).

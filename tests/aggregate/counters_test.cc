@@ -96,6 +96,37 @@ TEST(CountersTest, CompactSortsFreesTheMapAndMergesWithEarlierRows) {
   EXPECT_EQ(p.keys(), 4u);
 }
 
+TEST(CountersTest, ForEachDeltaInKeyOrderMergesCompactedPartitions) {
+  std::vector<SealedPartition> batch(4);
+  for (int org : {9, 2, 6}) batch[0].deltas.Add(Event(static_cast<uint8_t>(org), org));
+  for (int org : {4, 6, 1}) batch[1].deltas.Add(Event(static_cast<uint8_t>(org), 10 * org));
+  batch[3].deltas.Add(Event(3, 3));
+  Compact(batch[0]);
+  Compact(batch[1]);
+  Compact(batch[3]);  // batch[2] stays empty.
+  std::vector<std::pair<int, int64_t>> seen;
+  ForEachDeltaInKeyOrder(batch, [&](const CounterKey& key, int64_t quantity) {
+    seen.emplace_back(key.org.bytes[0], quantity);
+  });
+  // Org 6 is on two partitions: two visits, next to each other (in either order).
+  ASSERT_EQ(seen.size(), 7u);
+  if (seen[4].second == 60) std::swap(seen[4], seen[5]);
+  const std::vector<std::pair<int, int64_t>> want = {{1, 10}, {2, 2},  {3, 3}, {4, 40},
+                                                     {6, 6},  {6, 60}, {9, 9}};
+  EXPECT_EQ(seen, want);
+
+  // A partition not compacted is still visited (after the merged rows).
+  batch[2].deltas.Add(Event(0, 100));
+  int64_t total = 0;
+  size_t visits = 0;
+  ForEachDeltaInKeyOrder(batch, [&](const CounterKey&, int64_t quantity) {
+    total += quantity;
+    ++visits;
+  });
+  EXPECT_EQ(visits, 8u);
+  EXPECT_EQ(total, 1 * 10 + 2 + 3 + 40 + 6 + 60 + 9 + 100);
+}
+
 TEST(CountersTest, DistinctRowsMergesAcrossPartitionsAndSorts) {
   std::vector<SealedPartition> batch(3);
   batch[0].deltas.Add(Event(5, 1));
