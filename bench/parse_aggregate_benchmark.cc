@@ -7,6 +7,7 @@
 #include <benchmark/benchmark.h>
 #include <simdjson.h>
 
+#include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
@@ -20,6 +21,7 @@ namespace meterd::bench {
 namespace {
 
 using aggregate::CounterKey;
+using aggregate::CounterMap;
 using aggregate::PartitionCounters;
 
 const absl::Time kNow = absl::FromUnixSeconds(event::DaysFromCivil(2026, 11, 26) * 86400 + 36000);
@@ -243,6 +245,8 @@ BENCHMARK(BM_ParseAggregateBaseline)->Arg(10'000);
 
 // ---- seal + merge: what one flush does with 30,000 live keys ----
 
+// Two seals of one partition merged (Postgres was down for a tick), then visited in key order as
+// the writer does.
 void BM_SealMerge(benchmark::State& state) {
   const auto events = EventsOverKeys(state.range(0));
   int64_t keys = 0;
@@ -255,13 +259,63 @@ void BM_SealMerge(benchmark::State& state) {
     aggregate::MergeInto(first, std::move(second));
     std::vector<aggregate::SealedPartition> batch;
     batch.push_back(std::move(first));
-    auto rows = aggregate::DistinctRows(batch);
-    keys += static_cast<int64_t>(rows.size());
-    benchmark::DoNotOptimize(rows.data());
+    int64_t visited = 0;
+    aggregate::ForEachDeltaInKeyOrder(batch, [&](const CounterKey&, int64_t) { ++visited; });
+    keys += visited;
   }
   state.SetItemsProcessed(keys);
 }
 BENCHMARK(BM_SealMerge)->Arg(30'000)->Unit(benchmark::kMillisecond);
+
+// ---- memory per live key: maps, compacted seals, a flush's peak ----
+
+size_t MapBytes(const CounterMap& map) {
+  return map.capacity() * (sizeof(std::pair<const CounterKey, int64_t>) + 1);
+}
+
+// state.range(0) keys over state.range(1) partitions, as the shards hold them at a seal; timed:
+// the flusher's Compact of every partition. Counters (bytes per key): `maps` what the shards'
+// maps hold, `sealed` what the compacted seal holds while it waits for Postgres, `flush_peak`
+// the compacted seal plus the next interval's maps refilled with the same keys (a long flush of
+// a steady stream); `flush_peak_before` the same peak as it was before compaction (the sealed
+// maps plus the flush's sorted copy, 32 bytes per key, plus the next maps).
+void BM_CompactSeal(benchmark::State& state) {
+  const auto events = EventsOverKeys(state.range(0));
+  const auto partitions = static_cast<size_t>(state.range(1));
+  const auto fill = [&] {
+    std::vector<aggregate::SealedPartition> batch(partitions);
+    for (const auto& e : events) {
+      batch[absl::Hash<event::OrgId>{}(e.org) % partitions].deltas.Add(e);
+    }
+    return batch;
+  };
+  size_t keys = 0, map_bytes = 0, row_bytes = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    auto batch = fill();
+    keys = map_bytes = row_bytes = 0;
+    for (const auto& p : batch) {
+      keys += p.keys();
+      map_bytes += MapBytes(p.deltas.counters);
+    }
+    state.ResumeTiming();
+    for (auto& p : batch) aggregate::Compact(p);
+    state.PauseTiming();
+    for (const auto& p : batch) row_bytes += p.rows.capacity() * sizeof(aggregate::CounterRow);
+    state.ResumeTiming();
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(keys));
+  const auto per_key = [&](size_t bytes) {
+    return static_cast<double>(bytes) / static_cast<double>(keys);
+  };
+  state.counters["keys"] = static_cast<double>(keys);
+  state.counters["maps"] = per_key(map_bytes);
+  state.counters["sealed"] = per_key(row_bytes);
+  state.counters["flush_peak"] = per_key(row_bytes + map_bytes);
+  state.counters["flush_peak_before"] =
+      per_key(map_bytes + keys * sizeof(aggregate::CounterRow) + map_bytes);
+}
+BENCHMARK(BM_CompactSeal)->Args({1'000'000, 64})->Unit(benchmark::kMillisecond);
 
 }  // namespace
 }  // namespace meterd::bench
