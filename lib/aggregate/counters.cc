@@ -57,11 +57,21 @@ void SortAndSum(std::vector<CounterRow>& rows) {
   rows.resize(out);
 }
 
-// Two sorted, distinct row sets as one.
+// Two sorted, distinct row sets as one (sized exactly: a first pass counts the shared keys).
 std::vector<CounterRow> MergeRows(const std::vector<CounterRow>& a,
                                   const std::vector<CounterRow>& b) {
+  size_t shared = 0;
+  for (size_t i = 0, j = 0; i < a.size() && j < b.size();) {
+    if (a[i].first < b[j].first) {
+      ++i;
+    } else if (b[j].first < a[i].first) {
+      ++j;
+    } else {
+      ++shared, ++i, ++j;
+    }
+  }
   std::vector<CounterRow> merged;
-  merged.reserve(a.size() + b.size());
+  merged.reserve(a.size() + b.size() - shared);
   size_t i = 0, j = 0;
   while (i < a.size() && j < b.size()) {
     if (a[i].first < b[j].first) {
@@ -75,25 +85,33 @@ std::vector<CounterRow> MergeRows(const std::vector<CounterRow>& a,
   }
   merged.insert(merged.end(), a.begin() + static_cast<ptrdiff_t>(i), a.end());
   merged.insert(merged.end(), b.begin() + static_cast<ptrdiff_t>(j), b.end());
-  merged.shrink_to_fit();
   return merged;
 }
 
 }  // namespace
 
 void Compact(SealedPartition& p) {
-  if (p.deltas.counters.empty()) return;
+  if (p.deltas.counters.capacity() == 0) return;
+  // An empty map may still hold the room the shard reserved for it: freed too.
   std::vector<CounterRow> fresh(p.deltas.counters.begin(), p.deltas.counters.end());
   CounterMap().swap(p.deltas.counters);  // Frees the map's slots now, not at the flush's end.
   std::sort(fresh.begin(), fresh.end(), KeyLess);  // Keys of a map are distinct.
-  p.rows = p.rows.empty() ? std::move(fresh) : MergeRows(p.rows, fresh);
+  if (p.rows.empty()) {
+    p.rows = std::move(fresh);
+  } else if (!fresh.empty()) {
+    p.rows = MergeRows(p.rows, fresh);
+  }
 }
 
 void MergeInto(SealedPartition& earlier, SealedPartition&& later) {
   earlier.next_offset = later.next_offset;
   Compact(earlier);
   Compact(later);
-  earlier.rows = earlier.rows.empty() ? std::move(later.rows) : MergeRows(earlier.rows, later.rows);
+  if (earlier.rows.empty()) {
+    earlier.rows = std::move(later.rows);
+  } else if (!later.rows.empty()) {
+    earlier.rows = MergeRows(earlier.rows, later.rows);
+  }
   for (auto& r : later.deltas.rejected) earlier.deltas.rejected.push_back(std::move(r));
   earlier.deltas.rejected_bytes += later.deltas.rejected_bytes;
   earlier.deltas.events += later.deltas.events;

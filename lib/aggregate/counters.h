@@ -175,7 +175,8 @@ void MergeInto(SealedPartition& earlier, SealedPartition&& later);
 
 // Calls f(key, quantity) for every delta of `batch`: the compacted partitions' rows merged
 // into one key order (a heap over the partitions' sorted rows, no copy), then any counters not
-// compacted, in map order. A key held by two partitions is visited twice, consecutively.
+// compacted, in map order. A key held by two compacted partitions is visited twice, one visit
+// right after the other.
 void ForEachDeltaInKeyOrder(const std::vector<SealedPartition>& batch,
                             absl::FunctionRef<void(const CounterKey&, int64_t)> f);
 

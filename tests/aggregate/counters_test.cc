@@ -96,6 +96,19 @@ TEST(CountersTest, CompactSortsFreesTheMapAndMergesWithEarlierRows) {
   EXPECT_EQ(p.keys(), 4u);
 }
 
+// A partition that counted nothing in its interval (only refusals) seals a map that is empty
+// but still holds the room the shard reserved: compacting frees it too.
+TEST(CountersTest, CompactFreesAnEmptyButReservedMap) {
+  SealedPartition p;
+  p.deltas.counters.reserve(10'000);
+  p.deltas.Reject(4, event::RejectReason::kNotJson, "x", "y");
+  ASSERT_GT(p.deltas.counters.capacity(), 0u);
+  Compact(p);
+  EXPECT_EQ(p.deltas.counters.capacity(), 0u);
+  EXPECT_TRUE(p.rows.empty());
+  EXPECT_EQ(p.deltas.rejected.size(), 1u);
+}
+
 TEST(CountersTest, ForEachDeltaInKeyOrderMergesCompactedPartitions) {
   std::vector<SealedPartition> batch(4);
   for (int org : {9, 2, 6}) batch[0].deltas.Add(Event(static_cast<uint8_t>(org), org));

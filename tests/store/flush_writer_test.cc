@@ -81,6 +81,33 @@ TEST_F(FlushWriterTest, WritesCountersAndAdvancesOffsets) {
   EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) FROM ONLY shared.api_usage_deltas"), 0);
 }
 
+// As the flusher hands them over: compacted, one key on two partitions (a producer that did
+// not key by org). Written as one row per distinct key, in one transaction with every offset.
+TEST_F(FlushWriterTest, CompactedPartitionsSharingAKeyAreWrittenAsOneRowPerKey) {
+  auto writer = Writer();
+  std::vector<SealedPartition> batch;
+  batch.push_back(Sealed(0, SealedPartition::kNoStoredOffset, 10, 3));
+  batch.push_back(Sealed(1, SealedPartition::kNoStoredOffset, 20, 0));
+  batch[1].deltas = {};
+  batch[1].deltas.Add(Event(2, 5));
+  batch[1].deltas.Add(Event(9, 1));
+  batch.push_back(Sealed(2, SealedPartition::kNoStoredOffset, 30, 4));  // Org 1 again.
+  for (SealedPartition& p : batch) aggregate::Compact(p);
+  auto outcome = writer->Write(batch);
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  EXPECT_TRUE(outcome->fenced.empty());
+  EXPECT_EQ(outcome->rows_written, 3u);
+  EXPECT_EQ(testing::QueryInt(url_, "SELECT count(*) FROM ONLY shared.api_usage_deltas"), 3);
+  EXPECT_EQ(
+      testing::QueryInt(url_, "SELECT quantity FROM ONLY shared.api_usage_deltas WHERE org_id = '" +
+                                  event::OrgIdToString(Event(1, 0).org) + "'"),
+      7);
+  EXPECT_EQ(Total(), 3 + 5 + 1 + 4);
+  EXPECT_EQ(Offset(0), 10);
+  EXPECT_EQ(Offset(1), 20);
+  EXPECT_EQ(Offset(2), 30);
+}
+
 TEST_F(FlushWriterTest, StaleWriterIsFencedAndWritesNothing) {
   auto owner = Writer();
   auto zombie = Writer();
