@@ -132,16 +132,25 @@ void ForEachDeltaInKeyOrder(const std::vector<SealedPartition>& batch,
   for (const SealedPartition& p : batch) {
     if (!p.rows.empty()) heap.emplace_back(p.rows.data(), p.rows.data() + p.rows.size());
   }
-  std::make_heap(heap.begin(), heap.end(), later);
-  while (!heap.empty()) {
+  // Takes the smallest row off the heap, returning its key and quantity.
+  const auto pop = [&]() -> CounterRow {
     std::pop_heap(heap.begin(), heap.end(), later);
     Cursor& c = heap.back();
-    f(c.first->first, c.first->second);
+    const CounterRow row = *c.first;
     if (++c.first == c.second) {
       heap.pop_back();
     } else {
       std::push_heap(heap.begin(), heap.end(), later);
     }
+    return row;
+  };
+  std::make_heap(heap.begin(), heap.end(), later);
+  while (!heap.empty()) {
+    CounterRow row = pop();
+    // A key on several partitions (producers not keying by org) comes out once per partition,
+    // consecutively: summed into one visit.
+    while (!heap.empty() && heap.front().first->first == row.first) row.second += pop().second;
+    f(row.first, row.second);
   }
   for (const SealedPartition& p : batch) {
     for (const auto& [key, quantity] : p.deltas.counters) f(key, quantity);

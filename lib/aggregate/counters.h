@@ -174,9 +174,8 @@ void Compact(SealedPartition& p);
 void MergeInto(SealedPartition& earlier, SealedPartition&& later);
 
 // Calls f(key, quantity) for every delta of `batch`: the compacted partitions' rows merged
-// into one key order (a heap over the partitions' sorted rows, no copy), then any counters not
-// compacted, in map order. A key held by two compacted partitions is visited twice, one visit
-// right after the other.
+// into one key order (a heap over the partitions' sorted rows, no copy), each key once with its
+// quantities summed across partitions; then any counters not compacted, in map order.
 void ForEachDeltaInKeyOrder(const std::vector<SealedPartition>& batch,
                             absl::FunctionRef<void(const CounterKey&, int64_t)> f);
 
