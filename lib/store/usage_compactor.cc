@@ -67,7 +67,7 @@ absl::StatusOr<FoldResult> UsageCompactor::FoldOnce() {
   RETURN_IF_ERROR(EnsureConnected());
   FoldResult result;
   const absl::Time start = options_.clock->Steady();
-  absl::Status status = CatchPq([&]() -> absl::Status {
+  absl::Status status = OnConnection([&]() -> absl::Status {
     pqxx::work tx(*conn_);
     const pqxx::row row = tx.exec_params1(
         "SELECT delta_rows, keys FROM shared.fold_usage_deltas($1)", options_.max_rows_per_fold);
@@ -76,7 +76,6 @@ absl::StatusOr<FoldResult> UsageCompactor::FoldOnce() {
     tx.commit();
     return absl::OkStatus();
   });
-  if (absl::IsUnavailable(status)) conn_.reset();
   if (!status.ok()) {
     metrics_.failures->Add();
     return status;
@@ -96,19 +95,18 @@ void UsageCompactor::Vacuum() {
   // for an AccessExclusive lock the flushes' appends keep taking away. The fold is committed
   // whatever happens here: a failure is logged, and autovacuum or the next fold's VACUUM does
   // the work.
-  absl::Status status = CatchPq([&]() -> absl::Status {
+  absl::Status status = OnConnection([&]() -> absl::Status {
     pqxx::nontransaction vacuum(*conn_);
     vacuum.exec0("VACUUM (TRUNCATE false, SKIP_LOCKED) shared.api_usage_deltas");
     return absl::OkStatus();
   });
-  if (absl::IsUnavailable(status)) conn_.reset();
   if (!status.ok())
     LOG_WARN("usage compactor: VACUUM of the delta log failed: {}", status.message());
 }
 
 void UsageCompactor::ReadStatus() {
   if (!EnsureConnected().ok()) return;
-  absl::Status status = CatchPq([&]() -> absl::Status {
+  absl::Status status = OnConnection([&]() -> absl::Status {
     pqxx::nontransaction tx(*conn_);
     const pqxx::row row =
         tx.exec1("SELECT estimated_rows, unfoldable_rows FROM shared.usage_delta_log_status()");
@@ -124,7 +122,6 @@ void UsageCompactor::ReadStatus() {
     unfoldable_logged_ = unfoldable;
     return absl::OkStatus();
   });
-  if (absl::IsUnavailable(status)) conn_.reset();
 }
 
 void UsageCompactor::Start() {

@@ -6,6 +6,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include <pqxx/pqxx>
 
@@ -69,6 +70,14 @@ class UsageCompactor {
  private:
   UsageCompactor(std::string conninfo, UsageCompactorOptions options);
   absl::Status EnsureConnected();
+  // Runs `body` on conn_, catching libpqxx's exceptions; a lost connection is dropped, for the
+  // next call to open again.
+  template <typename F>
+  absl::Status OnConnection(F&& body) {
+    absl::Status status = CatchPq(std::forward<F>(body));
+    if (absl::IsUnavailable(status)) conn_.reset();
+    return status;
+  }
   void Loop();
   // After a fold that moved rows, when this role owns the log.
   void Vacuum();
