@@ -27,6 +27,7 @@
 #include "lib/store/data_protection.h"
 #include "lib/store/migrations.h"
 #include "lib/store/rejected_replay.h"
+#include "lib/store/usage_archive.h"
 #include "lib/stripe/stripe_exporter.h"
 
 // The flags. Each subcommand lists the ones it reads (Subcommands() below); main refuses the
@@ -91,6 +92,8 @@ ABSL_FLAG(std::string, since, "",
 ABSL_FLAG(absl::Duration, older_than, absl::Hours(24 * 90),
           "purge-rejected: delete rows rejected longer ago than this (at least the late window "
           "plus 7 days)");
+ABSL_FLAG(int, archive_batch_rows, 100'000,
+          "archive-usage: rows moved per committed batch (each batch is one short transaction)");
 ABSL_FLAG(bool, billing, true,
           "Run the overage worker: keep shared.usage_charges and quota alerts current");
 ABSL_FLAG(std::string, http_listen, "",
@@ -369,6 +372,17 @@ absl::Status PurgeRejected(const std::vector<std::string>&) {
   return absl::OkStatus();
 }
 
+absl::Status ArchiveUsage(const std::vector<std::string>&) {
+  const std::string pg = absl::GetFlag(FLAGS_pg);
+  RETURN_IF_ERROR(Require("pg", pg));
+  RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
+  ASSIGN_OR_RETURN(std::vector<store::ArchivedMonth> months,
+                   store::ArchiveUsage(pg, absl::Now(), absl::GetFlag(FLAGS_archive_batch_rows)));
+  std::printf("%s\n", store::ArchiveSummaryJson(months).c_str());
+  LOG_INFO("archive-usage: {} closed month(s) had rows in the hot table", months.size());
+  return absl::OkStatus();
+}
+
 absl::Status OrgExport(const std::vector<std::string>&) {
   const std::string pg = absl::GetFlag(FLAGS_pg);
   RETURN_IF_ERROR(Require("pg", pg));
@@ -567,6 +581,12 @@ const std::vector<Subcommand>& Subcommands() {
        "late window plus 7 days, which replay-rejected could still bill)",
        {"pg", "older_than"},
        &PurgeRejected},
+      {"archive-usage",
+       "move every month older than the late window out of the hot shared.api_usage_meters "
+       "into its own table, shared.api_usage_meters_YYYY_MM (readers see the same totals); "
+       "idempotent",
+       {"pg", "archive_batch_rows"},
+       &ArchiveUsage},
       {"org export",
        "print everything meterd holds about one organization as one JSON document (admin)",
        {"pg", "org", "out"},

@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include <gtest/gtest.h>
+#include <pqxx/pqxx>
 
 #include "absl/strings/str_cat.h"
 #include "tests/support/harness.h"
@@ -33,7 +34,7 @@ TEST(CliTest, HelpListsCommandsAndFlags) {
   EXPECT_EQ(top.exit_code, 0);
   for (const char* command :
        {"run", "migrate", "dev-broker", "dev-stripe", "loadgen", "replay-rejected", "org export",
-        "org erase", "stripe-export", "close-period", "purge-rejected"}) {
+        "org erase", "stripe-export", "close-period", "purge-rejected", "archive-usage"}) {
     EXPECT_NE(top.stdout_text.find(command), std::string::npos) << command;
   }
   Outcome run = RunMeterd({"run", "--help"});
@@ -184,6 +185,46 @@ TEST(CliTest, UnmigratedDatabaseAndUnreachableKafkaFailAtStart) {
   EXPECT_NE(no_kafka.stderr_text.find("meterd run: cannot reach Kafka at 127.0.0.1:1"),
             std::string::npos)
       << no_kafka.stderr_text;
+}
+
+// `meterd archive-usage` moves the months older than the late window out of the hot table and
+// prints what it moved; the totals read through shared.api_usage_meters do not change.
+TEST(CliTest, ArchiveUsageMovesClosedMonthsAndPrintsWhatItMoved) {
+  const std::string url = SharedPostgres().CreateMigratedDatabase("cli_archive");
+  {
+    pqxx::connection conn(url);
+    pqxx::work tx(conn);
+    // Two keys six months ago (closed), one today (open).
+    tx.exec0(
+        "INSERT INTO shared.api_usage_meters (org_id, meter, industry, usage_date, quantity) "
+        "SELECT '0c000000-0000-4000-8000-000000000001', m, 'rest', d, 10 "
+        "FROM (VALUES ('api_calls', (now() - interval '6 months')::date), "
+        "             ('ai_requests', (now() - interval '6 months')::date), "
+        "             ('api_calls', now()::date)) v(m, d)");
+    tx.commit();
+  }
+  const std::string month = std::to_string(QueryInt(
+      url, "SELECT to_char(date_trunc('month', now() - interval '6 months'), 'YYYYMM')::int"));
+  const std::string first_day = absl::StrCat(month.substr(0, 4), "-", month.substr(4, 2), "-01");
+
+  Outcome refused = RunMeterd({"archive-usage", "--pg", url, "--archive-batch-rows", "0"});
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_NE(refused.stderr_text.find("--archive-batch-rows must be at least 1"), std::string::npos)
+      << refused.stderr_text;
+
+  Outcome archived = RunMeterd({"archive-usage", "--pg", url, "--archive-batch-rows", "1"});
+  EXPECT_EQ(archived.exit_code, 0) << archived.stderr_text;
+  EXPECT_EQ(archived.stdout_text,
+            absl::StrCat(R"({"months":[{"month":")", first_day, R"(","rows":2}],"rows":2})", "\n"));
+  EXPECT_EQ(QueryInt(url, "SELECT count(*) FROM ONLY shared.api_usage_meters"), 1);
+  EXPECT_EQ(QueryInt(url, absl::StrCat("SELECT count(*) FROM shared.api_usage_meters_",
+                                       month.substr(0, 4), "_", month.substr(4, 2))),
+            2);
+  EXPECT_EQ(QueryInt(url, "SELECT sum(quantity) FROM shared.api_usage_meters"), 30);
+
+  Outcome again = RunMeterd({"archive-usage", "--pg", url});
+  EXPECT_EQ(again.exit_code, 0) << again.stderr_text;
+  EXPECT_EQ(again.stdout_text, "{\"months\":[],\"rows\":0}\n");
 }
 
 }  // namespace

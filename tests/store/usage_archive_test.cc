@@ -1,0 +1,203 @@
+// Monthly archive tables of shared.api_usage_meters (migration 0027): closed months move out of
+// the hot table, every reader sees the same totals, against a real Postgres.
+#include "lib/store/usage_archive.h"
+
+#include <tuple>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <pqxx/pqxx>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/civil_time.h"
+#include "lib/store/usage_compactor.h"
+#include "tests/support/harness.h"
+
+namespace meterd::store {
+namespace {
+
+constexpr char kOrgA[] = "a0000000-0000-4000-8000-00000000000a";
+constexpr char kOrgB[] = "b0000000-0000-4000-8000-00000000000b";
+
+// 2026-11-27 12:00 UTC: with the default 62-day late window, events are accepted from
+// 2026-09-25 on, so July and August are closed and September is still open.
+absl::Time Now() {
+  return absl::FromCivil(absl::CivilSecond(2026, 11, 27, 12, 0, 0), absl::UTCTimeZone());
+}
+constexpr char kNow[] = "2026-11-27T12:00:00Z";
+
+class UsageArchiveTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    url_ = testing::SharedPostgres().CreateMigratedDatabase(
+        std::string("ua_") + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    // (org, meter, day, quantity): two closed months, the open September, this month.
+    for (const char* org : {kOrgA, kOrgB}) {
+      for (const auto& [meter, day, quantity] :
+           std::vector<std::tuple<std::string, std::string, int>>{
+               {"api_calls", "2026-07-15", 700},
+               {"api_calls", "2026-08-01", 1200},
+               {"ai_requests", "2026-08-31", 30},
+               {"api_calls", "2026-09-30", 90},
+               {"data_exports", "2026-11-20", 4}}) {
+        Exec(
+            absl::StrCat("INSERT INTO shared.api_usage_meters (org_id, meter, industry, "
+                         "usage_date, quantity) VALUES ('",
+                         org, "', '", meter, "', 'edu', '", day, "', ", quantity, ")"));
+      }
+    }
+  }
+  void Exec(const std::string& sql) {
+    pqxx::connection conn(url_);
+    pqxx::nontransaction tx(conn);
+    tx.exec0(sql);
+  }
+  int64_t Query(const std::string& sql) { return testing::QueryInt(url_, sql); }
+  int64_t Sum(const std::string& where) {
+    return Query("SELECT coalesce(sum(quantity), 0) FROM shared.api_usage_meters WHERE " + where);
+  }
+  int64_t HotRows(const std::string& where) {
+    return Query("SELECT count(*) FROM ONLY shared.api_usage_meters WHERE " + where);
+  }
+  // What the close would bill org A on the Pro plan for August (micro-dollars).
+  int64_t AugustChargesOfA() {
+    return Query(absl::StrCat("SELECT sum(amount_micros) FROM shared.charges_for_period('", kOrgA,
+                              "', 'pro', '2026-08-01T00:00Z', '2026-09-01T00:00Z')"));
+  }
+  std::vector<ArchivedMonth> Archive(int batch_rows = 100'000) {
+    auto archived = ArchiveUsage(url_, Now(), batch_rows);
+    EXPECT_TRUE(archived.ok()) << archived.status();
+    return archived.ok() ? *archived : std::vector<ArchivedMonth>{};
+  }
+
+  std::string url_;
+};
+
+TEST_F(UsageArchiveTest, ClosedMonthsMoveToTheirTablesAndEveryReaderSeesTheSameTotals) {
+  const int64_t total = Sum("true");
+  const int64_t charges = AugustChargesOfA();
+  ASSERT_EQ(total, 2 * (700 + 1200 + 30 + 90 + 4));
+  ASSERT_GT(charges, 0);
+
+  // Batches of one row: each its own transaction, the totals right after every one.
+  const std::vector<ArchivedMonth> archived = Archive(1);
+  ASSERT_EQ(archived.size(), 2u);
+  EXPECT_EQ(archived[0].month, "2026-07-01");
+  EXPECT_EQ(archived[0].rows, 2);
+  EXPECT_EQ(archived[1].month, "2026-08-01");
+  EXPECT_EQ(archived[1].rows, 4);
+  EXPECT_EQ(ArchiveSummaryJson(archived),
+            R"({"months":[{"month":"2026-07-01","rows":2},{"month":"2026-08-01","rows":4}],)"
+            R"("rows":6})");
+
+  // The hot table keeps only the open months; each closed month is one table.
+  EXPECT_EQ(HotRows("usage_date < '2026-09-01'"), 0);
+  EXPECT_EQ(HotRows("true"), 4);
+  EXPECT_EQ(Query("SELECT count(*) FROM shared.api_usage_meters_2026_07"), 2);
+  EXPECT_EQ(Query("SELECT count(*) FROM shared.api_usage_meters_2026_08"), 4);
+  EXPECT_EQ(Query("SELECT count(*) FROM shared.usage_archive_months"), 2);
+  // Readers of shared.api_usage_meters (sums, the billing functions) see the same usage.
+  EXPECT_EQ(Sum("true"), total);
+  EXPECT_EQ(Sum(absl::StrCat("org_id = '", kOrgA, "' AND usage_date = '2026-08-01'")), 1200);
+  EXPECT_EQ(AugustChargesOfA(), charges);
+
+  // A month's table holds only its month: a date range outside it does not read it.
+  pqxx::connection conn(url_);
+  {
+    pqxx::nontransaction tx(conn);
+    auto plan = [&](const std::string& where) {
+      std::string text;
+      for (const auto& row :
+           tx.exec("EXPLAIN SELECT sum(quantity) FROM shared.api_usage_meters WHERE " + where)) {
+        text += row[0].as<std::string>() + "\n";
+      }
+      return text;
+    };
+    const std::string open_months = plan("usage_date >= '2026-09-01'");
+    EXPECT_EQ(open_months.find("api_usage_meters_2026_0"), std::string::npos) << open_months;
+    const std::string august = plan("usage_date >= '2026-08-10' AND usage_date < '2026-08-20'");
+    EXPECT_NE(august.find("api_usage_meters_2026_08"), std::string::npos) << august;
+    EXPECT_EQ(august.find("api_usage_meters_2026_07"), std::string::npos) << august;
+    EXPECT_THROW(tx.exec0("INSERT INTO shared.api_usage_meters_2026_08 (org_id, meter, industry,"
+                          " usage_date, quantity) VALUES ('" +
+                          std::string(kOrgA) + "', 'api_calls', 'edu', '2026-09-01', 1)"),
+                 pqxx::check_violation);
+  }
+  // Row-level security holds for the archived rows: a tenant sees its own, and cannot read a
+  // month's table directly.
+  {
+    pqxx::work tx(conn);
+    tx.exec0("SET LOCAL ROLE meterd_org");
+    tx.exec0(absl::StrCat("SET LOCAL app.org_id = '", kOrgA, "'"));
+    auto seen = tx.exec1(absl::StrCat(
+        "SELECT count(*) FILTER (WHERE org_id <> '", kOrgA,
+        "'), sum(quantity) FROM shared.api_usage_meters WHERE usage_date < '2026-09-01'"));
+    EXPECT_EQ(seen[0].as<int64_t>(), 0);
+    EXPECT_EQ(seen[1].as<int64_t>(), 700 + 1200 + 30);
+  }
+  {
+    pqxx::work tx(conn);
+    tx.exec0("SET LOCAL ROLE meterd_org");
+    EXPECT_THROW(tx.exec("SELECT * FROM shared.api_usage_meters_2026_08"),
+                 pqxx::insufficient_privilege);
+  }
+
+  // Nothing left to move: a second run archives nothing and changes nothing.
+  EXPECT_TRUE(Archive().empty());
+  EXPECT_EQ(Sum("true"), total);
+}
+
+TEST_F(UsageArchiveTest, LateRowsOfAnArchivedMonthAreSummedIntoItsTableByTheNextRun) {
+  ASSERT_EQ(Archive().size(), 2u);
+  // A delta flushed for an archived key (a replay with a wider window), then folded into the
+  // hot table: until the next run the key has one row in each table, and readers sum them.
+  Exec(
+      absl::StrCat("INSERT INTO shared.api_usage_deltas (org_id, meter, industry, usage_date, "
+                   "quantity) VALUES ('",
+                   kOrgA, "', 'api_calls', 'edu', '2026-08-01', 5)"));
+  const std::string key =
+      absl::StrCat("org_id = '", kOrgA, "' AND meter = 'api_calls' AND usage_date = '2026-08-01'");
+  EXPECT_EQ(Sum(key), 1205);
+  auto compactor = UsageCompactor::Create(url_, {});
+  ASSERT_TRUE(compactor.ok()) << compactor.status();
+  auto folded = (*compactor)->FoldOnce();
+  ASSERT_TRUE(folded.ok()) << folded.status();
+  EXPECT_EQ(folded->delta_rows, 1);
+  EXPECT_EQ(HotRows(key), 1);
+  EXPECT_EQ(Sum(key), 1205);
+
+  const std::vector<ArchivedMonth> again = Archive();
+  ASSERT_EQ(again.size(), 1u);
+  EXPECT_EQ(again[0].month, "2026-08-01");
+  EXPECT_EQ(again[0].rows, 1);
+  EXPECT_EQ(HotRows(key), 0);
+  // One row per key in the month's table, the late quantity added to it.
+  EXPECT_EQ(Query("SELECT quantity FROM shared.api_usage_meters_2026_08 WHERE " + key), 1205);
+  EXPECT_EQ(Query("SELECT count(*) FROM shared.api_usage_meters_2026_08"), 4);
+  EXPECT_EQ(Query("SELECT count(*) FROM shared.audit_log WHERE action = 'usage.archived'"), 3);
+}
+
+TEST_F(UsageArchiveTest, AMonthTheLateWindowStillReachesIsRefused) {
+  pqxx::connection conn(url_);
+  for (const char* month : {"2026-09-01", "2026-11-01"}) {
+    pqxx::work tx(conn);
+    try {
+      tx.exec1(
+          absl::StrCat("SELECT shared.archive_usage_month('", month, "', 1000, '", kNow, "')"));
+      ADD_FAILURE() << month << " was archived";
+    } catch (const pqxx::sql_error& e) {
+      EXPECT_EQ(e.sqlstate(), "22023") << e.what();
+      EXPECT_NE(std::string(e.what()).find("still open"), std::string::npos) << e.what();
+    }
+  }
+  // A wider late window keeps August open too.
+  Exec("UPDATE shared.billing_settings SET late_window = interval '90 days'");
+  const std::vector<ArchivedMonth> archived = Archive();
+  ASSERT_EQ(archived.size(), 1u);
+  EXPECT_EQ(archived[0].month, "2026-07-01");
+  EXPECT_EQ(HotRows("usage_date >= '2026-08-01' AND usage_date < '2026-09-01'"), 4);
+  EXPECT_EQ(ArchiveUsage(url_, Now(), 0).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace meterd::store
