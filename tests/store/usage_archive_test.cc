@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/civil_time.h"
+#include "lib/store/data_protection.h"
 #include "lib/store/usage_compactor.h"
 #include "tests/support/harness.h"
 
@@ -175,6 +176,26 @@ TEST_F(UsageArchiveTest, LateRowsOfAnArchivedMonthAreSummedIntoItsTableByTheNext
   EXPECT_EQ(Query("SELECT quantity FROM shared.api_usage_meters_2026_08 WHERE " + key), 1205);
   EXPECT_EQ(Query("SELECT count(*) FROM shared.api_usage_meters_2026_08"), 4);
   EXPECT_EQ(Query("SELECT count(*) FROM shared.audit_log WHERE action = 'usage.archived'"), 3);
+}
+
+// Erasure and export reach the month tables through the parent, as they reach the delta log.
+TEST_F(UsageArchiveTest, EraseAndExportReachArchivedMonths) {
+  ASSERT_EQ(Archive().size(), 2u);
+  auto exported = ExportOrg(url_, kOrgA);
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_NE(exported->find("2026-07-15"), std::string::npos) << *exported;
+  EXPECT_NE(exported->find("2026-08-31"), std::string::npos) << *exported;
+
+  const int64_t total = Sum("true");
+  auto erased = EraseOrg(url_, kOrgA);
+  ASSERT_TRUE(erased.ok()) << erased.status();
+  EXPECT_EQ(Sum(absl::StrCat("org_id = '", kOrgA, "'")), 0);
+  EXPECT_EQ(Query(absl::StrCat("SELECT count(*) FROM shared.api_usage_meters_2026_08 WHERE ",
+                               "org_id = '", kOrgA, "'")),
+            0);
+  // Usage stays, under the new pseudonymous id.
+  EXPECT_EQ(Query("SELECT count(*) FROM shared.api_usage_meters_2026_08"), 4);
+  EXPECT_EQ(Sum("true"), total);
 }
 
 TEST_F(UsageArchiveTest, AMonthTheLateWindowStillReachesIsRefused) {
