@@ -124,6 +124,25 @@ void BM_Aggregate(benchmark::State& state) {
 }
 BENCHMARK(BM_Aggregate)->Arg(100)->Arg(10'000)->Arg(1'000'000);
 
+// One flush interval of one partition, from the empty map a seal leaves: every key of the
+// interval inserted once more (its events arrive again). Arg 1: 0 = the map starts empty and
+// grows (what a shard does), 1 = reserved to the interval's size first (what the shard did
+// until the reservation's memory cost was measured: bench/README.md, "Memory per live key").
+void BM_AggregateInterval(benchmark::State& state) {
+  const auto all = EventsOverKeys(state.range(0));
+  // The first `keys` events: one per key (a catch-up interval, the most growth per event).
+  const std::vector<event::UsageEvent> events(all.begin(), all.begin() + state.range(0));
+  const bool reserved = state.range(1) != 0;
+  for (auto _ : state) {
+    PartitionCounters counters;
+    if (reserved) counters.counters.reserve(static_cast<size_t>(state.range(0)));
+    for (const auto& e : events) counters.Add(e);
+    benchmark::DoNotOptimize(counters.counters.size());
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(events.size()));
+}
+BENCHMARK(BM_AggregateInterval)->Args({15'000, 1})->Args({15'000, 0});
+
 // Baseline: std::unordered_map keyed by the text "org|meter|industry|day".
 void BM_AggregateBaselineStringMap(benchmark::State& state) {
   const auto events = EventsOverKeys(state.range(0));
