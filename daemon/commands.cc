@@ -375,6 +375,9 @@ absl::Status PurgeRejected(const std::vector<std::string>&) {
 absl::Status ArchiveUsage(const std::vector<std::string>&) {
   const std::string pg = absl::GetFlag(FLAGS_pg);
   RETURN_IF_ERROR(Require("pg", pg));
+  if (absl::GetFlag(FLAGS_archive_batch_rows) < 1) {
+    return absl::InvalidArgumentError("--archive-batch-rows must be at least 1");
+  }
   RETURN_IF_ERROR(store::CheckSchemaCurrent(pg));
   ASSIGN_OR_RETURN(std::vector<store::ArchivedMonth> months,
                    store::ArchiveUsage(pg, absl::Now(), absl::GetFlag(FLAGS_archive_batch_rows)));

@@ -92,7 +92,7 @@ std::vector<CounterRow> MergeRows(const std::vector<CounterRow>& a,
 
 void Compact(SealedPartition& p) {
   if (p.deltas.counters.capacity() == 0) return;
-  // An empty map may still hold the room the shard reserved for it: freed too.
+  // An empty map may still hold slots (it grew, then its keys were erased): freed too.
   std::vector<CounterRow> fresh(p.deltas.counters.begin(), p.deltas.counters.end());
   CounterMap().swap(p.deltas.counters);  // Frees the map's slots now, not at the flush's end.
   std::sort(fresh.begin(), fresh.end(), KeyLess);  // Keys of a map are distinct.

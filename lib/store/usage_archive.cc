@@ -15,7 +15,7 @@ absl::StatusOr<std::vector<ArchivedMonth>> ArchiveUsage(const std::string& conni
   ASSIGN_OR_RETURN(auto conn, Connect(conninfo));
   const std::string ref = absl::FormatTime(absl::RFC3339_full, now, absl::UTCTimeZone());
   std::vector<ArchivedMonth> archived;
-  RETURN_IF_ERROR(CatchPq([&]() -> absl::Status {
+  const absl::Status status = CatchPq([&]() -> absl::Status {
     std::vector<std::string> months;
     {
       pqxx::read_transaction tx(*conn);
@@ -25,6 +25,13 @@ absl::StatusOr<std::vector<ArchivedMonth>> ArchiveUsage(const std::string& conni
       }
     }
     for (const std::string& month : months) {
+      {
+        // The month's table is created and committed before any row moves into it.
+        pqxx::work tx(*conn);
+        tx.exec_params("SELECT shared.create_usage_month_table($1::date, $2::timestamptz)", month,
+                       ref);
+        tx.commit();
+      }
       ArchivedMonth& done = archived.emplace_back();
       done.month = month;
       for (;;) {
@@ -41,7 +48,13 @@ absl::StatusOr<std::vector<ArchivedMonth>> ArchiveUsage(const std::string& conni
                month.substr(0, 4) + "_" + month.substr(5, 2));
     }
     return absl::OkStatus();
-  }));
+  });
+  if (!status.ok()) {
+    // Committed batches stay moved (readers' totals are unchanged either way); say how far it got.
+    return absl::Status(status.code(),
+                        absl::StrCat(status.message(), " (moved before the failure, committed: ",
+                                     ArchiveSummaryJson(archived), ")"));
+  }
   return archived;
 }
 

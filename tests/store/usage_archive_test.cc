@@ -9,6 +9,7 @@
 #include <pqxx/pqxx>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/civil_time.h"
 #include "lib/store/data_protection.h"
 #include "lib/store/usage_compactor.h"
@@ -80,7 +81,7 @@ TEST_F(UsageArchiveTest, ClosedMonthsMoveToTheirTablesAndEveryReaderSeesTheSameT
   ASSERT_EQ(total, 2 * (700 + 1200 + 30 + 90 + 4));
   ASSERT_GT(charges, 0);
 
-  // Batches of one row: each its own transaction, the totals right after every one.
+  // Batches of one row, each its own transaction.
   const std::vector<ArchivedMonth> archived = Archive(1);
   ASSERT_EQ(archived.size(), 2u);
   EXPECT_EQ(archived[0].month, "2026-07-01");
@@ -150,7 +151,7 @@ TEST_F(UsageArchiveTest, ClosedMonthsMoveToTheirTablesAndEveryReaderSeesTheSameT
 
 TEST_F(UsageArchiveTest, LateRowsOfAnArchivedMonthAreSummedIntoItsTableByTheNextRun) {
   ASSERT_EQ(Archive().size(), 2u);
-  // A delta flushed for an archived key (a replay with a wider window), then folded into the
+  // A delta flushed for an archived key (the late window raised after the archive), folded into the
   // hot table: until the next run the key has one row in each table, and readers sum them.
   Exec(
       absl::StrCat("INSERT INTO shared.api_usage_deltas (org_id, meter, industry, usage_date, "
@@ -198,19 +199,44 @@ TEST_F(UsageArchiveTest, EraseAndExportReachArchivedMonths) {
   EXPECT_EQ(Sum("true"), total);
 }
 
+// The SQLSTATE a statement fails with ("" if it succeeds).
+std::string FailsWith(const std::string& url, const std::string& sql) {
+  pqxx::connection conn(url);
+  pqxx::work tx(conn);
+  try {
+    tx.exec(sql);
+    return "";
+  } catch (const pqxx::sql_error& e) {
+    return e.sqlstate();
+  }
+}
+
 TEST_F(UsageArchiveTest, AMonthTheLateWindowStillReachesIsRefused) {
-  pqxx::connection conn(url_);
   for (const char* month : {"2026-09-01", "2026-11-01"}) {
-    pqxx::work tx(conn);
-    try {
-      tx.exec1(
-          absl::StrCat("SELECT shared.archive_usage_month('", month, "', 1000, '", kNow, "')"));
-      ADD_FAILURE() << month << " was archived";
-    } catch (const pqxx::sql_error& e) {
-      EXPECT_EQ(e.sqlstate(), "22023") << e.what();
-      EXPECT_NE(std::string(e.what()).find("still open"), std::string::npos) << e.what();
+    for (const char* function :
+         {"archive_usage_month('%s', 1000, '%s')", "create_usage_month_table('%s', '%s')"}) {
+      const std::string call = absl::StrFormat(function, month, kNow);
+      EXPECT_EQ(FailsWith(url_, "SELECT shared." + call), "22023") << call;
     }
   }
+  // No reference can open the guard: NULL and future ones are taken as now() (this month is
+  // open whenever the test runs).
+  for (const char* ref : {"NULL", "'infinity'", "now() + interval '10 years'"}) {
+    const std::string call =
+        absl::StrCat("SELECT shared.create_usage_month_table(current_date, ", ref, ")");
+    EXPECT_EQ(FailsWith(url_, call), "22023") << call;
+  }
+  EXPECT_EQ(Query("SELECT count(*) FROM shared.usage_archive_months"), 0);
+  // A closed month with no row in the hot table: nothing to create.
+  EXPECT_EQ(Query(absl::StrCat("SELECT count(*) FROM shared.create_usage_month_table("
+                               "'2026-05-01', '",
+                               kNow, "') WHERE create_usage_month_table IS NOT NULL")),
+            0);
+  // Moving rows needs the month's table first (created and committed on its own).
+  EXPECT_EQ(FailsWith(url_, absl::StrCat("SELECT shared.archive_usage_month('2026-08-01', 10, '",
+                                         kNow, "')")),
+            "55000");
+  EXPECT_EQ(HotRows("usage_date < '2026-09-01'"), 6);
   // A wider late window keeps August open too.
   Exec("UPDATE shared.billing_settings SET late_window = interval '90 days'");
   const std::vector<ArchivedMonth> archived = Archive();
@@ -218,6 +244,32 @@ TEST_F(UsageArchiveTest, AMonthTheLateWindowStillReachesIsRefused) {
   EXPECT_EQ(archived[0].month, "2026-07-01");
   EXPECT_EQ(HotRows("usage_date >= '2026-08-01' AND usage_date < '2026-09-01'"), 4);
   EXPECT_EQ(ArchiveUsage(url_, Now(), 0).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A month table taken out of the hierarchy (ALTER TABLE ... NO INHERIT) no longer receives
+// rows: they would vanish from every reader. The run fails, naming it; the rows stay where
+// readers see them; re-attached, the next run moves them.
+TEST_F(UsageArchiveTest, ADetachedMonthTableReceivesNothing) {
+  ASSERT_EQ(Archive().size(), 2u);
+  Exec("ALTER TABLE shared.api_usage_meters_2026_08 NO INHERIT shared.api_usage_meters");
+  Exec(
+      absl::StrCat("INSERT INTO shared.api_usage_meters (org_id, meter, industry, usage_date, "
+                   "quantity) VALUES ('",
+                   kOrgB, "', 'data_exports', 'edu', '2026-08-05', 5)"));
+  auto refused = ArchiveUsage(url_, Now(), 100);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("api_usage_meters_2026_08 exists but is not"),
+            std::string::npos)
+      << refused.status();
+  EXPECT_EQ(Sum("usage_date = '2026-08-05'"), 5);
+  EXPECT_EQ(HotRows("usage_date = '2026-08-05'"), 1);
+
+  Exec("ALTER TABLE shared.api_usage_meters_2026_08 INHERIT shared.api_usage_meters");
+  const std::vector<ArchivedMonth> archived = Archive();
+  ASSERT_EQ(archived.size(), 1u);
+  EXPECT_EQ(archived[0].rows, 1);
+  EXPECT_EQ(Query("SELECT count(*) FROM shared.api_usage_meters_2026_08"), 5);
+  EXPECT_EQ(Sum("usage_date = '2026-08-05'"), 5);
 }
 
 }  // namespace
