@@ -88,6 +88,15 @@ std::vector<CounterRow> MergeRows(const std::vector<CounterRow>& a,
   return merged;
 }
 
+// Adds the sorted, distinct rows `more` to the sorted, distinct `rows`.
+void MergeRowsInto(std::vector<CounterRow>& rows, std::vector<CounterRow>&& more) {
+  if (rows.empty()) {
+    rows = std::move(more);
+  } else if (!more.empty()) {
+    rows = MergeRows(rows, more);
+  }
+}
+
 }  // namespace
 
 void Compact(SealedPartition& p) {
@@ -96,22 +105,14 @@ void Compact(SealedPartition& p) {
   std::vector<CounterRow> fresh(p.deltas.counters.begin(), p.deltas.counters.end());
   CounterMap().swap(p.deltas.counters);  // Frees the map's slots now, not at the flush's end.
   std::sort(fresh.begin(), fresh.end(), KeyLess);  // Keys of a map are distinct.
-  if (p.rows.empty()) {
-    p.rows = std::move(fresh);
-  } else if (!fresh.empty()) {
-    p.rows = MergeRows(p.rows, fresh);
-  }
+  MergeRowsInto(p.rows, std::move(fresh));
 }
 
 void MergeInto(SealedPartition& earlier, SealedPartition&& later) {
   earlier.next_offset = later.next_offset;
   Compact(earlier);
   Compact(later);
-  if (earlier.rows.empty()) {
-    earlier.rows = std::move(later.rows);
-  } else if (!later.rows.empty()) {
-    earlier.rows = MergeRows(earlier.rows, later.rows);
-  }
+  MergeRowsInto(earlier.rows, std::move(later.rows));
   for (auto& r : later.deltas.rejected) earlier.deltas.rejected.push_back(std::move(r));
   earlier.deltas.rejected_bytes += later.deltas.rejected_bytes;
   earlier.deltas.events += later.deltas.events;
