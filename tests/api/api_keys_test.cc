@@ -372,13 +372,10 @@ TEST_F(ApiKeysTest, RefusesKeysOfTheWrongShape) {
   const std::string hash = "sha256('x')";
   auto call = [&](const std::string& id, const std::string& org, const std::string& scopes,
                   const std::string& salt_sql) {
-    try {
-      Exec(absl::StrCat("SELECT shared.create_api_key('", id, "', ", org, ", '", scopes, "', 'l', ",
-                        salt_sql, ", ", hash, ")"));
-    } catch (const pqxx::sql_error& e) {
-      return e.sqlstate();
-    }
-    return std::string("ok");
+    const std::string state = testing::SqlStateOf(
+        url_, absl::StrCat("SELECT shared.create_api_key('", id, "', ", org, ", '", scopes,
+                           "', 'l', ", salt_sql, ", ", hash, ")"));
+    return state.empty() ? std::string("ok") : state;
   };
   EXPECT_EQ(call("0123456789ab", "NULL", "{read}", salt), "22023");
   EXPECT_EQ(call("0123456789ab", "NULL", "{admin,read}", salt), "22023");

@@ -236,24 +236,12 @@ TEST_F(UsageArchiveTest, EraseAndExportReachArchivedMonths) {
   EXPECT_EQ(Sum("true"), total);
 }
 
-// The SQLSTATE a statement fails with ("" if it succeeds).
-std::string FailsWith(const std::string& url, const std::string& sql) {
-  pqxx::connection conn(url);
-  pqxx::work tx(conn);
-  try {
-    tx.exec(sql);
-    return "";
-  } catch (const pqxx::sql_error& e) {
-    return e.sqlstate();
-  }
-}
-
 TEST_F(UsageArchiveTest, AMonthTheLateWindowStillReachesIsRefused) {
   for (const char* month : {"2026-09-01", "2026-11-01"}) {
     for (const char* function :
          {"archive_usage_month('%s', 1000, '%s')", "create_usage_month_table('%s', '%s')"}) {
       const std::string call = absl::StrFormat(function, month, kNow);
-      EXPECT_EQ(FailsWith(url_, "SELECT shared." + call), "22023") << call;
+      EXPECT_EQ(testing::SqlStateOf(url_, "SELECT shared." + call), "22023") << call;
     }
   }
   // No reference can open the guard: NULL and future ones are taken as now() (this month is
@@ -261,7 +249,7 @@ TEST_F(UsageArchiveTest, AMonthTheLateWindowStillReachesIsRefused) {
   for (const char* ref : {"NULL", "'infinity'", "now() + interval '10 years'"}) {
     const std::string call =
         absl::StrCat("SELECT shared.create_usage_month_table(current_date, ", ref, ")");
-    EXPECT_EQ(FailsWith(url_, call), "22023") << call;
+    EXPECT_EQ(testing::SqlStateOf(url_, call), "22023") << call;
   }
   EXPECT_EQ(Query("SELECT count(*) FROM shared.usage_archive_months"), 0);
   // A closed month with no row in the hot table: nothing to create.
@@ -270,9 +258,10 @@ TEST_F(UsageArchiveTest, AMonthTheLateWindowStillReachesIsRefused) {
                                kNow, "') WHERE create_usage_month_table IS NOT NULL")),
             0);
   // Moving rows needs the month's table first (created and committed on its own).
-  EXPECT_EQ(FailsWith(url_, absl::StrCat("SELECT shared.archive_usage_month('2026-08-01', 10, '",
-                                         kNow, "')")),
-            "55000");
+  EXPECT_EQ(
+      testing::SqlStateOf(
+          url_, absl::StrCat("SELECT shared.archive_usage_month('2026-08-01', 10, '", kNow, "')")),
+      "55000");
   EXPECT_EQ(HotRows("usage_date < '2026-09-01'"), 6);
   // A wider late window keeps August open too.
   Exec("UPDATE shared.billing_settings SET late_window = interval '90 days'");

@@ -275,6 +275,18 @@ int64_t QueryInt(const std::string& url, const std::string& sql) {
   return row[0].is_null() ? 0 : row[0].as<int64_t>();
 }
 
+std::string SqlStateOf(const std::string& url, const std::string& sql) {
+  pqxx::connection conn(url);
+  pqxx::work tx(conn);
+  try {
+    tx.exec(sql);
+  } catch (const pqxx::sql_error& e) {
+    return e.sqlstate();
+  }
+  tx.commit();
+  return "";
+}
+
 int64_t SumOf(const devtools::ExpectedTotals& totals) {
   int64_t sum = 0;
   for (const auto& [key, quantity] : totals) sum += quantity;

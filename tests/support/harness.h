@@ -85,6 +85,9 @@ devtools::ExpectedTotals StoredTotals(const std::string& url);
 std::string DiffTotals(const devtools::ExpectedTotals& expected,
                        const devtools::ExpectedTotals& stored);
 int64_t QueryInt(const std::string& url, const std::string& sql);
+// Runs `sql` in one transaction, committed if it succeeds: "" then, else the SQLSTATE it failed
+// with.
+std::string SqlStateOf(const std::string& url, const std::string& sql);
 // Polls `condition` every `poll` until it holds (true) or `timeout` passes (false).
 bool Eventually(const std::function<bool()>& condition, absl::Duration timeout,
                 absl::Duration poll = absl::Milliseconds(100));
